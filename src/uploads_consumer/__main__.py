@@ -1,0 +1,3 @@
+from uploads_consumer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Command line: `uploads-consumer [run|setup|status|publish|dlq|decrypt|demo]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+
+from uploads_consumer import __version__
+from uploads_consumer.config import Settings, load_settings
+from uploads_consumer.errors import ConfigError, UploadsError, one_line
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+
+DESCRIPTION = """\
+Consumes encrypted file-upload events from NATS JetStream: downloads each upload from S3,
+verifies and decrypts it, runs the processors (default: save), then acknowledges, retries or
+dead-letters the message. Configured by environment variables (see the README).
+"""
+
+EPILOG = """\
+examples:
+  uploads-consumer demo                       # everything embedded, nothing to configure
+  ENCRYPTION_MASTER_KEY=... NATS_URL=nats://nats:4222 uploads-consumer   # the daemon
+  uploads-consumer setup                      # create streams, consumer and bucket
+  uploads-consumer status --json
+"""
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from uploads_consumer.consumer import run_daemon
+    from uploads_consumer.observability import setup_logging
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format)
+    settings.master_keys()  # fail now, with exit 2, rather than after connecting
+    return run_daemon(settings)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from uploads_consumer.connection import connect_once
+    from uploads_consumer.provision import provision
+
+    settings = _settings()
+
+    async def main() -> int:
+        nc = await connect_once(settings, "uploads-consumer-setup")
+        try:
+            report = await provision(nc.jetstream(timeout=10), settings)
+        finally:
+            await nc.close()
+        for line in report.lines:
+            print(line)
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from uploads_consumer.status import print_status
+
+    return asyncio.run(print_status(_settings(), as_json=args.json))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from uploads_consumer.tools import publish_files
+
+    return asyncio.run(publish_files(_settings(), args.files, args.email, args.bucket, args.repeat))
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from uploads_consumer.tools import dlq_list, dlq_replay
+
+    settings = _settings()
+    if args.dlq_command == "list":
+        return asyncio.run(dlq_list(settings, as_json=args.json))
+    return asyncio.run(dlq_replay(settings, replay_all=args.all, seqs=args.seq or []))
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from uploads_consumer.tools import decrypt_one
+
+    return asyncio.run(decrypt_one(_settings(), args.bucket, args.data_key, args.metadata_key, args.out))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from uploads_consumer.demo import run_demo
+
+    return run_demo(args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="uploads-consumer", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(func=cmd_run)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, epilog: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    add("run", cmd_run, "run the daemon (the default command)",
+        "example:\n  ENCRYPTION_MASTER_KEY=$(cat key.b64) S3_BUCKET_NAME=uploads uploads-consumer run")
+    add("setup", cmd_setup, "create the streams, consumer and idempotency bucket that are missing; never deletes or narrows",
+        "example:\n  NATS_URL=nats://nats:4222 NATS_REPLICAS=3 uploads-consumer setup")
+    p = add("status", cmd_status, "stream, consumer and dead-letter figures; exit 1 when NATS or the consumer is missing",
+            "examples:\n  uploads-consumer status\n  uploads-consumer status --json | jq .consumer.pending")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add("publish", cmd_publish, "encrypt local files as the backend does, upload them and publish their events",
+            "examples:\n  uploads-consumer publish song.mp3 --email me@example.com --bucket uploads\n"
+            "  uploads-consumer publish small.bin --repeat 500   # a load test")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--email", default="demo@example.com", help="uploader (default: %(default)s)")
+    p.add_argument("--bucket", help="bucket (default: S3_BUCKET_NAME)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="publish every file N times, each as a new upload")
+    p = add("dlq", cmd_dlq, "inspect and replay dead-lettered messages")
+    dsub = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dl = dsub.add_parser("list", help="list dead-lettered messages", description="list dead-lettered messages",
+                         epilog="example:\n  uploads-consumer dlq list --json", formatter_class=fmt)
+    dl.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    dr = dsub.add_parser("replay", help="republish original bodies to the upload subject, then remove them from the dead-letter stream",
+                         description="republish original bodies to the upload subject, then remove them from the dead-letter stream",
+                         epilog="examples:\n  uploads-consumer dlq replay --seq 3 7\n  uploads-consumer dlq replay --all", formatter_class=fmt)
+    which = dr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="replay every dead-lettered message")
+    which.add_argument("--seq", type=int, nargs="+", metavar="N", help="dead-letter stream sequences to replay")
+    p = add("decrypt", cmd_decrypt, "download and decrypt one upload, for debugging",
+            "example:\n  uploads-consumer decrypt --bucket uploads --data-key 'uploads/a@b.c/UUID/x.mp3.enc' \\\n"
+            "      --metadata-key 'uploads/a@b.c/UUID/metadata.json' --out x.mp3")
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--data-key", required=True)
+    p.add_argument("--metadata-key", required=True)
+    p.add_argument("--out", required=True, help="where to write the plaintext")
+    p = add("demo", cmd_demo, "run everything embedded (NATS, S3) on sample uploads and print a summary",
+            "example:\n  pip install -e '.[demo]' && uploads-consumer demo")
+    p.add_argument("--output", default="uploads-consumer-demo", help="folder for the decrypted files (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"uploads-consumer: configuration error: {exc.reason}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except UploadsError as exc:
+        print(f"uploads-consumer: {exc.reason}", file=sys.stderr)
+        return EXIT_FATAL
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for operators
+        print(f"uploads-consumer: {one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        return EXIT_FATAL
+
+

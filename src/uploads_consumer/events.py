@@ -1,0 +1,95 @@
+"""The upload event the backend publishes, and the checks made on it before any S3 access."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Collection
+
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
+
+from uploads_consumer.errors import ErrorClass, PermanentError
+
+MAX_EVENT_BYTES = 64 * 1024
+
+
+class FileUploadEvent(BaseModel):
+    """One upload, as the backend announces it. Unknown extra fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: StrictStr
+    email: StrictStr
+    file_uuid: StrictStr
+    s3_data_key: StrictStr
+    s3_metadata_key: StrictStr
+    bucket_name: StrictStr
+    timestamp: StrictInt
+
+    @field_validator("event_id", "file_uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            raise ValueError("is not a UUID") from None
+        # Canonical lower-case form: it is used as a key-value key and a folder name.
+        return str(parsed)
+
+    @field_validator("email", "bucket_name", "s3_data_key", "s3_metadata_key")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "body"
+    return f"{where} {error['msg'].removeprefix('Value error, ')}"
+
+
+def parse_event(body: bytes) -> FileUploadEvent:
+    """Body → event. Plain and double-encoded JSON are both accepted; anything else is invalid_message."""
+    if len(body) > MAX_EVENT_BYTES:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is {len(body)} bytes, over the {MAX_EVENT_BYTES} byte limit for an event")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is not UTF-8") from None
+    try:
+        data = json.loads(text)
+        if isinstance(data, str):  # the backend's messaging connector double-encodes
+            data = json.loads(data)
+    except RecursionError:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is JSON nested too deeply") from None
+    except ValueError as exc:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(data, dict):
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is a JSON {type(data).__name__}, not an upload event object")
+    if "event_id" not in data and "s3_data_key" not in data:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, "not an upload event (no event_id or s3_data_key; e.g. the backend's startup test message)")
+    try:
+        return FileUploadEvent.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors(include_input=False, include_url=False)[:3])
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"not a valid upload event: {problems}") from None
+    except RecursionError:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is JSON nested too deeply") from None
+
+
+def check_event(event: FileUploadEvent, allowed_buckets: Collection[str]) -> None:
+    """The event may only point at its own folder in an allowed bucket; else forbidden."""
+    if allowed_buckets and event.bucket_name not in allowed_buckets:
+        raise PermanentError(ErrorClass.FORBIDDEN, f"bucket {event.bucket_name!r} is not allowed (S3_BUCKET_NAME / S3_ALLOWED_BUCKETS)")
+    prefix = f"uploads/{event.email}/{event.file_uuid}/"
+    for field in ("s3_data_key", "s3_metadata_key"):
+        key: str = getattr(event, field)
+        head, rest = key[: len(prefix)], key[len(prefix) :]
+        # The email is compared case-insensitively; file_uuid is canonical lower case, the key may not be.
+        if head.lower() != prefix.lower() or not rest or "/" in rest or rest in (".", ".."):
+            raise PermanentError(ErrorClass.FORBIDDEN, f"{field} {key!r} is not a file directly under {prefix}")
+    if not event.s3_metadata_key.endswith("/metadata.json"):
+        raise PermanentError(ErrorClass.FORBIDDEN, f"s3_metadata_key {event.s3_metadata_key!r} does not end in metadata.json")
+    if event.s3_data_key == event.s3_metadata_key:
+        raise PermanentError(ErrorClass.FORBIDDEN, "s3_data_key and s3_metadata_key are the same object")

@@ -1,0 +1,122 @@
+"""Logs (structlog), metrics (Prometheus) and the health endpoints."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "uploads_consumer_"
+
+
+def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = None) -> None:
+    """One format for the whole process: console on a terminal, JSON otherwise.
+
+    Third-party stdlib loggers (nats, botocore, aiohttp) are routed through the same renderer.
+    """
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if fmt == "json" else (lambda _l, _m, e: e),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Chatty libraries stay at WARNING unless we debug.
+    for name in ("botocore", "aiobotocore", "aioboto3", "urllib3", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" and name != "aiohttp.access" else logging.WARNING)
+
+
+def get_logger(name: str = "uploads_consumer") -> Any:
+    return structlog.get_logger(name)
+
+
+class Metrics:
+    """The daemon's Prometheus metrics, on a registry of their own (so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(PREFIX + "messages", "Messages by final outcome.", ["outcome"], registry=r)
+        for outcome in ("acked", "duplicate", "nacked", "dead_lettered"):
+            self.messages.labels(outcome)
+        self.dead_letters = Counter(PREFIX + "dead_letters", "Dead-lettered messages by error class.", ["error_class"], registry=r)
+        self.processing_seconds = Histogram(
+            PREFIX + "processing_duration_seconds", "Time from receipt to settlement of one message.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )
+        self.message_age_seconds = Histogram(
+            PREFIX + "message_age_seconds", "Now minus the event's timestamp, when processing starts.",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400), registry=r,
+        )
+        self.bytes_decrypted = Counter(PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", registry=r)
+        self.in_flight = Gauge(PREFIX + "in_flight", "Messages being processed now.", registry=r)
+        self.consumer_pending = Gauge(PREFIX + "consumer_pending", "Messages not yet delivered (lag).", registry=r)
+        self.consumer_ack_pending = Gauge(PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", registry=r)
+        self.redeliveries = Counter(PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """`/healthz`, `/readyz`, `/metrics` on one port (0 disables)."""
+
+    def __init__(self, port: int, metrics: Metrics, alive: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0") -> None:
+        self._port, self._host = port, host
+        self._metrics, self._alive, self._ready = metrics, alive, ready
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        if not self._port:
+            return
+        app = web.Application()
+        app.router.add_get("/healthz", self._probe(self._alive))
+        app.router.add_get("/readyz", self._probe(self._ready))
+        app.router.add_get("/metrics", self._render)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @staticmethod
+    def _probe(check: Callable[[], bool]) -> Callable[[web.Request], Any]:
+        async def handler(_request: web.Request) -> web.Response:
+            ok = check()
+            return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
+        return handler
+
+    async def _render(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

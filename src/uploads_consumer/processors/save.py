@@ -1,0 +1,111 @@
+"""The built-in `save` processor: {DECRYPT_DOWNLOAD_PATH}/{email}/{file_uuid}/{clean filename}."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import shutil
+import stat
+import unicodedata
+from pathlib import Path
+
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.processors import ProcessingContext
+
+MAX_COMPONENT_BYTES = 200  # leaves room for the temporary suffix under the usual 255-byte limit
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def safe_component(text: str) -> str:
+    """Reduce any string to one harmless path component.
+
+    Separators, NUL and control characters become `_`; a leading dot becomes `_` (so neither `.`,
+    `..` nor hidden files can result); ordinary characters such as `@ + . space` and non-ASCII
+    letters are kept. Long names are cut to MAX_COMPONENT_BYTES, keeping the extension.
+    """
+    text = unicodedata.normalize("NFC", text)
+    cleaned = "".join("_" if (c in "/\\" or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")) else c for c in text)
+    cleaned = cleaned.strip()
+    if cleaned.startswith("."):
+        cleaned = "_" + cleaned[1:]
+    if not cleaned:
+        return "_"
+    if len(cleaned.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        stem, dot, ext = cleaned.rpartition(".")
+        ext = dot + ext if dot and len(ext.encode()) <= 16 else ""
+        stem = cleaned[: len(cleaned) - len(ext)]
+        while len((stem + ext).encode("utf-8")) > MAX_COMPONENT_BYTES:
+            stem = stem[:-1]
+        cleaned = stem + ext
+    return cleaned
+
+
+def _ensure_private_dir(path: Path, root: Path) -> None:
+    """Create `path` (under `root`) without following symlinks out of it."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        try:
+            os.mkdir(current, DIR_MODE)
+        except FileExistsError:
+            pass
+        st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):  # a symlink or file planted in the tree: refuse
+            raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"save: {current.relative_to(root)} is not a real directory")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dst, follow_symlinks=False)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+    os.chmod(dst, FILE_MODE)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def target_path(root: Path, email: str, file_uuid: str, filename: str) -> Path:
+    return root / safe_component(email) / safe_component(file_uuid) / safe_component(filename)
+
+
+def save_file(ctx: ProcessingContext) -> Path:
+    root = Path(ctx.settings.decrypt_download_path).resolve()
+    dest = target_path(root, ctx.event.email, ctx.event.file_uuid, ctx.metadata.clean_filename)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        _ensure_private_dir(dest.parent, root)
+        _link_or_copy(ctx.plaintext_path, tmp)
+        if dest.is_symlink():
+            dest.unlink()  # replace the link itself, never write through it
+        os.replace(tmp, dest)  # atomic: a reader sees the old file or the whole new one
+        _fsync_dir(dest.parent)
+    except PermanentError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+            raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"save: cannot create {dest.name!r}: {exc.strerror}") from None
+        raise RetryableError(f"save: {exc.strerror or exc} ({dest.parent.relative_to(root)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+async def save(ctx: ProcessingContext) -> None:
+    """Write the verified plaintext atomically to its place under DECRYPT_DOWNLOAD_PATH."""
+    dest = await asyncio.to_thread(save_file, ctx)
+    ctx.report("saved_path", str(dest))
+    ctx.log.debug("saved", path=str(dest))

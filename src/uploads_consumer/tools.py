@@ -1,0 +1,168 @@
+"""Operator tools behind the CLI: publish, dead-letter list/replay, decrypt one upload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from nats.js.errors import NotFoundError
+
+from uploads_consumer.config import Settings
+from uploads_consumer.connection import connect_once
+from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
+from uploads_consumer.errors import ConfigError, UploadsError
+from uploads_consumer.observability import Metrics
+from uploads_consumer.pipeline import PlaintextFile
+from uploads_consumer.producer import publish_event, upload_file
+from uploads_consumer.storage import ObjectStore
+
+
+def _keyring(settings: Settings) -> MasterKeyRing:
+    current, previous = settings.master_keys()
+    return MasterKeyRing(current, previous)
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self._tty = sys.stderr.isatty() and total > 1
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._tty:
+            width = 30
+            filled = int(width * self.done / self.total)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def publish_files(settings: Settings, files: list[str], email: str, bucket: str | None, repeat: int) -> int:
+    bucket = bucket or settings.s3_bucket_name
+    if not bucket:
+        raise ConfigError("S3_BUCKET_NAME", "required for publish (or pass --bucket)")
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise UploadsError(f"{p}: no such file")
+    keyring = _keyring(settings)
+    jobs = [p for p in paths for _ in range(max(1, repeat))]
+    progress = Progress(len(jobs), "publishing")
+    nc = await connect_once(settings, "uploads-consumer-publish")
+    limit = asyncio.Semaphore(16)
+    try:
+        js = nc.jetstream(timeout=10)
+        async with ObjectStore(settings) as store:
+            await store.ensure_bucket(bucket)
+
+            async def one(path: Path) -> None:
+                async with limit:
+                    event = await upload_file(store, keyring, path, email, bucket)
+                    await publish_event(js, settings.nats_subject, event)
+                    progress.advance()
+
+            await asyncio.gather(*(one(p) for p in jobs))
+    finally:
+        await nc.close()
+    print(f"published {len(jobs)} upload{'s' if len(jobs) != 1 else ''} to {settings.nats_subject} (bucket {bucket})")
+    return 0
+
+
+async def read_dead_letters(settings: Settings) -> list[dict]:
+    nc = await connect_once(settings, "uploads-consumer-dlq")
+    try:
+        js = nc.jetstream(timeout=10)
+        info = await js.stream_info(settings.dlq_stream_name)
+        out = []
+        seq = info.state.first_seq
+        while info.state.messages and seq <= info.state.last_seq:
+            try:
+                msg = await js._jsm.get_msg(settings.dlq_stream_name, seq=seq)  # noqa: SLF001
+            except NotFoundError:
+                seq += 1
+                continue
+            h = msg.headers or {}
+            out.append({
+                "seq": msg.seq, "error_class": h.get("Uploads-Error-Class"), "reason": h.get("Uploads-Error"),
+                "failed_at": h.get("Uploads-Failed-At"), "original_seq": h.get("Uploads-Stream-Seq"),
+                "deliveries": h.get("Uploads-Deliveries"), "event_id": _event_id(msg.data or b""),
+                "body": (msg.data or b"").decode("utf-8", "replace"),
+            })
+            seq += 1
+        return out
+    finally:
+        await nc.close()
+
+
+def _event_id(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+        if isinstance(data, str):
+            data = json.loads(data)
+        return str(data.get("event_id")) if isinstance(data, dict) and data.get("event_id") else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+async def dlq_list(settings: Settings, as_json: bool) -> int:
+    entries = await read_dead_letters(settings)
+    if as_json:
+        for e in entries:
+            print(json.dumps(e, ensure_ascii=False))
+        return 0
+    if not entries:
+        print(f"{settings.dlq_stream_name} is empty")
+        return 0
+    print(f"{'SEQ':>6}  {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
+    for e in entries:
+        print(f"{e['seq']:>6}  {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}")
+    print(f"{len(entries)} dead-lettered message{'s' if len(entries) != 1 else ''}")
+    return 0
+
+
+async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int]) -> int:
+    nc = await connect_once(settings, "uploads-consumer-dlq-replay")
+    replayed = 0
+    try:
+        js = nc.jetstream(timeout=10)
+        if replay_all:
+            info = await js.stream_info(settings.dlq_stream_name)
+            seqs = list(range(info.state.first_seq, info.state.last_seq + 1)) if info.state.messages else []
+        for seq in seqs:
+            try:
+                msg = await js._jsm.get_msg(settings.dlq_stream_name, seq=seq)  # noqa: SLF001
+            except NotFoundError:
+                if not replay_all:
+                    print(f"seq {seq}: not in {settings.dlq_stream_name}", file=sys.stderr)
+                continue
+            # Republish first; only once the stream has acknowledged it, remove the dead letter.
+            await js.publish(settings.nats_subject, msg.data or b"", timeout=10)
+            await js.delete_msg(settings.dlq_stream_name, seq)
+            replayed += 1
+    finally:
+        await nc.close()
+    print(f"replayed {replayed} message{'s' if replayed != 1 else ''} to {settings.nats_subject}")
+    return 0
+
+
+async def decrypt_one(settings: Settings, bucket: str, data_key: str, metadata_key: str, out: str) -> int:
+    keyring = _keyring(settings)
+    dest = Path(out)
+    async with ObjectStore(settings) as store:
+        metadata = parse_metadata(await store.read_small(bucket, metadata_key, MAX_METADATA_BYTES))
+        dek = keyring.unwrap(metadata.kek)
+        work_dir = dest.resolve().parent
+        plaintext = PlaintextFile(work_dir, dek, metadata, Metrics())
+        try:
+            await store.download(bucket, data_key, plaintext, settings.max_file_size)
+            size, sha256 = plaintext.verify()
+            plaintext.path.replace(dest)
+        finally:
+            plaintext.discard()
+    print(f"{dest}: {size} bytes, sha256 {sha256} (tag verified; original name {metadata.clean_filename!r})")
+    return 0
