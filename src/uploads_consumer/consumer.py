@@ -190,12 +190,14 @@ class UploadConsumer:
         log.debug("nats client error", error=one_line(f"{type(exc).__name__}: {exc}"))
 
     async def _on_disconnected(self) -> None:
-        if self._connected:
+        if self._connected and not self._stopping.is_set():
             self._connected = False
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self._connected = True
+        if self._stopping.is_set():
+            return
         url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
         log.info("reconnected to NATS", url=redact_url(url))
 

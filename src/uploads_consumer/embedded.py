@@ -158,3 +158,64 @@ class S3Server(_Process):
             "AWS_REGION": "us-east-1",
             "S3_PATH_STYLE_ACCESS": "true",
         }
+
+
+class DaemonProcess(_Process):
+    """`python -m uploads_consumer` as a real child process, its output in a log file."""
+
+    what = "uploads-consumer"
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None) -> None:
+        self.env = env
+        self.log_path = Path(log_path)
+        self.args = args or []
+        self.http_port = int(env.get("HTTP_PORT") or 0)
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uploads_consumer", *self.args],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._close_log()
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def http_get(self, path: str, timeout: float = 5) -> tuple[int, str]:
+        import urllib.error
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_http(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                self.http_get("/healthz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"daemon HTTP port {self.http_port} did not open within {timeout}s")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample from /metrics, e.g. metric('uploads_consumer_messages_total', 'outcome="acked"')."""
+        _, text = self.http_get("/metrics")
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        return 0.0

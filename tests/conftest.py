@@ -1,0 +1,106 @@
+"""Fixtures: real servers on free ports (nats-server, moto's S3 server) and the real daemon process."""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from uploads_consumer.config import Settings
+from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, free_port
+
+OUR_VARIABLES = {name.upper() for name in Settings.model_fields}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(log_path=tmp_path_factory.mktemp("s3") / "moto.log")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_client(s3_server: S3Server):
+    return boto3.client(
+        "s3", endpoint_url=s3_server.url, aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key, region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    name = f"uploads-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def master_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+def downloads(tmp_path: Path) -> Path:
+    path = tmp_path / "downloads"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def daemon_env(nats_server: NatsServer, s3_server: S3Server, bucket: str, master_key: str, downloads: Path) -> dict[str, str]:
+    """A clean environment for the daemon: none of the caller's uploads-consumer variables leak in."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in OUR_VARIABLES}
+    env.update(s3_server.env())
+    env.update({
+        "NATS_URL": nats_server.url,
+        "S3_BUCKET_NAME": bucket,
+        "ENCRYPTION_MASTER_KEY": master_key,
+        "DECRYPT_DOWNLOAD_PATH": str(downloads),
+        "HTTP_PORT": str(free_port()),
+        "LOG_FORMAT": "json",
+        "RETRY_BACKOFF": "200ms",
+        "FETCH_TIMEOUT": "1s",
+    })
+    return env
+
+
+@pytest.fixture
+def settings_for(daemon_env: dict[str, str]) -> Callable[..., Settings]:
+    """Settings the test process uses to talk to the same servers as the daemon."""
+
+    def make(**overrides: str) -> Settings:
+        values = {k.lower(): v for k, v in daemon_env.items() if k.upper() in OUR_VARIABLES}
+        values.update({k.lower(): v for k, v in overrides.items()})
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start `python -m uploads_consumer` with the test environment plus overrides; killed at teardown."""
+    started: list[DaemonProcess] = []
+
+    def start(log_name: str = "daemon.log", args: list[str] | None = None, **overrides: str) -> DaemonProcess:
+        env = {**daemon_env, **overrides}
+        daemon = DaemonProcess(env, tmp_path / log_name, args=args)
+        daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()

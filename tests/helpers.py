@@ -1,0 +1,92 @@
+"""Async helpers the tests use to look at NATS the way an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import nats
+from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
+
+import os
+from pathlib import Path
+
+# ../shared/interop beside the checkout (as laid out for developers and CI), unless overridden.
+INTEROP = Path(os.environ.get("UPLOADS_INTEROP_DIR", Path(__file__).resolve().parents[2] / "shared" / "interop"))
+
+
+async def connect(url: str):
+    return await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+
+
+async def publish_raw(url: str, subject: str, bodies: list[bytes], headers: list[dict] | None = None) -> list[int]:
+    """Publish bodies in order; returns their stream sequences."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream(timeout=10)
+        seqs = []
+        for i, body in enumerate(bodies):
+            ack = await js.publish(subject, body, headers=headers[i] if headers else None)
+            seqs.append(ack.seq)
+        return seqs
+    finally:
+        await nc.close()
+
+
+async def consumer_info(url: str, stream: str = "FILE_UPLOADS", consumer: str = "file_processor") -> ConsumerInfo:
+    nc = await connect(url)
+    try:
+        return await nc.jetstream(timeout=5).consumer_info(stream, consumer)
+    finally:
+        await nc.close()
+
+
+async def wait_settled(url: str, delivered_at_least: int, timeout: float = 60, daemon: Any = None,
+                       stream: str = "FILE_UPLOADS", consumer: str = "file_processor") -> ConsumerInfo:
+    """Wait until every message up to `delivered_at_least` is delivered and none is pending or unacked."""
+    deadline = time.monotonic() + timeout
+    info = None
+    while time.monotonic() < deadline:
+        if daemon is not None and daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon exited early with {daemon.proc.returncode}:\n{daemon.log_text()[-4000:]}")
+        try:
+            info = await consumer_info(url, stream, consumer)
+            if info.delivered.stream_seq >= delivered_at_least and info.num_pending == 0 and info.num_ack_pending == 0:
+                return info
+        except NotFoundError:
+            pass
+        await asyncio.sleep(0.2)
+    log = daemon.log_text()[-4000:] if daemon is not None else ""
+    raise AssertionError(f"not settled within {timeout}s: {info}\n{log}")
+
+
+async def read_stream(url: str, stream: str) -> list[Any]:
+    """Every message in a stream (RawStreamMsg: .seq, .data, .headers)."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream(timeout=5)
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            return []
+        out = []
+        if info.state.messages:
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    out.append(await js._jsm.get_msg(stream, seq=seq))
+                except NotFoundError:
+                    continue
+        return out
+    finally:
+        await nc.close()
+
+
+def results_by_event(messages: list[Any]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for m in messages:
+        data = json.loads(m.data)
+        out.setdefault(data["event_id"], []).append(data)
+    return out
