@@ -90,3 +90,36 @@ def results_by_event(messages: list[Any]) -> dict[str, list[dict]]:
         data = json.loads(m.data)
         out.setdefault(data["event_id"], []).append(data)
     return out
+
+
+async def publish_uploads(settings, files: list, email: str = "user@example.com", msg_id: bool = True) -> list:
+    """Encrypt and upload files as the backend does, and publish their events; returns the events."""
+    from uploads_consumer.envelope import MasterKeyRing
+    from uploads_consumer.producer import event_json, upload_file
+    from uploads_consumer.storage import ObjectStore
+
+    current, _ = settings.master_keys()
+    ring = MasterKeyRing(current)
+    nc = await connect(settings.nats_url)
+    events = []
+    try:
+        js = nc.jetstream(timeout=30)
+        async with ObjectStore(settings) as store:
+            for path in files:
+                event = await upload_file(store, ring, path, email, settings.s3_bucket_name)
+                await js.publish(settings.nats_subject, event_json(event),
+                                 headers={"Nats-Msg-Id": event.event_id} if msg_id else None)
+                events.append(event)
+        return events
+    finally:
+        await nc.close()
+
+
+def make_files(folder, count: int, size: int = 2048, prefix: str = "file") -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"{prefix}-{i}.bin"
+        p.write_bytes(os.urandom(size))
+        paths.append(p)
+    return paths

@@ -235,7 +235,7 @@ class UploadConsumer:
         s = self.settings
         while not self._stopping.is_set():
             self._fetch_tick = time.monotonic()
-            free = s.max_in_flight - len(self._inflight)
+            free = s.max_in_flight - len(self._handlers)  # counts messages not yet started too
             if free <= 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -260,6 +260,7 @@ class UploadConsumer:
 
     def _handler_done(self, handler: asyncio.Task[None]) -> None:
         self._handlers.discard(handler)
+        self._slot_freed.set()
         if not handler.cancelled() and handler.exception() is not None:
             # A bug in our own code: the message stays pending and is redelivered after ACK_WAIT.
             log.error("message handler failed", exc_info=handler.exception())
@@ -288,7 +289,6 @@ class UploadConsumer:
                 finally:
                     del self._inflight[id(msg)]
                     self.metrics.in_flight.dec()
-                    self._slot_freed.set()
                 if work.cancelled():
                     outcome: object = ShuttingDown()
                 else:
@@ -319,18 +319,19 @@ class UploadConsumer:
                     reason = one_line(f"dead-letter publish failed ({type(exc).__name__}: {exc}); will retry")
                     decision = Nak(backoff_delay(self.settings.retry_backoff, meta.num_delivered), reason)
                 else:
-                    await msg.term()
+                    await self._confirm(msg, b"+TERM")
                     self.metrics.messages.labels("dead_lettered").inc()
                     self.metrics.dead_letters.labels(str(decision.error_class)).inc()
                     log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
                     return
             if isinstance(decision, Nak):
-                await msg.nak(delay=decision.delay)
+                payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)
+                await self._confirm(msg, payload)
                 self.metrics.messages.labels("nacked").inc()
                 log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
                 return
             try:
-                await msg.ack_sync(timeout=ACK_TIMEOUT)
+                await self._confirm(msg, b"+ACK")
             except Exception as exc:  # noqa: BLE001
                 # The effect is recorded; a redelivery will be recognised as a duplicate.
                 log.warning("ack not confirmed; redelivery will be treated as a duplicate", error=one_line(f"{type(exc).__name__}: {exc}"))
@@ -344,6 +345,11 @@ class UploadConsumer:
                 log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
             log.error("settling failed; the message will be redelivered", error=one_line(f"{type(exc).__name__}: {exc}"))
+
+    async def _confirm(self, msg: Msg, payload: bytes) -> None:
+        """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish)."""
+        assert self._nc is not None
+        await self._nc.request(msg.reply, payload, timeout=ACK_TIMEOUT)
 
     async def _progress_loop(self) -> None:
         """+WPI for every message in flight, well inside ACK_WAIT."""

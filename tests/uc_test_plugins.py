@@ -1,0 +1,48 @@
+"""Processors the tests load into the daemon with PROCESSORS=uc_test_plugins:NAME (tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+
+
+async def slow(ctx) -> None:
+    """Sleeps UC_TEST_SLOW_SECONDS, then reports it."""
+    await asyncio.sleep(float(os.environ.get("UC_TEST_SLOW_SECONDS", "1")))
+    ctx.report("slept", True)
+
+
+async def flaky_once(ctx) -> None:
+    """Fails with a retryable error the first time it sees an event, succeeds after."""
+    marker = Path(os.environ["UC_TEST_STATE_DIR"]) / ctx.event.event_id
+    if not marker.exists():
+        marker.write_text("seen")
+        raise RetryableError("flaky_once: not this time")
+    ctx.report("flaky_once", "ok")
+
+
+async def always_retry(ctx) -> None:
+    raise RetryableError("always_retry: the downstream service is down")
+
+
+async def reject(ctx) -> None:
+    raise PermanentError(ErrorClass.PROCESSOR_FAILED, "reject: this file type is not supported")
+
+
+async def boom(ctx) -> None:
+    """Fails with an unexpected exception the first time, then succeeds: a transient failure."""
+    marker = Path(os.environ["UC_TEST_STATE_DIR"]) / ("boom-" + ctx.event.event_id)
+    if not marker.exists():
+        marker.write_text("seen")
+        raise KeyError("unexpected")
+    ctx.report("boom", "recovered")
+
+
+async def record(ctx) -> None:
+    """Appends what it saw: proves processors run in order on verified plaintext."""
+    with open(Path(os.environ["UC_TEST_STATE_DIR"]) / "record.log", "a") as f:
+        f.write(f"{ctx.event.event_id} {ctx.size} {ctx.sha256} {ctx.plaintext_path.exists()}\n")
+    ctx.report("recorded", True)
