@@ -110,6 +110,8 @@ class UploadConsumer:
         self._fetch_tick = time.monotonic()
         self._fetch_task: asyncio.Task[None] | None = None
         self._connected = False
+        self._ever_connected = False
+        self._last_problem: str | None = None
 
     # -- probes
     def alive(self) -> bool:
@@ -160,7 +162,6 @@ class UploadConsumer:
         """Connect, retrying with backoff and jitter until connected or asked to stop."""
         delay = 0.5
         urls = ", ".join(redact_url(u) for u in servers(self.settings))
-        warned = False
         while not self._stopping.is_set():
             try:
                 self._nc = await nats.connect(
@@ -174,20 +175,29 @@ class UploadConsumer:
                     closed_cb=self._on_closed,
                 )
                 self._js = self._nc.jetstream(timeout=10)
-                self._connected = True
+                self._connected = self._ever_connected = True
+                self._last_problem = None
                 log.info("connected to NATS", url=redact_url(self._nc.connected_url.geturl() if self._nc.connected_url else urls))
                 return True
-            except Exception as exc:  # noqa: BLE001 - keep trying; say so once
-                if not warned:
-                    log.warning("cannot connect to NATS yet; retrying", servers=urls, error=one_line(f"{type(exc).__name__}: {exc}"))
-                    warned = True
+            except Exception as exc:  # noqa: BLE001 - keep trying; say so once per new problem
+                await self._on_error(exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 30)
         return False
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats client error", error=one_line(f"{type(exc).__name__}: {exc}"))
+        # nats-py calls this on every failed attempt; say it once per new problem, not once per retry.
+        problem = one_line(f"{type(exc).__name__}: {exc}")
+        if problem == self._last_problem:
+            log.debug("nats client error", error=problem)
+            return
+        self._last_problem = problem
+        if self._ever_connected:
+            log.warning("NATS connection problem; retrying", error=problem)
+        else:
+            urls = ", ".join(redact_url(u) for u in servers(self.settings))
+            log.warning("cannot connect to NATS yet; retrying", servers=urls, error=problem)
 
     async def _on_disconnected(self) -> None:
         if self._connected and not self._stopping.is_set():
@@ -196,6 +206,7 @@ class UploadConsumer:
 
     async def _on_reconnected(self) -> None:
         self._connected = True
+        self._last_problem = None
         if self._stopping.is_set():
             return
         url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
