@@ -123,3 +123,14 @@ def make_files(folder, count: int, size: int = 2048, prefix: str = "file") -> li
         p.write_bytes(os.urandom(size))
         paths.append(p)
     return paths
+
+
+async def provision_now(settings) -> None:
+    """What `uploads-consumer setup` does, in-process: streams, consumer and bucket exist afterwards."""
+    from uploads_consumer.provision import provision
+
+    nc = await connect(settings.nats_url)
+    try:
+        await provision(nc.jetstream(timeout=10), settings)
+    finally:
+        await nc.close()

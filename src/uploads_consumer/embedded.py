@@ -6,6 +6,7 @@ Both are in the `demo` extra.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -219,3 +220,111 @@ class DaemonProcess(_Process):
             if line.startswith(wanted + " "):
                 return float(line.split()[-1])
         return 0.0
+
+
+class TcpProxy:
+    """A loopback TCP proxy in a thread of its own, for injecting faults between a client and a server.
+
+    - `cut_responses(n, after_bytes)`: the next n connections are cut after `after_bytes` from the server.
+    - `outage(True)`: drop every open connection and refuse new ones until `outage(False)`.
+    - `latency`: seconds added before each new request chunk is forwarded to the server.
+    """
+
+    def __init__(self, target_port: int, port: int | None = None, latency: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        self.port = port or free_port()
+        self.target_port = target_port
+        self.latency = latency
+        self.connections = 0
+        self._cuts: list[int] = []
+        self._down = False
+        self._writers: set = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tcp-proxy")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("proxy did not start")
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> TcpProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def cut_responses(self, count: int, after_bytes: int) -> None:
+        self._loop.call_soon_threadsafe(self._cuts.extend, [after_bytes] * count)
+
+    def outage(self, down: bool) -> None:
+        def apply() -> None:
+            self._down = down
+            if down:
+                for writer in list(self._writers):
+                    writer.transport.abort()
+        self._loop.call_soon_threadsafe(apply)
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+
+        async def serve() -> None:
+            await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            self._ready.set()
+
+        self._loop.run_until_complete(serve())
+        self._loop.run_forever()
+
+    async def _handle(self, reader, writer) -> None:  # noqa: ANN001
+        import asyncio
+
+        if self._down:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        cut = self._cuts.pop(0) if self._cuts else None
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src, dst, limit: int | None, delay: float) -> None:  # noqa: ANN001
+            sent = 0
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    if limit is not None and sent + len(data) >= limit:
+                        dst.write(data[: limit - sent])  # then the connection is cut
+                        await dst.drain()
+                        return
+                    sent += len(data)
+                    dst.write(data)
+                    await dst.drain()
+
+        tasks = [asyncio.ensure_future(pipe(reader, up_writer, None, self.latency)),
+                 asyncio.ensure_future(pipe(up_reader, writer, cut, 0.0))]
+        try:
+            # Either side closing (or a cut) ends the pair: a half-open proxy would hide faults.
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()

@@ -73,7 +73,7 @@ class ObjectStore:
             region_name=s.aws_region,
         )
         config = Config(
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": 3},
             max_pool_connections=self._pool,
             connect_timeout=10,
             read_timeout=60,
