@@ -9,6 +9,7 @@ import nats
 from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
+from uploads_consumer.errors import UploadsError
 
 
 def servers(settings: Settings) -> list[str]:
@@ -50,12 +51,27 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     return opts
 
 
-async def connect_once(settings: Settings, name: str, timeout: float = 5, **extra: Any) -> Client:
-    """For short-lived commands: fail fast instead of retrying forever."""
-    return await nats.connect(
-        **connect_options(settings, name),
-        connect_timeout=timeout,
-        allow_reconnect=False,
-        max_reconnect_attempts=0,
-        **extra,
-    )
+class NatsUnavailable(UploadsError):
+    """A one-shot command could not connect."""
+
+
+async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Client:
+    """For short-lived commands: try each server twice, then fail with one clear line."""
+    problems: list[BaseException] = []
+
+    async def remember(exc: Exception) -> None:  # nats-py's default prints a traceback per attempt
+        problems.append(exc)
+
+    try:
+        return await nats.connect(
+            **connect_options(settings, name),
+            connect_timeout=timeout,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,  # nats-py treats 0 as "forever" when choosing a server
+            reconnect_time_wait=0.2,
+            error_cb=remember,
+        )
+    except Exception as exc:  # noqa: BLE001
+        cause = problems[-1] if problems else exc
+        urls = ", ".join(redact_url(u) for u in servers(settings))
+        raise NatsUnavailable(f"cannot reach NATS at {urls}: {type(cause).__name__}: {cause}") from None

@@ -8,8 +8,6 @@ import hashlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uploads_consumer.config import Settings, load_settings
-from uploads_consumer.embedded import MissingExtra, NatsServer, S3Server, free_port, nats_server_binary
+from uploads_consumer.embedded import DaemonProcess, MissingExtra, NatsServer, S3Server, free_port, nats_server_binary
 
 BUCKET = "uploads-demo"
 SAMPLES = [  # (email, file name, size, kind)
@@ -92,14 +90,14 @@ async def _publish_samples(settings: Settings, work: Path) -> dict[str, Any]:
     return expected
 
 
-async def _wait_settled(settings: Settings, total: int, daemon: subprocess.Popen, timeout: float = 90) -> bool:
+async def _wait_settled(settings: Settings, total: int, daemon: DaemonProcess, timeout: float = 90) -> bool:
     from uploads_consumer.connection import connect_once
 
     nc = await connect_once(settings, "uploads-consumer-demo-watch")
     try:
         js = nc.jetstream(timeout=5)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and daemon.poll() is None:
+        while time.monotonic() < deadline and daemon.proc is not None and daemon.proc.poll() is None:
             info = await js.consumer_info(settings.nats_stream_name, settings.nats_consumer_name)
             if info.delivered.stream_seq >= total and info.num_pending == 0 and info.num_ack_pending == 0:
                 return True
@@ -129,7 +127,7 @@ async def _read_stream(settings: Settings, stream: str) -> list[Any]:
         await nc.close()
 
 
-def _summary(settings: Settings, expected: dict[str, Any], output: Path) -> bool:
+def _summary(settings: Settings, expected: dict[str, Any], duplicates: float) -> bool:
     results = asyncio.run(_read_stream(settings, settings.nats_result_stream_name))
     dead = asyncio.run(_read_stream(settings, settings.dlq_stream_name))
     ok = True
@@ -146,7 +144,11 @@ def _summary(settings: Settings, expected: dict[str, Any], output: Path) -> bool
         ok &= good
         where = os.path.relpath(saved) if saved.is_absolute() else saved
         print(f"  {'✓' if good else '✗'} {item['event'].email:<24} {result['original_filename']:<26} {_human(result['size']):>9}  sha256 {result['sha256'][:12]}…  → {where}")
-    print("\nduplicate (1)\n  ✓ the first upload's event, sent again, was acknowledged without processing it twice")
+    first = expected["uploads"][0]["event"].event_id
+    once = sum(1 for r in results if json.loads(r.data)["event_id"] == first) == 1
+    ok &= once and duplicates == 1
+    print(f"\nduplicate ({duplicates:.0f})\n  {'✓' if once else '✗'} the first upload's event, sent again, "
+          f"was acknowledged without processing it again ({'one' if once else 'not one'} result event for it)")
     print(f"\ndead-lettered ({len(dead)}) — original bodies kept in {settings.dlq_stream_name}, see `uploads-consumer dlq list`")
     for msg in dead:
         h = msg.headers or {}
@@ -185,17 +187,17 @@ def run_demo(output: str) -> int:
             print(f"published {expected['messages']} messages: {len(SAMPLES)} uploads, 1 duplicate event, 3 bad messages")
             log_path = out / "daemon.log"
             print(f"running the consumer: {sys.executable} -m uploads_consumer (log: {os.path.relpath(log_path)})")
-            with open(log_path, "wb") as log:
-                daemon = subprocess.Popen([sys.executable, "-m", "uploads_consumer"], env=_env_for_daemon(env), stdout=log, stderr=subprocess.STDOUT)
-                try:
-                    settled = asyncio.run(_wait_settled(settings, expected["messages"], daemon))
-                finally:
-                    if daemon.poll() is None:
-                        daemon.send_signal(signal.SIGTERM)
-                    code = daemon.wait(60)
+            log_path.unlink(missing_ok=True)
+            daemon = DaemonProcess(_env_for_daemon(env), log_path)
+            daemon.start()
+            try:
+                settled = asyncio.run(_wait_settled(settings, expected["messages"], daemon))
+                duplicates = daemon.metric("uploads_consumer_messages_total", 'outcome="duplicate"') if settled else 0.0
+            finally:
+                code = daemon.terminate()
             if not settled:
                 print(f"the consumer did not settle every message (exit code {code}); see {log_path}", file=sys.stderr)
                 return 1
-            ok = _summary(settings, expected, out)
+            ok = _summary(settings, expected, duplicates)
             print(f"\nconsumer stopped on SIGTERM with exit code {code}; decrypted files are under {os.path.relpath(out)}/")
             return 0 if ok and code == 0 else 1

