@@ -238,3 +238,30 @@ async def test_work_longer_than_ack_wait_is_kept_alive_with_progress_and_not_red
     assert daemon.terminate() == 0
     assert info.num_redelivered == 0
     assert len((tmp_path / "record.log").read_text().splitlines()) == 2
+
+
+async def test_at_debug_every_line_is_json_including_nats_and_botocore(tmp_path, settings_for, start_daemon, nats_server):
+    daemon = start_daemon(LOG_LEVEL="DEBUG")
+    await _ready(daemon, nats_server.url)
+    await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
+    await wait_settled(nats_server.url, 1, daemon=daemon)
+    assert daemon.terminate() == 0
+    lines = [json.loads(line) for line in daemon.log_text().splitlines() if line.strip()]
+    loggers = {line.get("logger", "") for line in lines}
+    assert any(name.startswith("botocore") for name in loggers), sorted(loggers)
+    assert any(line["event"] == "processed" for line in lines)
+
+
+async def test_stale_plaintext_left_by_a_killed_process_is_removed_at_start(downloads, start_daemon, nats_server):
+    import os
+
+    work = downloads / ".incoming"
+    work.mkdir()
+    stale, fresh = work / "plain-old.part", work / "plain-new.part"
+    stale.write_bytes(b"secret plaintext")
+    fresh.write_bytes(b"being written by another replica")
+    os.utime(stale, (time.time() - 7 * 3600,) * 2)
+    daemon = start_daemon()
+    await _ready(daemon, nats_server.url)
+    assert daemon.terminate() == 0
+    assert not stale.exists() and fresh.exists()

@@ -277,35 +277,37 @@ class UploadConsumer:
             log.error("message handler failed", exc_info=handler.exception())
 
     async def _handle(self, msg: Msg) -> None:
+        # Each handler is a task with its own copy of the context: what it binds stays with its message.
         started = time.monotonic()
         meta = msg.metadata
-        with structlog.contextvars.bound_contextvars(stream_seq=meta.sequence.stream, deliveries=meta.num_delivered):
-            if meta.num_delivered > 1:
-                self.metrics.redeliveries.inc()
-            if self._stopping.is_set():
-                await self._settle(msg, ShuttingDown())
-                return
-            try:
-                event = parse_event(msg.data)
-            except PermanentError as exc:
-                await self._settle(msg, exc)
-                return
-            with structlog.contextvars.bound_contextvars(event_id=event.event_id, file_uuid=event.file_uuid):
-                self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
-                work = asyncio.create_task(self._work(event))
-                self._inflight[id(msg)] = (msg, work)
-                self.metrics.in_flight.inc()
-                try:
-                    await asyncio.wait([work])
-                finally:
-                    del self._inflight[id(msg)]
-                    self.metrics.in_flight.dec()
-                if work.cancelled():
-                    outcome: object = ShuttingDown()
-                else:
-                    outcome = work.exception() or work.result()
-                await self._settle(msg, outcome)
-                self.metrics.processing_seconds.observe(time.monotonic() - started)
+        structlog.contextvars.bind_contextvars(stream_seq=meta.sequence.stream, deliveries=meta.num_delivered)
+        if meta.num_delivered > 1:
+            self.metrics.redeliveries.inc()
+        outcome = await self._process(msg)
+        await self._settle(msg, outcome)
+        self.metrics.processing_seconds.observe(time.monotonic() - started)
+
+    async def _process(self, msg: Msg) -> object:
+        """How processing ended: the result event, DUPLICATE, or the exception that stopped it."""
+        if self._stopping.is_set():
+            return ShuttingDown()
+        try:
+            event = parse_event(msg.data)
+        except PermanentError as exc:
+            return exc
+        structlog.contextvars.bind_contextvars(event_id=event.event_id, file_uuid=event.file_uuid)
+        self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
+        work = asyncio.create_task(self._work(event))  # a task of its own, so shutdown can cut it short
+        self._inflight[id(msg)] = (msg, work)
+        self.metrics.in_flight.inc()
+        try:
+            await asyncio.wait([work])
+        finally:
+            del self._inflight[id(msg)]
+            self.metrics.in_flight.dec()
+        if work.cancelled():
+            return ShuttingDown()
+        return work.exception() or work.result()
 
     async def _work(self, event: Any) -> object:
         """Steps 2–8a: dedupe, process, record. Returns the result event or DUPLICATE."""

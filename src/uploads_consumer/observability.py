@@ -25,6 +25,7 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (

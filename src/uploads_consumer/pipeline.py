@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from uploads_consumer.processors import NamedProcessor, ProcessingContext
 from uploads_consumer.storage import ObjectStore
 
 WORK_DIR_NAME = ".incoming"  # beside the saved files, so `save` can hard-link instead of copying
+STALE_AFTER = 6 * 3600.0
 
 
 class PlaintextFile:
@@ -90,6 +92,16 @@ class Pipeline:
         self._allowed = settings.allowed_buckets
         self.work_dir = Path(settings.decrypt_download_path) / WORK_DIR_NAME
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Plaintext left by a process that was killed. A live download rewrites its file every
+        second or so; one untouched for STALE_AFTER is nobody's (replicas may share the folder)."""
+        cutoff = time.time() - STALE_AFTER
+        for path in self.work_dir.glob("plain-*.part"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     async def run(self, event: FileUploadEvent, log: Any) -> dict[str, Any]:
         """Process one event; returns the result event. Raises the project's errors only."""

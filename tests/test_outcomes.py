@@ -1,0 +1,139 @@
+"""The outcome table of SPEC.md: how a processing result becomes ack, nak or dead-letter."""
+
+from __future__ import annotations
+
+import pytest
+
+from uploads_consumer.consumer import DUPLICATE, Ack, DeadLetter, Nak, ShuttingDown, backoff_delay, decide
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+
+BACKOFF = (2.0, 10.0, 30.0, 120.0, 300.0)  # the spec's default RETRY_BACKOFF
+UNLIMITED = -1
+
+DEAD_LETTER_CLASSES = [c for c in ErrorClass if c is not ErrorClass.TRANSIENT]
+
+
+def test_every_permanent_class_of_the_spec_is_covered():
+    assert {str(c) for c in DEAD_LETTER_CLASSES} == {
+        "invalid_message", "forbidden", "not_found", "too_large", "bad_envelope",
+        "decrypt_failed", "processor_failed", "max_deliveries",
+    }
+
+
+@pytest.mark.parametrize("error_class", DEAD_LETTER_CLASSES, ids=str)
+def test_permanent_error_is_dead_lettered_with_its_class_and_reason(error_class):
+    outcome = PermanentError(error_class, f"something {error_class} happened")
+    assert decide(outcome, 1, UNLIMITED, BACKOFF) == DeadLetter(error_class, f"something {error_class} happened")
+
+
+@pytest.mark.parametrize("error_class", DEAD_LETTER_CLASSES, ids=str)
+def test_permanent_error_is_dead_lettered_even_on_a_later_delivery(error_class):
+    decision = decide(PermanentError(error_class, "nope"), 4, 10, BACKOFF)
+    assert isinstance(decision, DeadLetter)
+    assert decision.error_class is error_class
+
+
+def test_permanent_error_cannot_have_the_transient_class():
+    with pytest.raises(ValueError):
+        PermanentError(ErrorClass.TRANSIENT, "should be retryable")
+
+
+@pytest.mark.parametrize(
+    ("num_delivered", "delay"),
+    [(1, 2.0), (2, 10.0), (3, 30.0), (4, 120.0), (5, 300.0), (6, 300.0), (50, 300.0)],
+)
+def test_retryable_error_is_nakked_with_backoff_by_delivery_count(num_delivered, delay):
+    assert decide(RetryableError("S3 returned 503"), num_delivered, UNLIMITED, BACKOFF) == Nak(delay, "S3 returned 503")
+
+
+def test_retryable_error_with_its_own_delay_uses_that_delay():
+    assert decide(RetryableError("throttled", delay=42.5), 1, UNLIMITED, BACKOFF) == Nak(42.5, "throttled")
+
+
+def test_retryable_error_with_its_own_delay_ignores_the_delivery_count():
+    assert decide(RetryableError("throttled", delay=7.0), 5, UNLIMITED, BACKOFF).delay == 7.0
+
+
+def test_unexpected_exception_is_transient_with_a_one_line_reason():
+    decision = decide(KeyError("line one\nline two"), 1, UNLIMITED, BACKOFF)
+    assert isinstance(decision, Nak)
+    assert decision.delay == 2.0
+    assert "KeyError" in decision.reason
+    assert "\n" not in decision.reason
+    assert "line one" in decision.reason and "line two" in decision.reason
+
+
+def test_unexpected_exception_follows_the_backoff_too():
+    assert decide(RuntimeError("boom"), 3, UNLIMITED, BACKOFF).delay == 30.0
+
+
+def test_retryable_error_at_max_deliver_is_dead_lettered_as_max_deliveries():
+    decision = decide(RetryableError("S3 returned 503"), 5, 5, BACKOFF)
+    assert isinstance(decision, DeadLetter)
+    assert decision.error_class is ErrorClass.MAX_DELIVERIES
+    assert "S3 returned 503" in decision.reason
+
+
+def test_retryable_error_beyond_max_deliver_is_dead_lettered_as_max_deliveries():
+    decision = decide(RetryableError("timeout"), 9, 5, BACKOFF)
+    assert decision == DeadLetter(ErrorClass.MAX_DELIVERIES, decision.reason)
+    assert "timeout" in decision.reason
+
+
+def test_unexpected_exception_at_max_deliver_is_dead_lettered_with_the_last_error():
+    decision = decide(KeyError("missing"), 3, 3, BACKOFF)
+    assert isinstance(decision, DeadLetter)
+    assert decision.error_class is ErrorClass.MAX_DELIVERIES
+    assert "KeyError" in decision.reason
+
+
+def test_retryable_error_before_max_deliver_is_still_nakked():
+    assert decide(RetryableError("again"), 4, 5, BACKOFF) == Nak(120.0, "again")
+
+
+@pytest.mark.parametrize("num_delivered", [1, 5, 100, 10_000])
+def test_unlimited_max_deliver_never_gives_up(num_delivered):
+    decision = decide(RetryableError("again"), num_delivered, UNLIMITED, BACKOFF)
+    assert isinstance(decision, Nak)
+
+
+def test_shutting_down_is_nakked_without_delay():
+    decision = decide(ShuttingDown(), 1, UNLIMITED, BACKOFF)
+    assert isinstance(decision, Nak)
+    assert decision.delay is None
+
+
+def test_shutting_down_at_max_deliver_is_still_handed_back():
+    decision = decide(ShuttingDown(), 5, 5, BACKOFF)
+    assert isinstance(decision, Nak)
+    assert decision.delay is None
+
+
+def test_result_is_acked_as_processed():
+    assert decide({"size": 10, "sha256": "ab"}, 1, UNLIMITED, BACKOFF) == Ack(duplicate=False)
+
+
+def test_duplicate_sentinel_is_acked_as_duplicate():
+    assert decide(DUPLICATE, 1, UNLIMITED, BACKOFF) == Ack(duplicate=True)
+
+
+# ---- backoff_delay -------------------------------------------------------------------------------
+
+def test_backoff_first_delivery_gets_the_first_delay():
+    assert backoff_delay(BACKOFF, 1) == 2.0
+
+
+def test_backoff_steps_through_the_list():
+    assert [backoff_delay(BACKOFF, n) for n in range(1, 6)] == list(BACKOFF)
+
+
+def test_backoff_last_delay_repeats():
+    assert backoff_delay(BACKOFF, 6) == backoff_delay(BACKOFF, 1000) == 300.0
+
+
+def test_backoff_with_a_single_delay_always_uses_it():
+    assert [backoff_delay((0.2,), n) for n in (1, 2, 3)] == [0.2, 0.2, 0.2]
+
+
+def test_backoff_for_a_zero_delivery_count_uses_the_first_delay():
+    assert backoff_delay(BACKOFF, 0) == 2.0
