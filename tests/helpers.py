@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
@@ -19,7 +21,8 @@ INTEROP = Path(os.environ.get("UPLOADS_INTEROP_DIR", Path(__file__).resolve().pa
 
 
 async def connect(url: str):
-    return await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+    """A short-lived test connection; `url` may list several servers, comma-separated."""
+    return await nats.connect(url.split(","), connect_timeout=5, allow_reconnect=False)
 
 
 async def publish_raw(url: str, subject: str, bodies: list[bytes], headers: list[dict] | None = None) -> list[int]:
@@ -56,8 +59,8 @@ async def wait_settled(url: str, delivered_at_least: int, timeout: float = 60, d
             info = await consumer_info(url, stream, consumer)
             if info.delivered.stream_seq >= delivered_at_least and info.num_pending == 0 and info.num_ack_pending == 0:
                 return info
-        except NotFoundError:
-            pass
+        except (NotFoundError, nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.NoRespondersError):
+            pass  # not provisioned yet, or the cluster is electing a leader: ask again
         await asyncio.sleep(0.2)
     log = daemon.log_text()[-4000:] if daemon is not None else ""
     raise AssertionError(f"not settled within {timeout}s: {info}\n{log}")

@@ -15,10 +15,12 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import connect_options, redact_url, servers
@@ -30,7 +32,7 @@ from uploads_consumer.events import parse_event
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
 from uploads_consumer.pipeline import Pipeline
 from uploads_consumer.processors import load_processors
-from uploads_consumer.provision import provision
+from uploads_consumer.provision import ProvisionError, provision
 from uploads_consumer.storage import ObjectStore
 
 log = get_logger("uploads_consumer.consumer")
@@ -112,6 +114,8 @@ class UploadConsumer:
         self._connected = False
         self._ever_connected = False
         self._last_problem: str | None = None
+        self._rebind_needed = False
+        self._fetch_problem: str | None = None
 
     # -- probes
     def alive(self) -> bool:
@@ -119,7 +123,8 @@ class UploadConsumer:
         return loop_ok and time.monotonic() - self._fetch_tick < 3 * self.settings.fetch_timeout + 30
 
     def ready(self) -> bool:
-        return self._connected and self._sub is not None and self._nc is not None and self._nc.is_connected
+        bound = self._sub is not None and not self._rebind_needed
+        return self._connected and bound and self._nc is not None and self._nc.is_connected
 
     def stop(self) -> None:
         if not self._stopping.is_set():
@@ -207,6 +212,7 @@ class UploadConsumer:
     async def _on_reconnected(self) -> None:
         self._connected = True
         self._last_problem = None
+        # The next fetch sends a fresh pull request; the watchdog in _fetch_loop covers the rest.
         if self._stopping.is_set():
             return
         url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else "?"
@@ -216,9 +222,27 @@ class UploadConsumer:
         self._connected = False
 
     async def _bind(self) -> None:
+        """(Re)create the pull subscription on the durable consumer; re-provision it if it vanished."""
         assert self._js is not None
         s = self.settings
-        info = await self._js.consumer_info(s.nats_stream_name, s.nats_consumer_name)
+        if self._sub is not None:
+            old, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+            self._adopt_stranded(old)
+        try:
+            info = await self._js.consumer_info(s.nats_stream_name, s.nats_consumer_name)
+        except NotFoundError:
+            if not s.auto_setup:
+                raise ProvisionError(
+                    f"consumer {s.nats_consumer_name} on stream {s.nats_stream_name} does not exist; "
+                    "run `uploads-consumer setup` or set AUTO_SETUP=true"
+                ) from None
+            log.warning("consumer or stream missing; provisioning again", stream=s.nats_stream_name, consumer=s.nats_consumer_name)
+            report = await provision(self._js, s)
+            for line in report.lines:
+                log.info("setup " + line)
+            info = await self._js.consumer_info(s.nats_stream_name, s.nats_consumer_name)
         # The consumer's own settings rule (it may have been made by the backend or the script).
         self._max_deliver = info.config.max_deliver or -1
         self._ack_wait = info.config.ack_wait or s.ack_wait
@@ -226,6 +250,7 @@ class UploadConsumer:
             durable=s.nats_consumer_name, stream=s.nats_stream_name,
             pending_msgs_limit=max(1000, 4 * s.max_in_flight),
         )
+        self._rebind_needed = False
 
     async def _consume(self) -> None:
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name="fetch-loop")
@@ -236,6 +261,8 @@ class UploadConsumer:
         try:
             await self._stopping.wait()
             await self._fetch_task
+            if self._sub is not None:
+                self._adopt_stranded(self._sub)
             await self._finish_in_flight()
         finally:
             for task in side_tasks:
@@ -243,7 +270,17 @@ class UploadConsumer:
             await asyncio.gather(*side_tasks, return_exceptions=True)
 
     async def _fetch_loop(self) -> None:
+        """Pull batches while there is room; when idle, make sure idleness is real.
+
+        An idle fetch ends in a timeout. Then the consumer is asked (at most every few seconds):
+        gone → provision it again (AUTO_SETUP); messages pending that nobody is fetching → our
+        pull is dead (a lost pull request after a restart or reconnect): subscribe anew.
+        Fetch idle heartbeats are not used: nats-py sends the *remaining* time as `expires`,
+        which the server rejects when it is under twice the heartbeat.
+        """
         s = self.settings
+        stalled = 0
+        last_check = 0.0
         while not self._stopping.is_set():
             self._fetch_tick = time.monotonic()
             free = s.max_in_flight - len(self._handlers)  # counts messages not yet started too
@@ -253,16 +290,63 @@ class UploadConsumer:
                     await asyncio.wait_for(self._slot_freed.wait(), s.fetch_timeout)
                 continue
             try:
+                if self._rebind_needed or self._sub is None:
+                    await self._bind()
                 msgs = await self._sub.fetch(batch=min(s.fetch_batch, free), timeout=s.fetch_timeout)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                continue  # idle: no message within FETCH_TIMEOUT
-            except Exception as exc:  # noqa: BLE001 - connection trouble: wait a little, try again
-                log.debug("fetch failed", error=one_line(f"{type(exc).__name__}: {exc}"))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                if time.monotonic() - last_check >= min(5.0, 2 * s.fetch_timeout) and not self._stopping.is_set():
+                    last_check = time.monotonic()
+                    stalled = stalled + 1 if await self._looks_stalled() else 0
+                    if stalled >= 2:
+                        log.warning("messages are pending but none arrive; subscribing again")
+                        self._rebind_needed = True
+                        stalled = 0
                 continue
+            except ProvisionError as exc:
+                self._report_fetch_problem(exc.reason)
+                await self._pause(5.0)
+                continue
+            except Exception as exc:  # noqa: BLE001 - disconnected, server busy, consumer gone: retry
+                self._report_fetch_problem(one_line(f"{type(exc).__name__}: {exc}"))
+                await self._pause(1.0)
+                if isinstance(exc, nats.js.errors.APIError):
+                    await self._looks_stalled()  # a deleted consumer is noticed here
+                continue
+            self._fetch_problem = None
+            stalled = 0
             for msg in msgs:
                 self._start(msg)
+
+    async def _looks_stalled(self) -> bool:
+        """True if the consumer has undelivered messages and room to deliver them, yet we got none."""
+        assert self._js is not None
+        try:
+            info = await self._js.consumer_info(self.settings.nats_stream_name, self.settings.nats_consumer_name)
+        except NotFoundError:
+            self._rebind_needed = True  # _bind provisions it again, or says why it cannot
+            return False
+        except Exception:  # noqa: BLE001 - cannot tell now; ask again later
+            return False
+        room = (info.num_ack_pending or 0) < (info.config.max_ack_pending or 1 << 30)
+        return bool(info.num_pending) and room
+
+    def _adopt_stranded(self, sub: Any) -> None:
+        """Messages that reached a subscription's inbox after its last fetch gave up would sit
+        unacknowledged until ACK_WAIT; hand them to handlers (which nak them if we are stopping)."""
+        queue = getattr(getattr(sub, "_sub", None), "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if msg.reply and not JetStreamContext.is_status_msg(msg):
+                self._start(msg)
+
+    def _report_fetch_problem(self, problem: str) -> None:
+        if problem != self._fetch_problem:  # once per new problem, not once per attempt
+            self._fetch_problem = problem
+            log.warning("fetch failed; retrying", error=problem)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _start(self, msg: Msg) -> None:
         handler = asyncio.create_task(self._handle(msg))

@@ -328,3 +328,42 @@ class TcpProxy:
             for w in (writer, up_writer):
                 self._writers.discard(w)
                 w.transport.abort()
+
+
+class NatsCluster:
+    """Three JetStream nodes on loopback, routed to each other; any node can be killed and restarted."""
+
+    def __init__(self, base_dir: Path, size: int = 3) -> None:
+        client_ports = [free_port() for _ in range(size)]
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
+        self.nodes = [
+            NatsServer(
+                Path(base_dir) / f"n{i + 1}", port=client_ports[i],
+                extra_args=["--server_name", f"n{i + 1}", "--cluster_name", "uploads-test",
+                            "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}", "--routes", routes],
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> NatsServer:
+        return next(n for n in self.nodes if n.extra_args[1] == name)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

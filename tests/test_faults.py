@@ -1,0 +1,188 @@
+"""Faults, driven against real processes: every upload is processed, its effect happens once,
+nothing is dead-lettered for a transient fault, and the daemon recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import consumer_info, make_files, provision_now, publish_raw, publish_uploads, read_stream, wait_settled
+from uploads_consumer.embedded import NatsCluster, TcpProxy, free_port
+
+TESTS = str(Path(__file__).parent)
+
+
+def saved_files(downloads: Path) -> list[Path]:
+    return [p for p in downloads.rglob("*") if p.is_file() and ".incoming" not in p.parts and not p.name.endswith(".part")]
+
+
+async def until(condition, timeout: float, what: str, daemon=None) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{daemon.log_text()[-3000:]}" if daemon else ""))
+        await asyncio.sleep(0.05)
+
+
+async def assert_end_state(url: str, downloads: Path, events: list, sources: dict[str, Path]) -> None:
+    """All saved correctly, one result event per event_id, nothing dead-lettered, consumer settled."""
+    info = await consumer_info(url)
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+    for event in events:
+        saved = downloads / event.email / event.file_uuid / sources[event.event_id].name
+        assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(sources[event.event_id].read_bytes()).digest()
+    assert len(saved_files(downloads)) == len(events)
+    results = [json.loads(m.data)["event_id"] for m in await read_stream(url, "FILE_PROCESSED")]
+    assert sorted(results) == sorted(e.event_id for e in events), "exactly one result event per event_id"
+    assert await read_stream(url, "FILE_UPLOADS_DLQ") == []
+
+
+async def publish_many(settings, folder: Path, count: int, size: int = 1024) -> tuple[list, dict[str, Path]]:
+    files = make_files(folder, count, size=size)
+    events = await publish_uploads(settings, files)
+    return events, {e.event_id: f for e, f in zip(events, files, strict=True)}
+
+
+def slow(seconds: float, **extra: str) -> dict[str, str]:
+    return {"PROCESSORS": "uc_test_plugins:slow,save", "PYTHONPATH": TESTS, "UC_TEST_SLOW_SECONDS": str(seconds), **extra}
+
+
+async def test_crash_sigkill_then_a_new_daemon_finishes_everything_once(tmp_path, settings_for, start_daemon, nats_server, downloads):
+    settings = settings_for()
+    await provision_now(settings_for(ACK_WAIT="5s"))
+    events, sources = await publish_many(settings, tmp_path / "in", 150)
+    first = start_daemon(**slow(0.1, MAX_IN_FLIGHT="8"))
+    await until(lambda: len(saved_files(downloads)) >= 40, 60, "40 saved", first)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    second = start_daemon("second.log", **slow(0.01))
+    await wait_settled(nats_server.url, 150, daemon=second, timeout=90)
+    assert second.terminate() == 0
+    await assert_end_state(nats_server.url, downloads, events, sources)
+
+
+async def test_broker_restart_mid_run_is_survived_without_help(tmp_path, settings_for, start_daemon, nats_server, downloads):
+    settings = settings_for()
+    await provision_now(settings_for(ACK_WAIT="5s"))
+    events, sources = await publish_many(settings, tmp_path / "in", 150)
+    daemon = start_daemon(**slow(0.1, MAX_IN_FLIGHT="8"))
+    await until(lambda: len(saved_files(downloads)) >= 40, 60, "40 saved", daemon)
+    nats_server.kill()
+    await asyncio.sleep(3)
+    nats_server.start()
+    await wait_settled(nats_server.url, 150, daemon=daemon, timeout=120)
+    assert daemon.http_get("/readyz")[0] == 200
+    assert daemon.terminate() == 0
+    await assert_end_state(nats_server.url, downloads, events, sources)
+    log = daemon.log_text()
+    assert "disconnected from NATS" in log and "reconnected to NATS" in log
+
+
+async def test_an_s3_outage_is_waited_out_and_dead_letters_nothing(tmp_path, settings_for, start_daemon, nats_server, s3_server, downloads):
+    settings = settings_for()
+    await provision_now(settings_for(ACK_WAIT="5s"))
+    events, sources = await publish_many(settings, tmp_path / "in", 150)
+    with TcpProxy(s3_server.port) as proxy:
+        daemon = start_daemon(**slow(0.05, MAX_IN_FLIGHT="8"), S3_ENDPOINT_URL=proxy.url, RETRY_BACKOFF="500ms,1s,2s")
+        await until(lambda: len(saved_files(downloads)) >= 40, 60, "40 saved", daemon)
+        proxy.outage(True)
+        await asyncio.sleep(8)
+        proxy.outage(False)
+        await wait_settled(nats_server.url, 150, daemon=daemon, timeout=120)
+        assert daemon.metric("uploads_consumer_messages_total", 'outcome="nacked"') > 0, "the outage was felt"
+        assert daemon.terminate() == 0
+    await assert_end_state(nats_server.url, downloads, events, sources)
+
+
+async def test_sigterm_mid_work_with_slow_s3_exits_in_time_and_a_second_daemon_finishes(tmp_path, settings_for, start_daemon, nats_server, s3_server, downloads):
+    settings = settings_for()
+    await provision_now(settings_for(ACK_WAIT="30s"))
+    events, sources = await publish_many(settings, tmp_path / "in", 40, size=256 * 1024)
+    with TcpProxy(s3_server.port, latency=0.3) as proxy:
+        daemon = start_daemon(S3_ENDPOINT_URL=proxy.url, SHUTDOWN_GRACE="2s", MAX_IN_FLIGHT="8")
+        await until(lambda: len(saved_files(downloads)) >= 5, 60, "5 saved", daemon)
+        began = time.monotonic()
+        assert daemon.terminate(timeout=30) == 0
+        took = time.monotonic() - began
+    assert took < 2 + 1 + 5, f"SHUTDOWN_GRACE 2s + FETCH_TIMEOUT 1s + settling; took {took:.1f}s"
+    assert len(saved_files(downloads)) < 40
+    second = start_daemon("second.log")
+    await wait_settled(nats_server.url, 40, daemon=second, timeout=60)  # nothing waits out ACK_WAIT (30s)
+    assert second.terminate() == 0
+    await assert_end_state(nats_server.url, downloads, events, sources)
+
+
+async def test_three_daemons_share_the_work_and_each_upload_is_processed_once(tmp_path, settings_for, start_daemon, nats_server, downloads):
+    settings = settings_for()
+    await provision_now(settings)
+    events, sources = await publish_many(settings, tmp_path / "in", 300, size=512)
+    daemons = [start_daemon(f"d{i}.log", **slow(0.02, MAX_IN_FLIGHT="8"), HTTP_PORT=str(free_port())) for i in range(3)]
+    await wait_settled(nats_server.url, 300, daemon=daemons[0], timeout=120)
+    acked = [d.metric("uploads_consumer_messages_total", 'outcome="acked"') for d in daemons]
+    for d in daemons:
+        assert d.terminate() == 0
+    assert sum(acked) == 300 and all(a > 0 for a in acked), acked
+    await assert_end_state(nats_server.url, downloads, events, sources)
+
+
+async def test_a_poison_storm_does_not_hold_back_good_messages(tmp_path, settings_for, start_daemon, nats_server, downloads):
+    settings = settings_for()
+    await provision_now(settings)
+    await publish_raw(nats_server.url, "file.uploads", [b"poison %d" % i for i in range(300)])
+    events, sources = await publish_many(settings, tmp_path / "in", 30)
+    daemon = start_daemon()
+    began = time.monotonic()
+    await wait_settled(nats_server.url, 330, daemon=daemon, timeout=60)
+    took = time.monotonic() - began
+    assert daemon.terminate() == 0
+    dead = await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")
+    assert len(dead) == 300 and {m.headers["Uploads-Deliveries"] for m in dead} == {"1"}, "each poison message tried once"
+    assert len(saved_files(downloads)) == 30
+    info = await consumer_info(nats_server.url)
+    assert info.num_redelivered == 0
+    assert took < 30, f"330 messages took {took:.1f}s"
+
+
+@pytest.mark.timeout(240)
+async def test_cluster_failover_when_the_stream_leader_dies(tmp_path, settings_for, start_daemon, downloads):
+    import nats
+
+    with NatsCluster(tmp_path / "cluster") as cluster:
+        settings = settings_for(NATS_URL=cluster.url, NATS_REPLICAS="3", ACK_WAIT="5s")
+        deadline = time.monotonic() + 60
+        while True:  # the cluster elects its JetStream meta leader first
+            try:
+                await provision_now(settings)
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "cluster never became ready"
+                await asyncio.sleep(0.5)
+        events, sources = await publish_many(settings, tmp_path / "in", 120)
+        daemon = start_daemon(**slow(0.1, MAX_IN_FLIGHT="8"), NATS_URL=cluster.url, NATS_REPLICAS="3")
+        await until(lambda: len(saved_files(downloads)) >= 30, 60, "30 saved", daemon)
+        nc = await nats.connect(cluster.nodes[0].url)
+        leader = (await nc.jetstream().stream_info("FILE_UPLOADS")).cluster.leader
+        await nc.close()
+        cluster.node(leader).kill()
+        survivor = next(n for n in cluster.nodes if n.extra_args[1] != leader)
+        await wait_settled(survivor.url, 120, daemon=daemon, timeout=150)
+        assert daemon.terminate() == 0
+        await assert_end_state(survivor.url, downloads, events, sources)
+        nc = await nats.connect(survivor.url)
+        try:
+            for _ in range(20):  # a busy cluster may answer API requests slowly right after failover
+                try:
+                    new_leader = (await nc.jetstream(timeout=2).stream_info("FILE_UPLOADS")).cluster.leader
+                    break
+                except nats.errors.TimeoutError:
+                    await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+        assert new_leader and new_leader != leader
