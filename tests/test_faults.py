@@ -186,3 +186,46 @@ async def test_cluster_failover_when_the_stream_leader_dies(tmp_path, settings_f
         finally:
             await nc.close()
         assert new_leader and new_leader != leader
+
+
+@pytest.mark.parametrize("what", ["consumer", "stream"])
+async def test_a_consumer_or_stream_deleted_while_running_is_provisioned_again(what, tmp_path, settings_for, start_daemon, nats_server, downloads):
+    import nats
+
+    settings = settings_for()
+    daemon = start_daemon()
+    daemon.wait_http()
+    await wait_settled(nats_server.url, 0, daemon=daemon)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    if what == "consumer":
+        await js.delete_consumer("FILE_UPLOADS", "file_processor")
+    else:
+        await js.delete_stream("FILE_UPLOADS")
+    await nc.close()
+    deadline = time.monotonic() + 30
+    while True:  # the daemon notices within a few idle fetches and provisions again
+        try:
+            await consumer_info(nats_server.url)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+            await asyncio.sleep(0.2)
+    events, sources = await publish_many(settings, tmp_path / "in", 5)
+    await wait_settled(nats_server.url, 5 if what == "stream" else 1, daemon=daemon, timeout=30)
+    await until(lambda: len(saved_files(downloads)) == 5, 30, "5 saved", daemon)
+    assert daemon.http_get("/readyz")[0] == 200
+    assert daemon.terminate() == 0
+    assert "provisioning again" in daemon.log_text()
+    await assert_end_state(nats_server.url, downloads, events, sources)
+
+
+async def test_without_auto_setup_a_missing_consumer_is_reported_clearly_and_readyz_fails(start_daemon, nats_server, daemon_env):
+    daemon = start_daemon(AUTO_SETUP="false")
+    daemon.wait_http()
+    deadline = time.monotonic() + 20
+    while "does not exist; run `uploads-consumer setup`" not in daemon.log_text():
+        assert time.monotonic() < deadline, daemon.log_text()[-2000:]
+        await asyncio.sleep(0.2)
+    assert daemon.http_get("/readyz")[0] == 503 and daemon.http_get("/healthz")[0] == 200
+    assert daemon.terminate() == 0

@@ -20,10 +20,10 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import connect_options, redact_url, servers
+from uploads_consumer.connection import connect_options, describe_connect_error, redact_url, servers
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
@@ -113,7 +113,7 @@ class UploadConsumer:
         self._fetch_task: asyncio.Task[None] | None = None
         self._connected = False
         self._ever_connected = False
-        self._last_problem: str | None = None
+        self._problems_said: set[str] = set()  # connection problems already logged since the last connect
         self._rebind_needed = False
         self._fetch_problem: str | None = None
 
@@ -142,15 +142,8 @@ class UploadConsumer:
                     return
                 assert self._nc is not None and self._js is not None
                 try:
-                    if s.auto_setup:
-                        report = await provision(self._js, s)
-                        for line in report.lines:
-                            log.info("setup " + line)
-                        for warning in report.warnings:
-                            log.warning("setup: " + warning)
-                    await self._bind()
                     self._pipeline = Pipeline(s, store, self._keyring, self._processors, self._js, self.metrics)
-                    self._dedupe = Deduplicator(await self._js.key_value(s.dedupe_bucket) if s.dedupe_bucket else None)
+                    self._dedupe = Deduplicator(await self._prepare())
                     self._dlq = DeadLetterPublisher(self._js, s.dlq_subject, s.dlq_stream_name)
                     log.info(
                         "consuming", stream=s.nats_stream_name, consumer=s.nats_consumer_name,
@@ -158,13 +151,21 @@ class UploadConsumer:
                         processors=[p.name for p in self._processors],
                     )
                     await self._consume()
+                except ShuttingDown:
+                    pass  # asked to stop before consuming began
                 finally:
                     await self._close()
         finally:
             await health.stop()
 
     async def _connect(self) -> bool:
-        """Connect, retrying with backoff and jitter until connected or asked to stop."""
+        """Connect, retrying with backoff and jitter until connected or asked to stop.
+
+        Each attempt is made with nats-py's own reconnecting off (one retry per server), and it is
+        turned on once connected: with it on, nats.connect() never returns while the server cannot
+        be reached (so SIGTERM could not stop us), and after a failed TLS handshake it waits forever
+        for a socket that never reports closed (nats-io/nats.py#718).
+        """
         delay = 0.5
         urls = ", ".join(redact_url(u) for u in servers(self.settings))
         while not self._stopping.is_set():
@@ -172,32 +173,73 @@ class UploadConsumer:
                 self._nc = await nats.connect(
                     **connect_options(self.settings, "uploads-consumer"),
                     connect_timeout=5,
-                    max_reconnect_attempts=-1,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,  # 0 would mean "forever" when nats-py picks a server
                     reconnect_time_wait=2,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
                 )
+                self._nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1)
                 self._js = self._nc.jetstream(timeout=10)
                 self._connected = self._ever_connected = True
-                self._last_problem = None
+                self._problems_said.clear()
                 log.info("connected to NATS", url=redact_url(self._nc.connected_url.geturl() if self._nc.connected_url else urls))
                 return True
             except Exception as exc:  # noqa: BLE001 - keep trying; say so once per new problem
-                await self._on_error(exc)
+                if not isinstance(exc, nats.errors.NoServersError):  # its causes went to error_cb already
+                    await self._on_error(exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 30)
         return False
 
+    async def _prepare(self) -> Any:
+        """Provision (AUTO_SETUP) and find the idempotency bucket; returns it (None if disabled).
+
+        Something missing without AUTO_SETUP, or JetStream not answering yet (a cluster electing
+        its leader), is waited for with readyz at 503 — said once, not a crash loop. Only a shape
+        the daemon cannot work with (ProvisionError) ends the process.
+        """
+        assert self._js is not None
+        s = self.settings
+        said: str | None = None
+        delay = 1.0
+        while True:
+            try:
+                if s.auto_setup:
+                    report = await provision(self._js, s)
+                    for line in report.lines:
+                        log.info("setup " + line)
+                    for warning in report.warnings:
+                        log.warning("setup: " + warning)
+                return await self._js.key_value(s.dedupe_bucket) if s.dedupe_bucket else None
+            except ProvisionError:
+                raise
+            except (NotFoundError, BucketNotFoundError) as exc:
+                what = f"key-value bucket {s.dedupe_bucket}" if isinstance(exc, BucketNotFoundError) else "a stream"
+                problem = f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
+            except Exception as exc:  # noqa: BLE001 - JetStream not ready yet
+                problem = one_line(f"JetStream is not answering yet ({type(exc).__name__}: {exc}); retrying")
+            if problem != said:
+                log.error(problem)
+                said = problem
+            await self._pause(delay)
+            delay = min(delay * 2, 15.0)
+            if self._stopping.is_set():
+                raise ShuttingDown()
+
     async def _on_error(self, exc: Exception) -> None:
-        # nats-py calls this on every failed attempt; say it once per new problem, not once per retry.
-        problem = one_line(f"{type(exc).__name__}: {exc}")
-        if problem == self._last_problem:
+        # nats-py calls this on every failed attempt; say each problem once until connected, not once per retry.
+        if self._connected:
+            problem = one_line(f"{type(exc).__name__}: {exc}")
+        else:
+            problem = describe_connect_error(exc, self.settings)
+        if problem in self._problems_said:
             log.debug("nats client error", error=problem)
             return
-        self._last_problem = problem
+        self._problems_said.add(problem)
         if self._ever_connected:
             log.warning("NATS connection problem; retrying", error=problem)
         else:
@@ -211,7 +253,7 @@ class UploadConsumer:
 
     async def _on_reconnected(self) -> None:
         self._connected = True
-        self._last_problem = None
+        self._problems_said.clear()
         # The next fetch sends a fresh pull request; the watchdog in _fetch_loop covers the rest.
         if self._stopping.is_set():
             return
@@ -477,6 +519,7 @@ class UploadConsumer:
             await asyncio.wait(list(self._handlers), timeout=SETTLE_TIMEOUT)
 
     async def _close(self) -> None:
+        self._stopping.set()  # from here on a disconnect is ours, not news
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
