@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# uploads-consumer: a small runtime image, built in two stages.
+#   docker build -t uploads-consumer .
+#   docker run --rm -e ENCRYPTION_MASTER_KEY=... -e NATS_URL=nats://nats:4222 uploads-consumer
+#   docker run --rm -e NATS_URL=... uploads-consumer status      # any other command
+
+# --- build: install the package and its dependencies into a virtual environment -----------
+FROM python:3.11-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+# pyproject.toml names README.md as the project's readme, so the build needs it.
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --upgrade pip && pip install . && pip check
+
+# --- runtime: the virtual environment and a non-root user, nothing else --------------------
+FROM python:3.11-slim AS runtime
+
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can check it (the manifests use the same).
+RUN groupadd --system --gid 10001 uploads \
+ && useradd --system --uid 10001 --gid uploads --home-dir /nonexistent --no-create-home \
+        --shell /usr/sbin/nologin uploads \
+ && mkdir -p /data/downloads \
+ && chown -R uploads:uploads /data \
+ && chmod 0700 /data/downloads
+
+COPY --from=build /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    DECRYPT_DOWNLOAD_PATH=/data/downloads \
+    HTTP_PORT=8080 \
+    LOG_FORMAT=json
+
+# A named volume mounted here starts with this ownership.
+VOLUME ["/data/downloads"]
+WORKDIR /data
+EXPOSE 8080
+USER 10001:10001
+
+# /healthz is 200 while the event loop and the fetch loop are alive; urlopen raises (exit 1)
+# on anything else. The slim image has no curl, and needs none.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('HTTP_PORT') or '8080'), timeout=4)"]
+
+# SIGTERM (docker stop) is a clean stop: in-flight work gets SHUTDOWN_GRACE, then exit 0.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "uploads_consumer"]
+CMD ["run"]

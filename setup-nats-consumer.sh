@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Create the upload stream (if missing) and the durable pull consumer the daemon reads from.
+#
+# With the `nats` CLI installed, it is used with the same settings the daemon would choose:
+#   --ack explicit --pull --deliver all --max-deliver=-1 --max-pending=100 --wait=30s --replay instant
+# Without it, `uploads-consumer setup` does the same (and also creates the dead-letter stream,
+# the results stream and the idempotency bucket, which the daemon otherwise creates at start).
+# Either way it is idempotent: what exists is reported and left as it is.
+#
+# Environment (the daemon's own variables, same defaults):
+#   NATS_URL                     nats://localhost:4222 (comma-separated; may embed user:pass@)
+#   NATS_USER, NATS_PASSWORD     user/password          NATS_TOKEN   token
+#   NATS_CREDS, NATS_NKEY        .creds / nkey seed file
+#   NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY
+#   NATS_STREAM_NAME=FILE_UPLOADS  NATS_SUBJECT=file.uploads  NATS_CONSUMER_NAME=file_processor
+#   ACK_WAIT=30s  MAX_DELIVER=-1  MAX_ACK_PENDING=100  NATS_REPLICAS=1
+#
+# Exit status: 0 when the stream and consumer exist afterwards, non-zero otherwise.
+set -euo pipefail
+
+usage() {
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    usage
+    exit 0
+fi
+if [[ $# -gt 0 ]]; then
+    echo "setup-nats-consumer.sh: takes no arguments (configure it with environment variables; see --help)" >&2
+    exit 2
+fi
+
+# `${X:-default}`: an exported but empty variable counts as unset, as it does for the daemon.
+nats_url="${NATS_URL:-nats://localhost:4222}"
+stream="${NATS_STREAM_NAME:-FILE_UPLOADS}"
+subject="${NATS_SUBJECT:-file.uploads}"
+consumer="${NATS_CONSUMER_NAME:-file_processor}"
+ack_wait="${ACK_WAIT:-30s}"
+max_deliver="${MAX_DELIVER:--1}"
+max_ack_pending="${MAX_ACK_PENDING:-100}"
+replicas="${NATS_REPLICAS:-1}"
+
+# The daemon accepts plain seconds for durations; the nats CLI wants a unit.
+if [[ "$ack_wait" =~ ^[0-9]+$ ]]; then
+    ack_wait="${ack_wait}s"
+fi
+
+setup_with_uploads_consumer() {
+    echo "nats CLI not found; using 'uploads-consumer setup'"
+    if command -v uploads-consumer >/dev/null 2>&1; then
+        exec uploads-consumer setup
+    fi
+    for python in python3 python; do
+        if command -v "$python" >/dev/null 2>&1 && "$python" -c 'import uploads_consumer' >/dev/null 2>&1; then
+            exec "$python" -m uploads_consumer setup
+        fi
+    done
+    echo "setup-nats-consumer.sh: neither the nats CLI nor uploads-consumer is installed;" \
+         "install one (https://github.com/nats-io/natscli, or: pip install uploads-consumer)" >&2
+    exit 1
+}
+
+if ! command -v nats >/dev/null 2>&1; then
+    setup_with_uploads_consumer
+fi
+
+# Connection flags for the nats CLI. Note that flags are visible in the process list while
+# the CLI runs; a .creds file (NATS_CREDS) avoids putting a secret there.
+conn=(--server "$nats_url")
+if [[ -n "${NATS_USER:-}" ]]; then
+    conn+=(--user "$NATS_USER")
+    if [[ -n "${NATS_PASSWORD:-}" ]]; then
+        conn+=(--password "$NATS_PASSWORD")
+    fi
+elif [[ -n "${NATS_TOKEN:-}" ]]; then
+    conn+=(--user "$NATS_TOKEN")  # the nats CLI takes a token as --user without --password
+fi
+if [[ -n "${NATS_CREDS:-}" ]]; then
+    conn+=(--creds "$NATS_CREDS")
+fi
+if [[ -n "${NATS_NKEY:-}" ]]; then
+    conn+=(--nkey "$NATS_NKEY")
+fi
+if [[ -n "${NATS_TLS_CA:-}" ]]; then
+    conn+=(--tlsca "$NATS_TLS_CA")
+fi
+if [[ -n "${NATS_TLS_CERT:-}" ]]; then
+    conn+=(--tlscert "$NATS_TLS_CERT")
+fi
+if [[ -n "${NATS_TLS_KEY:-}" ]]; then
+    conn+=(--tlskey "$NATS_TLS_KEY")
+fi
+
+if nats "${conn[@]}" stream info "$stream" >/dev/null 2>&1 </dev/null; then
+    echo "found   stream $stream"
+else
+    nats "${conn[@]}" stream add "$stream" \
+        --subjects "$subject" --storage file --retention limits --discard old \
+        --replicas "$replicas" --defaults </dev/null >/dev/null
+    echo "created stream $stream (subject $subject)"
+fi
+
+if nats "${conn[@]}" consumer info "$stream" "$consumer" >/dev/null 2>&1 </dev/null; then
+    # Never changed here: the daemon uses the consumer's own ack_wait and max_deliver.
+    echo "found   consumer $consumer on $stream (left as it is)"
+else
+    nats "${conn[@]}" consumer add "$stream" "$consumer" \
+        --filter "$subject" \
+        --ack explicit --pull --deliver all \
+        "--max-deliver=$max_deliver" "--max-pending=$max_ack_pending" "--wait=$ack_wait" \
+        --replay instant --defaults </dev/null >/dev/null
+    echo "created consumer $consumer on $stream (pull, ack explicit, ack wait $ack_wait," \
+         "max deliver $max_deliver, max ack pending $max_ack_pending)"
+fi

@@ -1,0 +1,210 @@
+"""setup-nats-consumer.sh, run as an operator runs it: its fallback against a live server, its nats-CLI path with a recording fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from nats.js.api import AckPolicy, DeliverPolicy, ReplayPolicy
+
+from uploads_consumer.config import Settings
+from uploads_consumer.embedded import NatsServer
+
+from helpers import connect, consumer_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "setup-nats-consumer.sh"
+OUR_VARIABLES = {name.upper() for name in Settings.model_fields}
+SEED_FLAGS = ["--ack", "explicit", "--pull", "--deliver", "all", "--max-deliver=-1",
+              "--max-pending=100", "--wait=30s", "--replay", "instant"]
+
+
+def path_without_nats() -> str:
+    """This interpreter's bin (uploads-consumer lives there) and the system dirs, minus any dir holding a `nats`."""
+    dirs = [str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]
+    kept = [d for d in dict.fromkeys(dirs) if not os.access(os.path.join(d, "nats"), os.X_OK)]
+    path = os.pathsep.join(kept)
+    assert shutil.which("nats", path=path) is None
+    assert shutil.which("uploads-consumer", path=path) is not None
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in OUR_VARIABLES}
+    env["PATH"] = path_without_nats()
+    env.update(extra)
+    return env
+
+
+def run_script(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def stream_config(url: str, name: str = "FILE_UPLOADS"):
+    nc = await connect(url)
+    try:
+        return (await nc.jetstream(timeout=5).stream_info(name)).config
+    finally:
+        await nc.close()
+
+
+def test_script_is_executable_strict_and_shellcheck_clean():
+    assert os.access(SCRIPT, os.X_OK)
+    assert "set -euo pipefail" in SCRIPT.read_text()
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_without_nats_cli_it_falls_back_to_setup_and_creates_the_seed_consumer(nats_server):
+    env = clean_env(NATS_URL=nats_server.url)
+    first = run_script(env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "nats CLI not found" in first.stdout and "created consumer file_processor" in first.stdout
+
+    config = asyncio.run(stream_config(nats_server.url))
+    assert config.subjects == ["file.uploads"]
+    info = asyncio.run(consumer_info(nats_server.url))
+    c = info.config
+    assert c.durable_name == "file_processor" and not c.deliver_subject  # durable pull consumer
+    assert c.ack_policy == AckPolicy.EXPLICIT
+    assert c.deliver_policy == DeliverPolicy.ALL
+    assert c.replay_policy == ReplayPolicy.INSTANT
+    assert (c.max_deliver, c.max_ack_pending, c.ack_wait) == (-1, 100, 30.0)
+    assert c.filter_subject == "file.uploads"
+    assert not c.backoff
+
+    second = run_script(env)
+    assert second.returncode == 0, second.stderr
+    assert "created" not in second.stdout and "found   consumer file_processor" in second.stdout
+    again = asyncio.run(consumer_info(nats_server.url))
+    assert again.created == info.created and again.config.max_ack_pending == 100
+
+
+def test_fallback_passes_nats_credentials_through(tmp_path):
+    with NatsServer(tmp_path / "nats", extra_args=["--user", "guest", "--pass", "guest"]) as server:
+        refused = run_script(clean_env(NATS_URL=server.url))
+        assert refused.returncode != 0
+        accepted = run_script(clean_env(NATS_URL=server.url, NATS_USER="guest", NATS_PASSWORD="guest"))
+        assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+        assert "created consumer file_processor" in accepted.stdout
+        in_url = run_script(clean_env(NATS_URL=server.url.replace("nats://", "nats://guest:guest@")))
+        assert in_url.returncode == 0 and "found   consumer file_processor" in in_url.stdout
+
+
+# --- the nats-CLI path, with a fake `nats` first on PATH that records its arguments --------
+
+@pytest.fixture
+def fake_nats(tmp_path: Path):
+    """Returns (env, calls): env runs the script with the fake; calls() reads the recorded argv lists."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "nats-calls.jsonl"
+    fake = bin_dir / "nats"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        args = sys.argv[1:]
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps(args) + "\\n")
+        verb = next((a for a in args if a in ("info", "add")), None)
+        if verb == "info":
+            sys.exit(0 if os.environ.get("FAKE_NATS_EXISTS") == "1" else 1)
+        sys.exit(int(os.environ.get("FAKE_NATS_ADD_EXIT", "0")))
+        """))
+    fake.chmod(0o755)
+
+    def env(**extra: str) -> dict[str, str]:
+        e = clean_env(**extra)
+        e["PATH"] = f"{bin_dir}{os.pathsep}{e['PATH']}"
+        return e
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return env, calls
+
+
+def subcommand(call: list[str]) -> list[str]:
+    """The argv after the connection flags: from `stream`/`consumer` on."""
+    start = next(i for i, a in enumerate(call) if a in ("stream", "consumer"))
+    return call[start:]
+
+
+def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(NATS_URL="nats://n1:4222,nats://n2:4222"))
+    assert result.returncode == 0, result.stderr
+    recorded = calls()
+    assert [subcommand(c)[:2] for c in recorded] == [["stream", "info"], ["stream", "add"], ["consumer", "info"], ["consumer", "add"]]
+    for call in recorded:
+        assert call[:2] == ["--server", "nats://n1:4222,nats://n2:4222"]
+
+    stream_add = subcommand(recorded[1])
+    assert stream_add[2] == "FILE_UPLOADS"
+    assert stream_add[stream_add.index("--subjects") + 1] == "file.uploads" and "--defaults" in stream_add
+
+    consumer_add = subcommand(recorded[3])
+    assert consumer_add[2:4] == ["FILE_UPLOADS", "file_processor"]
+    flags = consumer_add[4:]
+    joined = " ".join(flags)
+    assert " ".join(SEED_FLAGS) in joined, joined
+    assert flags[flags.index("--filter") + 1] == "file.uploads"
+    assert "--defaults" in flags  # never prompts
+    assert not any(f.startswith("--backoff") for f in flags)  # a server BackOff list would replace ACK_WAIT
+    assert "created consumer file_processor" in result.stdout
+
+
+def test_with_nats_cli_credentials_become_cli_flags(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(NATS_URL="nats://nats:4222", NATS_USER="alice", NATS_PASSWORD="s3cret",
+                            NATS_CREDS="/etc/uploads-consumer/app.creds", NATS_TLS_CA="/etc/ca.pem"))
+    assert result.returncode == 0, result.stderr
+    for call in calls():
+        conn = call[: call.index(subcommand(call)[0])]
+        assert conn == ["--server", "nats://nats:4222", "--user", "alice", "--password", "s3cret",
+                        "--creds", "/etc/uploads-consumer/app.creds", "--tlsca", "/etc/ca.pem"]
+
+
+def test_with_nats_cli_a_token_is_passed_as_user(fake_nats):
+    env, calls = fake_nats
+    assert run_script(env(NATS_TOKEN="t0ken")).returncode == 0
+    for call in calls():
+        conn = call[: call.index(subcommand(call)[0])]
+        assert conn == ["--server", "nats://localhost:4222", "--user", "t0ken"]
+
+
+def test_with_nats_cli_the_daemons_variables_are_honoured(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(NATS_STREAM_NAME="UP", NATS_SUBJECT="up.files", NATS_CONSUMER_NAME="worker",
+                            ACK_WAIT="45", MAX_DELIVER="20", MAX_ACK_PENDING="64"))
+    assert result.returncode == 0, result.stderr
+    consumer_add = subcommand(calls()[3])
+    assert consumer_add[2:4] == ["UP", "worker"]
+    for flag in ("--wait=45s", "--max-deliver=20", "--max-pending=64"):
+        assert flag in consumer_add
+    assert consumer_add[consumer_add.index("--filter") + 1] == "up.files"
+
+
+def test_with_nats_cli_what_exists_is_left_alone(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(FAKE_NATS_EXISTS="1"))
+    assert result.returncode == 0, result.stderr
+    assert [subcommand(c)[:2] for c in calls()] == [["stream", "info"], ["consumer", "info"]]
+    assert "found   stream FILE_UPLOADS" in result.stdout and "created" not in result.stdout
+
+
+def test_with_nats_cli_a_failed_create_fails_the_script(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(FAKE_NATS_ADD_EXIT="1"))
+    assert result.returncode != 0
+    assert [subcommand(c)[:2] for c in calls()] == [["stream", "info"], ["stream", "add"]]
