@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
-from uploads_consumer.errors import UploadsError
+from uploads_consumer.errors import ConfigError, UploadsError, one_line
 
 
 def servers(settings: Settings) -> list[str]:
@@ -17,23 +18,47 @@ def servers(settings: Settings) -> list[str]:
 
 
 def redact_url(url: str) -> str:
-    """nats://user:pass@host → nats://***@host, for messages."""
+    """nats://user:pass@host → nats://***@host, for messages (also without a scheme: user:pass@host)."""
     scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if not sep:
+        scheme, rest = "", url  # nats-py accepts host:port without a scheme, credentials included
+    if "@" in rest:
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
     return url
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if not (settings.nats_tls_ca or settings.nats_tls_cert):
         return None
-    ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(settings.nats_tls_ca) if settings.nats_tls_ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("NATS_TLS_CA", f"cannot load {settings.nats_tls_ca} ({_reason(exc)})") from None
     if settings.nats_tls_cert:
-        ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None)
+        try:
+            ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("NATS_TLS_CERT", f"cannot load the certificate and key ({_reason(exc)}); check NATS_TLS_CERT and NATS_TLS_KEY") from None
     return ctx
 
 
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or type(exc).__name__
+
+
+def _check_secret_file(variable: str, path: Path, what: str, *markers: str) -> None:
+    """nats-py reads these files only when it connects, and a wrong one fails obscurely (a .creds
+    file without its JWT block even loops forever): check them now, naming the file, never its content."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path} ({exc.strerror})") from None
+    if not all(marker in text for marker in markers):
+        raise ConfigError(variable, f"{path} is not {what}")
+
+
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
+    """nats.connect() keyword arguments. Raises ConfigError for an unreadable TLS, .creds or nkey file."""
     opts: dict[str, Any] = {"servers": servers(settings), "name": name}
     if settings.nats_user:
         opts["user"] = settings.nats_user
@@ -42,8 +67,11 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     if settings.nats_token:
         opts["token"] = settings.nats_token.get_secret_value()
     if settings.nats_creds:
+        _check_secret_file("NATS_CREDS", settings.nats_creds, "a .creds file (user JWT and nkey seed blocks)",
+                           "BEGIN NATS USER JWT", "BEGIN USER NKEY SEED")
         opts["user_credentials"] = str(settings.nats_creds)
     if settings.nats_nkey:
+        _check_secret_file("NATS_NKEY", settings.nats_nkey, "a user nkey seed (SU...)", "SU")
         opts["nkeys_seed"] = str(settings.nats_nkey)
     tls = tls_context(settings)
     if tls is not None:
@@ -55,16 +83,35 @@ class NatsUnavailable(UploadsError):
     """A one-shot command could not connect."""
 
 
+def describe_connect_error(exc: BaseException, settings: Settings) -> str:
+    """One line saying why a connection failed, and what to check when it will not fix itself."""
+    text = one_line(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate is not trusted ({exc.verify_message}); NATS_TLS_CA must name the CA that signed it"
+    if isinstance(exc, ssl.SSLError) and any(k in (exc.reason or "") for k in ("CERTIFICATE", "UNKNOWN_CA")):
+        return f"TLS: the server refused the client certificate ({exc.reason.lower()}); check NATS_TLS_CERT and NATS_TLS_KEY"
+    if "authorization violation" in str(exc).lower():
+        return ("the server refused the credentials (Authorization Violation); check NATS_USER/NATS_PASSWORD, "
+                "NATS_TOKEN, NATS_CREDS, NATS_NKEY or the user:pass in NATS_URL")
+    uses_tls = settings.nats_tls_ca or settings.nats_tls_cert or any(u.startswith("tls://") for u in servers(settings))
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and uses_tls:
+        # With TLS 1.3 a server checks the client certificate after the handshake and may just hang up
+        # (reset, broken pipe or lost connection, whichever the client sees first: one description for all).
+        return "TLS: the server hung up while we connected; it may not accept the client certificate (check NATS_TLS_CERT and NATS_TLS_KEY)"
+    return text
+
+
 async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Client:
     """For short-lived commands: try each server twice, then fail with one clear line."""
     problems: list[BaseException] = []
+    options = connect_options(settings, name)  # a bad TLS/.creds/nkey file is a ConfigError (exit 2)
 
     async def remember(exc: Exception) -> None:  # nats-py's default prints a traceback per attempt
         problems.append(exc)
 
     try:
         return await nats.connect(
-            **connect_options(settings, name),
+            **options,
             connect_timeout=timeout,
             allow_reconnect=False,
             max_reconnect_attempts=1,  # nats-py treats 0 as "forever" when choosing a server
@@ -74,4 +121,4 @@ async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Cli
     except Exception as exc:  # noqa: BLE001
         cause = problems[-1] if problems else exc
         urls = ", ".join(redact_url(u) for u in servers(settings))
-        raise NatsUnavailable(f"cannot reach NATS at {urls}: {type(cause).__name__}: {cause}") from None
+        raise NatsUnavailable(f"cannot reach NATS at {urls}: {describe_connect_error(cause, settings)}") from None

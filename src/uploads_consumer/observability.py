@@ -29,7 +29,8 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        # plain tracebacks: with `rich` installed structlog's default would print every frame's locals (keys included)
+        structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback)
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
