@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import time
@@ -540,6 +541,15 @@ def run_daemon(settings: Settings) -> int:
             loop.add_signal_handler(sig, consumer.stop)
         await consumer.run()
 
-    asyncio.run(main())
+    loop_factory = None
+    if os.environ.get("UPLOADS_CONSUMER_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:  # an optional speed-up (Linux/macOS); asyncio's own loop works too
+            pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
     log.info("stopped")
     return 0

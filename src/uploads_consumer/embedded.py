@@ -134,8 +134,14 @@ class S3Server(_Process):
         except ImportError:
             raise MissingExtra("moto not found: pip install 'uploads-consumer[demo]' (it brings moto[server])") from None
         self._log = open(self.log_path, "ab") if self.log_path else open(os.devnull, "wb")
+        # HTTP/1.1 so that connections are kept alive between requests, as real S3 endpoints do
+        # (werkzeug's default HTTP/1.0 closes every connection after one response).
+        launcher = (
+            "from werkzeug.serving import WSGIRequestHandler; WSGIRequestHandler.protocol_version = 'HTTP/1.1'; "
+            f"from moto.server import main; main(['-H', '127.0.0.1', '-p', '{self.port}'])"
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-c", launcher],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
         )
@@ -166,18 +172,16 @@ class DaemonProcess(_Process):
 
     what = "uploads-consumer"
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None, command: list[str] | None = None) -> None:
         self.env = env
         self.log_path = Path(log_path)
-        self.args = args or []
+        # `command` replaces the whole command line (the benchmark runs its baseline consumer so).
+        self.command = command or [sys.executable, "-m", "uploads_consumer", *(args or [])]
         self.http_port = int(env.get("HTTP_PORT") or 0)
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uploads_consumer", *self.args],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -59,9 +59,9 @@ class PlaintextFile:
             self._file.write(plain)
 
     def verify(self) -> tuple[int, str]:
-        """Check the GCM tag and make the file durable; returns (size, sha256 hex)."""
+        """Check the GCM tag; returns (size, sha256 hex). Durability is the business of whoever
+        keeps the file (`save` fsyncs it in a worker thread, not here on the event loop)."""
         self._decryptor.finalize()
-        os.fsync(self._file.fileno())
         size = self._decryptor.plaintext_size
         self._metrics.bytes_decrypted.inc(size)
         return size, self._digest.hexdigest()
@@ -90,8 +90,10 @@ class Pipeline:
         self._js = js
         self._metrics = metrics
         self._allowed = settings.allowed_buckets
-        self.work_dir = Path(settings.decrypt_download_path) / WORK_DIR_NAME
-        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root = Path(settings.decrypt_download_path)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we create it (mkdir's parents=True would not)
+        self.work_dir = root / WORK_DIR_NAME
+        self.work_dir.mkdir(exist_ok=True, mode=0o700)
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -106,15 +108,19 @@ class Pipeline:
     async def run(self, event: FileUploadEvent, log: Any) -> dict[str, Any]:
         """Process one event; returns the result event. Raises the project's errors only."""
         check_event(event, self._allowed)
-        metadata = parse_metadata(
-            await self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
-        )
-        if metadata.original_size > self._settings.max_file_size:
-            raise PermanentError(ErrorClass.TOO_LARGE, f"metadata says {metadata.original_size} bytes, over MAX_FILE_SIZE ({self._settings.max_file_size})")
-        dek = self._keyring.unwrap(metadata.kek)
-        plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics)
+        # The object's GET goes out with the metadata's: one round trip to S3 instead of two in a
+        # row. Its body is not read until the metadata has been checked and the key unwrapped.
+        ahead = self._store.request_ahead(event.bucket_name, event.s3_data_key)
+        plaintext: PlaintextFile | None = None
         try:
-            await self._store.download(event.bucket_name, event.s3_data_key, plaintext, self._settings.max_file_size)
+            metadata = parse_metadata(
+                await self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
+            )
+            if metadata.original_size > self._settings.max_file_size:
+                raise PermanentError(ErrorClass.TOO_LARGE, f"metadata says {metadata.original_size} bytes, over MAX_FILE_SIZE ({self._settings.max_file_size})")
+            dek = self._keyring.unwrap(metadata.kek)
+            plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics)
+            await self._store.download(event.bucket_name, event.s3_data_key, plaintext, self._settings.max_file_size, ahead)
             size, sha256 = plaintext.verify()
             ctx = ProcessingContext(
                 event=event, metadata=metadata, plaintext_path=plaintext.path,
@@ -123,7 +129,9 @@ class Pipeline:
             for processor in self._processors:
                 await self._run_processor(processor, ctx)
         finally:
-            plaintext.discard()
+            ahead.discard()
+            if plaintext is not None:
+                plaintext.discard()
         result = {
             "event_id": event.event_id,
             "file_uuid": event.file_uuid,

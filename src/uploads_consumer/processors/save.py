@@ -58,15 +58,19 @@ def _ensure_private_dir(path: Path, root: Path) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Place `src` at `dst` (a hard link when possible: no copy), durable before it is renamed."""
     try:
         os.link(src, dst)
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
         shutil.copyfile(src, dst, follow_symlinks=False)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
-    os.chmod(dst, FILE_MODE)
+    fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

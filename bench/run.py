@@ -1,0 +1,289 @@
+"""Side-by-side benchmark: the seed's consumer (baseline), the S3 ceiling, and our daemon, in one run.
+
+    python bench/run.py                    # 600 × 4 KiB uploads, one 256 MiB upload, 20 ms S3 latency
+    python bench/run.py --small 200 --large-mib 64 --latency 0.02
+
+Real servers: nats-server, moto's S3 server behind a latency-injecting TCP proxy (20 ms added to
+every request, as a real object store is far away). Each consumer runs as its own process on a
+fresh NATS server; figures come from the consumer process's own accounting (/proc: CPU time,
+peak RSS) between its first delivery and its last acknowledgement. Machines here are shared and
+noisy: read the ratios, which are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aioboto3
+import boto3
+from botocore.config import Config
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from uploads_consumer.config import Settings
+from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, free_port
+from uploads_consumer.envelope import MasterKeyRing, ObjectDecryptor, encrypt_stream
+from uploads_consumer.producer import publish_event, upload_file
+from uploads_consumer.provision import provision
+from uploads_consumer.storage import ObjectStore
+
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROFILE: str | None = None
+
+
+@dataclass
+class Run:
+    seconds: float
+    cpu_seconds: float
+    peak_rss: int
+    count: int
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def cpu_ms_per_upload(self) -> float:
+        return 1000 * self.cpu_seconds / self.count
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class LatencyProxy:
+    """bench/latency_proxy.py in a process of its own, so its work is not charged to anyone measured."""
+
+    def __init__(self, target_port: int, latency: float) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "latency_proxy.py"), str(target_port), str(self.port), str(latency)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def publish_uploads(settings: Settings, files: list[Path], concurrency: int = 16) -> None:
+    import nats
+
+    current, _ = settings.master_keys()
+    ring = MasterKeyRing(current)
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream(timeout=30)
+    await provision(js, settings)
+    limit = asyncio.Semaphore(concurrency)
+    async with ObjectStore(settings) as store:
+        async def one(path: Path) -> None:
+            async with limit:
+                event = await upload_file(store, ring, path, "bench@example.com", settings.s3_bucket_name)
+                await publish_event(js, settings.nats_subject, event)
+
+        await asyncio.gather(*(one(f) for f in files))
+    await nc.close()
+
+
+async def measure_consumer(url: str, count: int, pid: int, proc: subprocess.Popen, timeout: float) -> Run:
+    """From the consumer's first delivery to its last acknowledgement."""
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream(timeout=5)
+    deadline = time.monotonic() + timeout
+    t0 = c0 = None
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"consumer exited with {proc.returncode}")
+            info = await js.consumer_info("FILE_UPLOADS", "file_processor")
+            now = time.monotonic()
+            if t0 is None and info.delivered.stream_seq > 0:
+                t0, c0 = now, cpu_seconds(pid)
+            if info.ack_floor.stream_seq >= count and info.num_ack_pending == 0:
+                assert t0 is not None and c0 is not None
+                return Run(now - t0, cpu_seconds(pid) - c0, peak_rss(pid), count)
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"not done within {timeout}s: {info}")
+    finally:
+        await nc.close()
+
+
+def run_consumer(name: str, command: list[str] | None, s3: S3Server, proxy: LatencyProxy, work: Path,
+                 files: list[Path], master_key: str, timeout: float) -> Run:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:30].strip("-")
+    bucket = f"bench-{slug}-{len(files)}-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key,
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    name = slug
+    with NatsServer(work / f"nats-{name}-{len(files)}") as nats_server:
+        env = {
+            **{k: v for k, v in os.environ.items() if k.upper() not in {f.upper() for f in Settings.model_fields}},
+            **s3.env(), "NATS_URL": nats_server.url, "S3_BUCKET_NAME": bucket, "ENCRYPTION_MASTER_KEY": master_key,
+            "DECRYPT_DOWNLOAD_PATH": str(work / f"out-{name}-{len(files)}"), "HTTP_PORT": "0", "LOG_LEVEL": "WARNING",
+        }
+        settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
+        asyncio.run(publish_uploads(settings, files))  # straight to S3, not through the proxy
+        env["S3_ENDPOINT_URL"] = proxy.url  # the consumer reads through the latency proxy
+        daemon = DaemonProcess(env, work / f"{name}-{len(files)}.log", command=command)
+        daemon.start()
+        spy = None
+        if PROFILE and name == "ours":  # sampling from outside: the daemon's CPU figures stay its own
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.proc.pid), "--format", "raw", "--rate", "250",
+                                    "--nonblocking", "--duration", "12", "-o", PROFILE], stdout=subprocess.DEVNULL)
+        try:
+            run = asyncio.run(measure_consumer(nats_server.url, len(files), daemon.proc.pid, daemon.proc, timeout))
+        finally:
+            if spy is not None:
+                spy.wait(60)
+            daemon.terminate(60)
+        saved = [p for p in (work / f"out-{name}-{len(files)}").rglob("*") if p.is_file() and ".incoming" not in p.parts]
+        if len(saved) != len(files):
+            raise RuntimeError(f"{name}: {len(saved)} files saved, expected {len(files)}; see {daemon.log_path}")
+        return run
+
+
+async def measure_ceiling(s3: S3Server, proxy: LatencyProxy, seconds: float = 4.0, concurrency: int = 64) -> float:
+    """GETs per second of a 4 KiB object through the proxy at high concurrency."""
+    boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key,
+                 region_name="us-east-1").create_bucket(Bucket="bench-ceiling")
+    session = aioboto3.Session(aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key, region_name="us-east-1")
+    config = Config(max_pool_connections=concurrency, s3={"addressing_style": "path"})
+    async with session.client("s3", endpoint_url=proxy.url, config=config) as client:
+        await client.put_object(Bucket="bench-ceiling", Key="k", Body=os.urandom(4096))
+        done = 0
+        stop_at = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                response = await client.get_object(Bucket="bench-ceiling", Key="k")
+                await response["Body"].read()
+                done += 1
+
+        began = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.monotonic() - began)
+
+
+def measure_crypto(size: int = 256 * MiB, chunk: int = MiB) -> tuple[float, float]:
+    """MB/s of our streaming decrypt (1 MiB chunks) and of one-shot AESGCM.decrypt, in-process."""
+    dek = os.urandom(32)
+    plain = os.urandom(size)
+    import io
+
+    sink = io.BytesIO()
+    encrypt_stream(io.BytesIO(plain), sink, dek)
+    blob = sink.getvalue()
+    view = memoryview(blob)
+    began = time.perf_counter()
+    decryptor = ObjectDecryptor(dek)
+    for i in range(0, len(blob), chunk):
+        decryptor.feed(view[i:i + chunk])
+    decryptor.finalize()
+    streaming = size / (time.perf_counter() - began) / 1e6
+    began = time.perf_counter()
+    AESGCM(dek).decrypt(blob[:12], blob[12:], None)
+    one_shot = size / (time.perf_counter() - began) / 1e6
+    return streaming, one_shot
+
+
+def make_files(folder: Path, count: int, size: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        path = folder / f"upload-{i}.bin"
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 * MiB)
+                f.write(os.urandom(n))
+                left -= n
+        files.append(path)
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=600, help="number of small uploads (default 600)")
+    parser.add_argument("--small-size", type=int, default=4096, help="bytes per small upload (default 4096)")
+    parser.add_argument("--large-mib", type=int, default=256, help="size of the large upload in MiB (0 skips it)")
+    parser.add_argument("--latency", type=float, default=0.02, help="seconds added to every S3 request (default 0.02)")
+    parser.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE,...",
+                        help="also run ours with these settings, e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32 (repeatable)")
+    parser.add_argument("--compare-loops", action="store_true", help="also run ours on asyncio's own event loop (default: uvloop)")
+    parser.add_argument("--profile", metavar="FILE", help="record our daemon with py-spy (collapsed stacks) into FILE")
+    args = parser.parse_args()
+
+    master_key = base64.b64encode(os.urandom(32)).decode()
+    consumers = {"baseline": [sys.executable, str(HERE / "baseline_consumer.py")], "ours": None}
+    if args.compare_loops:
+        consumers["ours-asyncio"] = ["env", "UPLOADS_CONSUMER_LOOP=asyncio", sys.executable, "-m", "uploads_consumer"]
+    for variant in args.variant:  # e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32
+        consumers[f"ours {variant}"] = ["env", *variant.split(","), sys.executable, "-m", "uploads_consumer"]
+    global PROFILE
+    PROFILE = args.profile
+    results: dict[str, dict[str, Run]] = {name: {} for name in consumers}
+    with tempfile.TemporaryDirectory(prefix="uploads-bench-") as tmp:
+        work = Path(tmp)
+        small = make_files(work / "small", args.small, args.small_size)
+        large = make_files(work / "large", 1, args.large_mib * MiB) if args.large_mib else []
+        with S3Server(log_path=work / "s3.log") as s3:
+            proxy = LatencyProxy(s3.port, args.latency)
+            try:
+                ceiling = asyncio.run(measure_ceiling(s3, proxy)) / 2
+                print(f"ceiling: {ceiling:.0f} uploads/s (S3 GETs/s through the proxy at concurrency 64, / 2)", flush=True)
+                for name, command in consumers.items():
+                    results[name]["small"] = run_consumer(name, command, s3, proxy, work, small, master_key, timeout=900)
+                    print(f"{name}: {results[name]['small'].per_second:.1f} uploads/s", flush=True)
+                for name, command in list(consumers.items())[:2]:  # the large upload: baseline and ours only
+                    if large:
+                        results[name]["large"] = run_consumer(name, command, s3, proxy, work, large, master_key, timeout=900)
+                        print(f"{name}: {args.large_mib} MiB in {results[name]['large'].seconds:.1f}s", flush=True)
+            finally:
+                proxy.stop()
+    streaming, one_shot = measure_crypto()
+
+    b, o = results["baseline"], results["ours"]
+    print()
+    print(f"{args.small} uploads of {args.small_size} B, S3 latency {args.latency * 1000:.0f} ms per request, {os.cpu_count()} cores")
+    print(f"| consumer | uploads/s | CPU ms/upload | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |")
+    print("|---|---|---|---|---|---|")
+    labels = {"baseline": "baseline (seed)", "ours": "ours (defaults)"}
+    for name, r in results.items():
+        big = r.get("large")
+        print(f"| {labels.get(name, name)} | {r['small'].per_second:.1f} | {r['small'].cpu_ms_per_upload:.2f} | {r['small'].peak_rss / MiB:.0f} MiB | "
+              f"{f'{big.seconds:.1f} s' if big else '-'} | {f'{big.peak_rss / MiB:.0f} MiB' if big else '-'} |")
+    print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | |")
+    print()
+    print(f"throughput: ours / baseline = {o['small'].per_second / b['small'].per_second:.1f}× (target ≥ 6×); "
+          f"ours / ceiling = {100 * o['small'].per_second / ceiling:.0f}% (target ≥ 60%)")
+    print(f"CPU per upload: ours / baseline = {o['small'].cpu_ms_per_upload / b['small'].cpu_ms_per_upload:.2f}× (target ≤ 1.2×)")
+    if "large" in o:
+        print(f"peak RSS on the {args.large_mib} MiB upload: ours {o['large'].peak_rss / MiB:.0f} MiB (target ≤ 160 MiB), "
+              f"baseline {b['large'].peak_rss / MiB:.0f} MiB")
+    print(f"AES-256-GCM decrypt in-process: streaming {streaming:.0f} MB/s (target ≥ 1000), one-shot {one_shot:.0f} MB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
