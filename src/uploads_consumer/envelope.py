@@ -63,6 +63,15 @@ class EnvelopeMetadata(BaseModel):
             raise ValueError(f"unknown algorithm {value[:30]!r} (only AES-GCM-256 is understood)")
         return value
 
+    @field_validator("original_filename")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        try:  # JSON can carry lone surrogates ("\ud800"); a file name and the result event cannot
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text") from None
+        return value
+
     @field_validator("kek", mode="before")
     @classmethod
     def _kek(cls, value: Any) -> bytes:

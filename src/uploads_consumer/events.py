@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 import uuid
 from collections.abc import Collection
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from uploads_consumer.errors import ErrorClass, PermanentError
 
 MAX_EVENT_BYTES = 64 * 1024
+JAVA_LONG = 1 << 63  # the backend's timestamp is a Java long
 
 
 class FileUploadEvent(BaseModel):
@@ -38,9 +40,20 @@ class FileUploadEvent(BaseModel):
 
     @field_validator("email", "bucket_name", "s3_data_key", "s3_metadata_key")
     @classmethod
-    def _not_empty(cls, value: str) -> str:
+    def _usable_text(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("is empty")
+        try:  # JSON can carry lone surrogates ("\ud800"); they can be neither an S3 key nor a file name
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text") from None
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _java_long(cls, value: int) -> int:
+        if not -JAVA_LONG <= value < JAVA_LONG:
+            raise ValueError("is out of range for epoch milliseconds")
         return value
 
 
@@ -63,8 +76,10 @@ def parse_event(body: bytes) -> FileUploadEvent:
             data = json.loads(data)
     except RecursionError:
         raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is JSON nested too deeply") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python will convert
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is not usable JSON ({exc})") from None
     if not isinstance(data, dict):
         raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is a JSON {type(data).__name__}, not an upload event object")
     if "event_id" not in data and "s3_data_key" not in data:
@@ -78,13 +93,23 @@ def parse_event(body: bytes) -> FileUploadEvent:
         raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is JSON nested too deeply") from None
 
 
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def check_event(event: FileUploadEvent, allowed_buckets: Collection[str]) -> None:
     """The event may only point at its own folder in an allowed bucket; else forbidden."""
     if allowed_buckets and event.bucket_name not in allowed_buckets:
         raise PermanentError(ErrorClass.FORBIDDEN, f"bucket {event.bucket_name!r} is not allowed (S3_BUCKET_NAME / S3_ALLOWED_BUCKETS)")
+    # The email names one folder: with a separator, `.`/`..` or control characters, "its own
+    # folder" would be some other folder (or none an S3 key or a file name can be).
+    if any(c in event.email for c in "/\\") or event.email in (".", "..") or _has_control(event.email):
+        raise PermanentError(ErrorClass.FORBIDDEN, f"email {event.email!r} is not a single folder name")
     prefix = f"uploads/{event.email}/{event.file_uuid}/"
     for field in ("s3_data_key", "s3_metadata_key"):
         key: str = getattr(event, field)
+        if _has_control(key):
+            raise PermanentError(ErrorClass.FORBIDDEN, f"{field} {key!r} contains control characters")
         head, rest = key[: len(prefix)], key[len(prefix) :]
         # The email is compared case-insensitively; file_uuid is canonical lower case, the key may not be.
         if head.lower() != prefix.lower() or not rest or "/" in rest or rest in (".", ".."):
