@@ -21,8 +21,13 @@ def plugins(tmp_path: Path, chain: str) -> dict[str, str]:
 
 
 async def _ready(daemon, url: str) -> None:
+    """The daemon has provisioned and bound to its consumer (readyz 200)."""
     daemon.wait_http()
     await wait_settled(url, 0, daemon=daemon)
+    deadline = time.monotonic() + 15
+    while daemon.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        await asyncio.sleep(0.05)
 
 
 async def test_two_copies_of_one_event_in_one_batch_are_processed_once(tmp_path, settings_for, start_daemon, nats_server, downloads, daemon_env):

@@ -72,7 +72,7 @@ def decrypt_params():
 
 # ---- the interop vectors ----------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "chunk"), decrypt_params())
+@pytest.mark.parametrize(("name", "chunk"), list(decrypt_params()))
 def test_processed_case_decrypts_to_manifest_size_and_sha256(name, chunk):
     case = CASES[name]
     meta = parse_metadata(metadata_bytes(name))
