@@ -134,14 +134,8 @@ class S3Server(_Process):
         except ImportError:
             raise MissingExtra("moto not found: pip install 'uploads-consumer[demo]' (it brings moto[server])") from None
         self._log = open(self.log_path, "ab") if self.log_path else open(os.devnull, "wb")
-        # HTTP/1.1 so that connections are kept alive between requests, as real S3 endpoints do
-        # (werkzeug's default HTTP/1.0 closes every connection after one response).
-        launcher = (
-            "from werkzeug.serving import WSGIRequestHandler; WSGIRequestHandler.protocol_version = 'HTTP/1.1'; "
-            f"from moto.server import main; main(['-H', '127.0.0.1', '-p', '{self.port}'])"
-        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", launcher],
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
         )
