@@ -270,3 +270,14 @@ async def test_stale_plaintext_left_by_a_killed_process_is_removed_at_start(down
     await _ready(daemon, nats_server.url)
     assert daemon.terminate() == 0
     assert not stale.exists() and fresh.exists()
+
+
+async def test_liveness_holds_while_waiting_for_nats_however_long(settings_for):
+    from uploads_consumer.consumer import UploadConsumer
+
+    consumer = UploadConsumer(settings_for())
+    consumer._fetch_tick -= 3600  # an hour connecting or waiting for JetStream: not a reason to restart
+    assert consumer.alive() and not consumer.ready()
+    consumer._fetch_task = asyncio.get_running_loop().create_future()  # the fetch loop has started ...
+    assert not consumer.alive(), "... and has not turned for an hour: dead"
+    consumer._fetch_task.cancel()

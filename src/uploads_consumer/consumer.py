@@ -120,8 +120,12 @@ class UploadConsumer:
 
     # -- probes
     def alive(self) -> bool:
-        loop_ok = self._fetch_task is None or not self._fetch_task.done()
-        return loop_ok and time.monotonic() - self._fetch_tick < 3 * self.settings.fetch_timeout + 30
+        """The event loop answers (this runs on it) and the fetch loop, once started, still turns.
+        Before it starts — NATS unreachable, JetStream not ready — we are alive but not ready."""
+        if self._fetch_task is None:
+            return True
+        recent = time.monotonic() - self._fetch_tick < 3 * self.settings.fetch_timeout + 30
+        return not self._fetch_task.done() and recent
 
     def ready(self) -> bool:
         bound = self._sub is not None and not self._rebind_needed
