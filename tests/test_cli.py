@@ -148,3 +148,8 @@ async def test_dlq_list_and_replay_round_trip(daemon_env, start_daemon, nats_ser
     assert [m.data for m in remaining] == [b'{"test":"message"}']
     uploads = await read_stream(nats_server.url, "FILE_UPLOADS")
     assert uploads[-1].data == b"one" and uploads[-1].seq == seqs[-1] + 1
+    # --all replays whatever is left (the daemon is stopped, so nothing dead-letters it again).
+    everything = cli(daemon_env, "dlq", "replay", "--all")
+    assert everything.returncode == 0 and "replayed 1 message" in everything.stdout
+    assert await read_stream(nats_server.url, "FILE_UPLOADS_DLQ") == []
+    assert (await read_stream(nats_server.url, "FILE_UPLOADS"))[-1].data == b'{"test":"message"}'
