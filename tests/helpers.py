@@ -67,22 +67,14 @@ async def wait_settled(url: str, delivered_at_least: int, timeout: float = 60, d
 
 
 async def read_stream(url: str, stream: str) -> list[Any]:
-    """Every message in a stream (RawStreamMsg: .seq, .data, .headers)."""
+    """Every message in a stream (RawStreamMsg: .seq, .data, .headers); [] if there is no such stream."""
+    from uploads_consumer.deadletter import stored_messages
+
     nc = await connect(url)
     try:
-        js = nc.jetstream(timeout=5)
-        try:
-            info = await js.stream_info(stream)
-        except NotFoundError:
-            return []
-        out = []
-        if info.state.messages:
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                try:
-                    out.append(await js._jsm.get_msg(stream, seq=seq))
-                except NotFoundError:
-                    continue
-        return out
+        return await stored_messages(nc.jetstream(timeout=5), stream)
+    except NotFoundError:
+        return []
     finally:
         await nc.close()
 

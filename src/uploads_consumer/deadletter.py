@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
 
 from uploads_consumer.errors import ErrorClass, one_line
 
@@ -37,3 +39,16 @@ class DeadLetterPublisher:
             stream=self._stream,
             timeout=10,
         )
+
+
+async def stored_messages(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
+    """Every message a stream holds now, oldest first (for `dlq list`, the demo and the tests)."""
+    info = await js.stream_info(stream)
+    out = []
+    if info.state.messages:
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                out.append(await js.get_msg(stream, seq=seq))
+            except NotFoundError:  # deleted (e.g. replayed) sequences leave gaps
+                continue
+    return out

@@ -108,21 +108,12 @@ async def _wait_settled(settings: Settings, total: int, daemon: DaemonProcess, t
 
 
 async def _read_stream(settings: Settings, stream: str) -> list[Any]:
-    from nats.js.errors import NotFoundError
-
     from uploads_consumer.connection import connect_once
+    from uploads_consumer.deadletter import stored_messages
 
     nc = await connect_once(settings, "uploads-consumer-demo-read")
     try:
-        js = nc.jetstream(timeout=5)
-        info = await js.stream_info(stream)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                out.append(await js._jsm.get_msg(stream, seq=seq))  # noqa: SLF001
-            except NotFoundError:
-                continue
-        return out
+        return await stored_messages(nc.jetstream(timeout=5), stream)
     finally:
         await nc.close()
 

@@ -18,7 +18,7 @@ async def _oldest_pending_age(js: JetStreamContext, stream: str, ack_floor_seq: 
     if ack_floor_seq >= last_seq:
         return None
     try:
-        msg = await js._jsm.get_msg(stream, seq=ack_floor_seq + 1, next=True, subject=None)  # noqa: SLF001
+        msg = await js.get_msg(stream, seq=ack_floor_seq + 1, next=True, subject=None)
     except Exception:  # noqa: BLE001 - deleted or expired: not worth failing status for
         return None
     return max(0.0, time.time() - msg.time.timestamp()) if msg.time else None

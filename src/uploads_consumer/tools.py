@@ -11,6 +11,7 @@ from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import connect_once
+from uploads_consumer.deadletter import stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
 from uploads_consumer.errors import ConfigError, UploadsError
 from uploads_consumer.observability import Metrics
@@ -76,27 +77,19 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
 async def read_dead_letters(settings: Settings) -> list[dict]:
     nc = await connect_once(settings, "uploads-consumer-dlq")
     try:
-        js = nc.jetstream(timeout=10)
-        info = await js.stream_info(settings.dlq_stream_name)
-        out = []
-        seq = info.state.first_seq
-        while info.state.messages and seq <= info.state.last_seq:
-            try:
-                msg = await js._jsm.get_msg(settings.dlq_stream_name, seq=seq)  # noqa: SLF001
-            except NotFoundError:
-                seq += 1
-                continue
-            h = msg.headers or {}
-            out.append({
-                "seq": msg.seq, "error_class": h.get("Uploads-Error-Class"), "reason": h.get("Uploads-Error"),
-                "failed_at": h.get("Uploads-Failed-At"), "original_seq": h.get("Uploads-Stream-Seq"),
-                "deliveries": h.get("Uploads-Deliveries"), "event_id": _event_id(msg.data or b""),
-                "body": (msg.data or b"").decode("utf-8", "replace"),
-            })
-            seq += 1
-        return out
+        messages = await stored_messages(nc.jetstream(timeout=10), settings.dlq_stream_name)
     finally:
         await nc.close()
+    out = []
+    for msg in messages:
+        h = msg.headers or {}
+        out.append({
+            "seq": msg.seq, "error_class": h.get("Uploads-Error-Class"), "reason": h.get("Uploads-Error"),
+            "failed_at": h.get("Uploads-Failed-At"), "original_seq": h.get("Uploads-Stream-Seq"),
+            "deliveries": h.get("Uploads-Deliveries"), "event_id": _event_id(msg.data or b""),
+            "body": (msg.data or b"").decode("utf-8", "replace"),
+        })
+    return out
 
 
 def _event_id(body: bytes) -> str | None:
@@ -135,7 +128,7 @@ async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int]) -> i
             seqs = list(range(info.state.first_seq, info.state.last_seq + 1)) if info.state.messages else []
         for seq in seqs:
             try:
-                msg = await js._jsm.get_msg(settings.dlq_stream_name, seq=seq)  # noqa: SLF001
+                msg = await js.get_msg(settings.dlq_stream_name, seq=seq)
             except NotFoundError:
                 if not replay_all:
                     print(f"seq {seq}: not in {settings.dlq_stream_name}", file=sys.stderr)
