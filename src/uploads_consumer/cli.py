@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
-from uploads_consumer.errors import ConfigError, UploadsError, one_line
+from uploads_consumer.errors import ConfigError, UploadsError, describe
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uploads-consumer: {exc.reason}", file=sys.stderr)
         return EXIT_FATAL
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for operators
-        print(f"uploads-consumer: {one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
+        print(f"uploads-consumer: {describe(exc)}", file=sys.stderr)
         return EXIT_FATAL
 
 

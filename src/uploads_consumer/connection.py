@@ -10,7 +10,7 @@ import nats
 from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
-from uploads_consumer.errors import ConfigError, UploadsError, one_line
+from uploads_consumer.errors import ConfigError, UploadsError, describe
 
 
 def servers(settings: Settings) -> list[str]:
@@ -85,7 +85,7 @@ class NatsUnavailable(UploadsError):
 
 def describe_connect_error(exc: BaseException, settings: Settings) -> str:
     """One line saying why a connection failed, and what to check when it will not fix itself."""
-    text = one_line(f"{type(exc).__name__}: {exc}")
+    text = describe(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the server's certificate is not trusted ({exc.verify_message}); NATS_TLS_CA must name the CA that signed it"
     if isinstance(exc, ssl.SSLError) and any(k in (exc.reason or "") for k in ("CERTIFICATE", "UNKNOWN_CA")):

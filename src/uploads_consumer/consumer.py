@@ -28,7 +28,7 @@ from uploads_consumer.connection import connect_options, describe_connect_error,
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, one_line
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import parse_event
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
 from uploads_consumer.pipeline import Pipeline
@@ -84,7 +84,7 @@ def decide(outcome: object, num_delivered: int, max_deliver: int, backoff: tuple
         if isinstance(outcome, RetryableError):
             reason, delay = outcome.reason, outcome.delay
         else:
-            reason, delay = one_line(f"unexpected {type(outcome).__name__}: {outcome}"), None
+            reason, delay = f"unexpected {describe(outcome)}", None
         if max_deliver > 0 and num_delivered >= max_deliver:
             return DeadLetter(ErrorClass.MAX_DELIVERIES, f"gave up after {num_delivered} deliveries; last error: {reason}")
         return Nak(delay if delay is not None else backoff_delay(backoff, num_delivered), reason)
@@ -226,7 +226,7 @@ class UploadConsumer:
                 what = f"key-value bucket {s.dedupe_bucket}" if isinstance(exc, BucketNotFoundError) else "a stream"
                 problem = f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
             except Exception as exc:  # noqa: BLE001 - JetStream not ready yet
-                problem = one_line(f"JetStream is not answering yet ({type(exc).__name__}: {exc}); retrying")
+                problem = f"JetStream is not answering yet ({describe(exc)}); retrying"
             if problem != said:
                 log.error(problem)
                 said = problem
@@ -238,7 +238,7 @@ class UploadConsumer:
     async def _on_error(self, exc: Exception) -> None:
         # nats-py calls this on every failed attempt; say each problem once until connected, not once per retry.
         if self._connected:
-            problem = one_line(f"{type(exc).__name__}: {exc}")
+            problem = describe(exc)
         else:
             problem = describe_connect_error(exc, self.settings)
         if problem in self._problems_said:
@@ -354,7 +354,7 @@ class UploadConsumer:
                 await self._pause(5.0)
                 continue
             except Exception as exc:  # noqa: BLE001 - disconnected, server busy, consumer gone: retry
-                self._report_fetch_problem(one_line(f"{type(exc).__name__}: {exc}"))
+                self._report_fetch_problem(describe(exc))
                 await self._pause(1.0)
                 if isinstance(exc, nats.js.errors.APIError):
                     await self._looks_stalled()  # a deleted consumer is noticed here
@@ -460,7 +460,7 @@ class UploadConsumer:
                 try:
                     await self._dlq.publish(msg, decision.error_class, decision.reason)
                 except Exception as exc:  # noqa: BLE001 - never terminate without the copy
-                    reason = one_line(f"dead-letter publish failed ({type(exc).__name__}: {exc}); will retry")
+                    reason = f"dead-letter publish failed ({describe(exc)}); will retry"
                     decision = Nak(backoff_delay(self.settings.retry_backoff, meta.num_delivered), reason)
                 else:
                     await self._confirm(msg, b"+TERM")
@@ -478,7 +478,7 @@ class UploadConsumer:
                 await self._confirm(msg, b"+ACK")
             except Exception as exc:  # noqa: BLE001
                 # The effect is recorded; a redelivery will be recognised as a duplicate.
-                log.warning("ack not confirmed; redelivery will be treated as a duplicate", error=one_line(f"{type(exc).__name__}: {exc}"))
+                log.warning("ack not confirmed; redelivery will be treated as a duplicate", error=describe(exc))
                 return
             if decision.duplicate:
                 self.metrics.messages.labels("duplicate").inc()
@@ -488,7 +488,7 @@ class UploadConsumer:
                 result = outcome if isinstance(outcome, dict) else {}
                 log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
-            log.error("settling failed; the message will be redelivered", error=one_line(f"{type(exc).__name__}: {exc}"))
+            log.error("settling failed; the message will be redelivered", error=describe(exc))
 
     async def _confirm(self, msg: Msg, payload: bytes) -> None:
         """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish)."""

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from uploads_consumer.errors import RetryableError
+from uploads_consumer.errors import RetryableError, describe
 
 
 class Deduplicator:
@@ -48,7 +48,7 @@ class Deduplicator:
         except KeyNotFoundError:  # also KeyDeletedError
             return False
         except Exception as exc:  # noqa: BLE001
-            raise RetryableError(f"idempotency lookup failed: {type(exc).__name__}: {exc}") from exc
+            raise RetryableError(f"idempotency lookup failed: {describe(exc)}") from exc
 
     async def mark(self, event_id: str) -> None:
         if self._kv is None:
@@ -56,4 +56,4 @@ class Deduplicator:
         try:
             await self._kv.put(event_id, b"1")
         except Exception as exc:  # noqa: BLE001
-            raise RetryableError(f"recording the event as processed failed: {type(exc).__name__}: {exc}") from exc
+            raise RetryableError(f"recording the event as processed failed: {describe(exc)}") from exc

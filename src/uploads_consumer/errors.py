@@ -25,6 +25,11 @@ def one_line(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: message` on one line: how an exception is named in logs, headers and reasons."""
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
 class UploadsError(Exception):
     """Base of every error this project raises on purpose."""
 

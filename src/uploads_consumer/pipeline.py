@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 
 from uploads_consumer.config import Settings
 from uploads_consumer.envelope import MAX_METADATA_BYTES, OVERHEAD, EnvelopeMetadata, MasterKeyRing, ObjectDecryptor, parse_metadata
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.observability import Metrics
 from uploads_consumer.processors import NamedProcessor, ProcessingContext
@@ -153,7 +153,7 @@ class Pipeline:
         except UploadsError:
             raise
         except Exception as exc:  # noqa: BLE001 - an unexpected processor error is transient by contract
-            raise RetryableError(f"processor {processor.name} raised {type(exc).__name__}: {exc}") from exc
+            raise RetryableError(f"processor {processor.name} raised {describe(exc)}") from exc
 
     async def _publish_result(self, result: dict[str, Any]) -> None:
         subject = self._settings.nats_result_subject
@@ -167,4 +167,4 @@ class Pipeline:
                 timeout=10,
             )
         except Exception as exc:  # noqa: BLE001 - no ack for the result: try the whole message again later
-            raise RetryableError(f"publishing the result event failed: {type(exc).__name__}: {exc}") from exc
+            raise RetryableError(f"publishing the result event failed: {describe(exc)}") from exc

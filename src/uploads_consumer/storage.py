@@ -18,7 +18,7 @@ from botocore.exceptions import (
 )
 
 from uploads_consumer.config import Settings
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
 
 CHUNK_SIZE = 1 << 20
 BODY_ATTEMPTS = 3  # botocore does not retry a body that breaks mid-stream; we start over this often
@@ -68,8 +68,8 @@ def map_s3_error(exc: BaseException, what: str) -> Exception:
             return PermanentError(ErrorClass.NOT_FOUND, f"{what}: {code}")
         return RetryableError(f"{what}: S3 error {code} {err.get('Message', '')}".strip())
     if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)):
-        return RetryableError(f"{what}: {type(exc).__name__}: {exc}")
-    return RetryableError(f"{what}: unexpected {type(exc).__name__}: {exc}")
+        return RetryableError(f"{what}: {describe(exc)}")
+    return RetryableError(f"{what}: unexpected {describe(exc)}")
 
 
 class ObjectStore:

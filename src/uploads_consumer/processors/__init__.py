@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uploads_consumer.errors import ConfigError
+from uploads_consumer.errors import ConfigError, describe
 
 if TYPE_CHECKING:
     from uploads_consumer.config import Settings
@@ -70,7 +70,7 @@ def load_processor(name: str) -> NamedProcessor:
         try:
             target = found[0].load()
         except Exception as exc:  # noqa: BLE001 - a broken plugin is a configuration problem
-            raise ConfigError("PROCESSORS", f"cannot load {name!r}: {type(exc).__name__}: {exc}") from None
+            raise ConfigError("PROCESSORS", f"cannot load {name!r}: {describe(exc)}") from None
     if not callable(target):
         raise ConfigError("PROCESSORS", f"{name!r} is not callable")
     return NamedProcessor(name=name, run=target)
