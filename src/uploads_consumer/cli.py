@@ -34,14 +34,13 @@ def _settings() -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from uploads_consumer.connection import connect_options
     from uploads_consumer.consumer import run_daemon
     from uploads_consumer.observability import setup_logging
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format)
-    settings.master_keys()  # fail now, with exit 2, rather than after connecting
-    connect_options(settings, "uploads-consumer")  # likewise an unreadable TLS, .creds or nkey file
+    # The master key, processors and connection files are checked when the daemon is built,
+    # before it connects: each problem is a ConfigError, exit 2.
     return run_daemon(settings)
 
 

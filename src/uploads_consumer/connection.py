@@ -17,6 +17,11 @@ def servers(settings: Settings) -> list[str]:
     return [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
 
+def redacted_servers(settings: Settings) -> str:
+    """NATS_URL's servers for a message: comma-separated, credentials hidden."""
+    return ", ".join(redact_url(u) for u in servers(settings))
+
+
 def redact_url(url: str) -> str:
     """nats://user:pass@host → nats://***@host, for messages (also without a scheme: user:pass@host)."""
     scheme, sep, rest = url.partition("://")
@@ -120,5 +125,4 @@ async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Cli
         )
     except Exception as exc:  # noqa: BLE001
         cause = problems[-1] if problems else exc
-        urls = ", ".join(redact_url(u) for u in servers(settings))
-        raise NatsUnavailable(f"cannot reach NATS at {urls}: {describe_connect_error(cause, settings)}") from None
+        raise NatsUnavailable(f"cannot reach NATS at {redacted_servers(settings)}: {describe_connect_error(cause, settings)}") from None

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import connect_options, describe_connect_error, redact_url, servers
+from uploads_consumer.connection import connect_options, describe_connect_error, redact_url, redacted_servers
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
@@ -101,6 +101,9 @@ class UploadConsumer:
         self._keyring = MasterKeyRing(current, previous)
         del current, previous
         self._processors = load_processors(settings.processors)
+        # Built once, and here: an unreadable TLS, .creds or nkey file is a ConfigError (exit 2)
+        # before anything connects, like a bad master key or processor above.
+        self._connect_options = connect_options(settings, "uploads-consumer")
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._inflight: dict[int, tuple[Msg, asyncio.Task[Any]]] = {}  # id(msg) → (msg, its work task)
@@ -172,11 +175,10 @@ class UploadConsumer:
         for a socket that never reports closed (nats-io/nats.py#718).
         """
         delay = 0.5
-        urls = ", ".join(redact_url(u) for u in servers(self.settings))
         while not self._stopping.is_set():
             try:
                 self._nc = await nats.connect(
-                    **connect_options(self.settings, "uploads-consumer"),
+                    **self._connect_options,
                     connect_timeout=5,
                     allow_reconnect=False,
                     max_reconnect_attempts=1,  # 0 would mean "forever" when nats-py picks a server
@@ -190,13 +192,13 @@ class UploadConsumer:
                 self._js = self._nc.jetstream(timeout=10)
                 self._connected = self._ever_connected = True
                 self._problems_said.clear()
-                log.info("connected to NATS", url=redact_url(self._nc.connected_url.geturl() if self._nc.connected_url else urls))
+                url = self._nc.connected_url.geturl() if self._nc.connected_url else None
+                log.info("connected to NATS", url=redact_url(url) if url else redacted_servers(self.settings))
                 return True
             except Exception as exc:  # noqa: BLE001 - keep trying; say so once per new problem
                 if not isinstance(exc, nats.errors.NoServersError):  # its causes went to error_cb already
                     await self._on_error(exc)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.2))
+                await self._pause(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 30)
         return False
 
@@ -248,8 +250,7 @@ class UploadConsumer:
         if self._ever_connected:
             log.warning("NATS connection problem; retrying", error=problem)
         else:
-            urls = ", ".join(redact_url(u) for u in servers(self.settings))
-            log.warning("cannot connect to NATS yet; retrying", servers=urls, error=problem)
+            log.warning("cannot connect to NATS yet; retrying", servers=redacted_servers(self.settings), error=problem)
 
     async def _on_disconnected(self) -> None:
         if self._connected and not self._stopping.is_set():
