@@ -29,7 +29,7 @@ from botocore.config import Config
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from uploads_consumer.config import Settings
-from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, free_port
+from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
 from uploads_consumer.envelope import MasterKeyRing, ObjectDecryptor, encrypt_stream
 from uploads_consumer.producer import publish_event, upload_file
 from uploads_consumer.provision import provision
@@ -137,7 +137,7 @@ def run_consumer(name: str, command: list[str] | None, s3: S3Server, proxy: Late
     name = slug
     with NatsServer(work / f"nats-{name}-{len(files)}") as nats_server:
         env = {
-            **{k: v for k, v in os.environ.items() if k.upper() not in {f.upper() for f in Settings.model_fields}},
+            **clean_environment(),
             **s3.env(), "NATS_URL": nats_server.url, "S3_BUCKET_NAME": bucket, "ENCRYPTION_MASTER_KEY": master_key,
             "DECRYPT_DOWNLOAD_PATH": str(work / f"out-{name}-{len(files)}"), "HTTP_PORT": "0", "LOG_LEVEL": "WARNING",
         }

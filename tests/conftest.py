@@ -12,10 +12,10 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from uploads_consumer.config import Settings
-from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, free_port
+from uploads_consumer.config import VARIABLES, Settings
+from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
 
-OUR_VARIABLES = {name.upper() for name in Settings.model_fields}
+OUR_VARIABLES = VARIABLES
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +62,7 @@ def downloads(tmp_path: Path) -> Path:
 @pytest.fixture
 def daemon_env(nats_server: NatsServer, s3_server: S3Server, bucket: str, master_key: str, downloads: Path) -> dict[str, str]:
     """A clean environment for the daemon: none of the caller's uploads-consumer variables leak in."""
-    env = {k: v for k, v in os.environ.items() if k.upper() not in OUR_VARIABLES}
-    env.update(s3_server.env())
+    env = clean_environment(**s3_server.env())
     env.update({
         "NATS_URL": nats_server.url,
         "S3_BUCKET_NAME": bucket,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from uploads_consumer.config import Settings, load_settings, parse_duration, parse_size
+from uploads_consumer.config import VARIABLES, load_settings, parse_duration, parse_size
+from uploads_consumer.embedded import clean_environment
 from uploads_consumer.errors import ConfigError
 
-OUR_VARIABLES = sorted(name.upper() for name in Settings.model_fields)
+OUR_VARIABLES = sorted(VARIABLES)
 KEY = base64.b64encode(bytes(range(32))).decode()
 KEY2 = base64.b64encode(bytes(range(32, 64))).decode()
 KEY3 = base64.b64encode(bytes(range(64, 96))).decode()
@@ -281,8 +282,7 @@ def test_empty_master_key_means_unset(monkeypatch):
 # ---- the process exits 2 with one line ------------------------------------------------------------
 
 def run_module(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k.upper() not in OUR_VARIABLES}
-    clean.update({"HTTP_PORT": "0", "NATS_URL": "nats://127.0.0.1:1", **env})
+    clean = clean_environment(**{"HTTP_PORT": "0", "NATS_URL": "nats://127.0.0.1:1", **env})
     return subprocess.run(
         [sys.executable, "-m", "uploads_consumer"], env=clean, cwd=tmp_path,
         capture_output=True, text=True, timeout=30,

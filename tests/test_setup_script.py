@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 from nats.js.api import AckPolicy, DeliverPolicy, ReplayPolicy
 
-from uploads_consumer.config import Settings
-from uploads_consumer.embedded import NatsServer
+from uploads_consumer.embedded import NatsServer, clean_environment
 
 from helpers import connect, consumer_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "setup-nats-consumer.sh"
-OUR_VARIABLES = {name.upper() for name in Settings.model_fields}
 SEED_FLAGS = ["--ack", "explicit", "--pull", "--deliver", "all", "--max-deliver=-1",
               "--max-pending=100", "--wait=30s", "--replay", "instant"]
 
@@ -37,10 +35,7 @@ def path_without_nats() -> str:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in OUR_VARIABLES}
-    env["PATH"] = path_without_nats()
-    env.update(extra)
-    return env
+    return clean_environment(**{"PATH": path_without_nats(), **extra})
 
 
 def run_script(env: dict[str, str]) -> subprocess.CompletedProcess:

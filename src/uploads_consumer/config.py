@@ -208,6 +208,10 @@ class Settings(BaseSettings):
         return current, previous
 
 
+VARIABLES = frozenset(name.upper() for name in Settings.model_fields)
+"""Every environment variable the settings read."""
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; any problem becomes a ConfigError naming the variable (never its value)."""
     try:

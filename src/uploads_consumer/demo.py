@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uploads_consumer.config import Settings, load_settings
-from uploads_consumer.embedded import DaemonProcess, MissingExtra, NatsServer, S3Server, free_port, nats_server_binary
+from uploads_consumer.embedded import DaemonProcess, MissingExtra, clean_environment, NatsServer, S3Server, free_port, nats_server_binary
 
 BUCKET = "uploads-demo"
 SAMPLES = [  # (email, file name, size, kind)
@@ -25,14 +25,6 @@ SAMPLES = [  # (email, file name, size, kind)
     ("bob@example.net", "silence.wav", 0, "random"),
 ]
 NOTES = "Minutes of the planning meeting.\nDecisions: ship the consumer.\n" * 20
-
-
-def _env_for_daemon(settings: dict[str, str]) -> dict[str, str]:
-    """The caller's environment without any of our variables, plus the demo's."""
-    ours = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in ours}
-    env.update(settings)
-    return env
 
 
 def _human(n: int) -> str:
@@ -179,7 +171,7 @@ def run_demo(output: str) -> int:
             log_path = out / "daemon.log"
             print(f"running the consumer: {sys.executable} -m uploads_consumer (log: {os.path.relpath(log_path)})")
             log_path.unlink(missing_ok=True)
-            daemon = DaemonProcess(_env_for_daemon(env), log_path)
+            daemon = DaemonProcess(clean_environment(**env), log_path)
             daemon.start()
             try:
                 settled = asyncio.run(_wait_settled(settings, expected["messages"], daemon))

@@ -24,6 +24,16 @@ class MissingExtra(RuntimeError):
     """An embedded server's package is not installed."""
 
 
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without any uploads-consumer variable, plus `extra`: what a
+    child daemon should see, so that the caller's own configuration never leaks into it."""
+    from uploads_consumer.config import VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k.upper() not in VARIABLES}
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
