@@ -16,8 +16,8 @@ from nats.js.errors import NotFoundError
 import os
 from pathlib import Path
 
-# ../shared/interop beside the checkout (as laid out for developers and CI), unless overridden.
-INTEROP = Path(os.environ.get("UPLOADS_INTEROP_DIR", Path(__file__).resolve().parents[2] / "shared" / "interop"))
+# The backend's interop vectors (written with the JDK's JCE), carried by the repository.
+INTEROP = Path(__file__).resolve().parent / "interop"
 
 
 async def connect(url: str):

@@ -1,4 +1,4 @@
-"""Every case of shared/interop/manifest.json through the real daemon process, as the spec says it ends."""
+"""Every case of tests/interop/manifest.json through the real daemon process, as the spec says it ends."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helpers import INTEROP, publish_raw, read_stream, results_by_event, wait_se
 
 MANIFEST = json.loads((INTEROP / "manifest.json").read_text())
 
-# The manifest says "dead-letter"; these are the classes SPEC.md's outcome table gives each case.
+# The manifest says "dead-letter"; these are the classes the outcome table in docs/contract.md gives each case.
 EXPECTED_CLASS = {
     "tampered_data": "decrypt_failed",
     "wrong_master_key": "decrypt_failed",

@@ -1,4 +1,4 @@
-"""The outcome table of SPEC.md: how a processing result becomes ack, nak or dead-letter."""
+"""The outcome table of docs/contract.md: how a processing result becomes ack, nak or dead-letter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration: one validated settings object, read from environment variables (see SPEC.md)."""
+"""Configuration: one validated settings object, read from environment variables (see docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
 
 
 class Settings(BaseSettings):
-    """Every variable of SPEC.md, with its default. Field `x` is read from variable `X`."""
+    """Every variable of docs/contract.md, with its default. Field `x` is read from variable `X`."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 

@@ -75,7 +75,7 @@ def backoff_delay(backoff: tuple[float, ...], num_delivered: int) -> float:
 
 
 def decide(outcome: object, num_delivered: int, max_deliver: int, backoff: tuple[float, ...]) -> Decision:
-    """What happens to a message, given how its processing ended. Pure; see SPEC.md's outcome table."""
+    """What happens to a message, given how its processing ended. Pure; see the outcome table in docs/contract.md."""
     if isinstance(outcome, ShuttingDown):
         return Nak(None, "shutting down before processing finished")
     if isinstance(outcome, PermanentError):

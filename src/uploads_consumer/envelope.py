@@ -1,4 +1,4 @@
-"""Envelope encryption exactly as the upload backend does it (see SPEC.md and shared/interop).
+"""Envelope encryption exactly as the upload backend does it (docs/contract.md; vectors in tests/interop).
 
 Object:   IV (12) || AES-256-GCM(DEK, file) || tag (16)   — one GCM message over the whole file
 kek:      base64(IV (12) || AES-256-GCM(master key, DEK) || tag (16))   — 60 bytes decoded

@@ -1,4 +1,4 @@
-"""Steps 3–7 of SPEC.md for one event: check, download, unwrap, stream-decrypt, process, publish the result."""
+"""Steps 3–7 of docs/contract.md for one event: check, download, unwrap, stream-decrypt, process, publish the result."""
 
 from __future__ import annotations
 
