@@ -74,8 +74,11 @@ class LatencyProxy:
 
     def __init__(self, target_port: int, latency: float) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "latency_proxy.py"), str(target_port), str(self.port), str(latency)],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "latency_proxy.py"), str(target_port), str(self.port), str(latency)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -94,6 +97,7 @@ async def publish_uploads(settings: Settings, files: list[Path], concurrency: in
     await provision(js, settings)
     limit = asyncio.Semaphore(concurrency)
     async with ObjectStore(settings) as store:
+
         async def one(path: Path) -> None:
             async with limit:
                 event = await upload_file(store, ring, path, "bench@example.com", settings.s3_bucket_name)
@@ -128,18 +132,36 @@ async def measure_consumer(url: str, count: int, pid: int, proc: subprocess.Pope
         await nc.close()
 
 
-def run_consumer(name: str, command: list[str] | None, s3: S3Server, proxy: LatencyProxy, work: Path,
-                 files: list[Path], master_key: str, timeout: float) -> Run:
+def run_consumer(
+    name: str,
+    command: list[str] | None,
+    s3: S3Server,
+    proxy: LatencyProxy,
+    work: Path,
+    files: list[Path],
+    master_key: str,
+    timeout: float,
+) -> Run:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:30].strip("-")
     bucket = f"bench-{slug}-{len(files)}-{os.getpid()}"
-    boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key,
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     name = slug
     with NatsServer(work / f"nats-{name}-{len(files)}") as nats_server:
         env = {
             **clean_environment(),
-            **s3.env(), "NATS_URL": nats_server.url, "S3_BUCKET_NAME": bucket, "ENCRYPTION_MASTER_KEY": master_key,
-            "DECRYPT_DOWNLOAD_PATH": str(work / f"out-{name}-{len(files)}"), "HTTP_PORT": "0", "LOG_LEVEL": "WARNING",
+            **s3.env(),
+            "NATS_URL": nats_server.url,
+            "S3_BUCKET_NAME": bucket,
+            "ENCRYPTION_MASTER_KEY": master_key,
+            "DECRYPT_DOWNLOAD_PATH": str(work / f"out-{name}-{len(files)}"),
+            "HTTP_PORT": "0",
+            "LOG_LEVEL": "WARNING",
         }
         settings = Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
         asyncio.run(publish_uploads(settings, files))  # straight to S3, not through the proxy
@@ -148,15 +170,33 @@ def run_consumer(name: str, command: list[str] | None, s3: S3Server, proxy: Late
         daemon.start()
         spy = None
         if PROFILE and name == "ours":  # sampling from outside: the daemon's CPU figures stay its own
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.proc.pid), "--format", "raw", "--rate", "250",
-                                    "--nonblocking", "--duration", "12", "-o", PROFILE], stdout=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(daemon.proc.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "250",
+                    "--nonblocking",
+                    "--duration",
+                    "12",
+                    "-o",
+                    PROFILE,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
         try:
             run = asyncio.run(measure_consumer(nats_server.url, len(files), daemon.proc.pid, daemon.proc, timeout))
         finally:
             if spy is not None:
                 spy.wait(60)
             daemon.terminate(60)
-        saved = [p for p in (work / f"out-{name}-{len(files)}").rglob("*") if p.is_file() and ".incoming" not in p.parts]
+        saved = [
+            p for p in (work / f"out-{name}-{len(files)}").rglob("*") if p.is_file() and ".incoming" not in p.parts
+        ]
         if len(saved) != len(files):
             raise RuntimeError(f"{name}: {len(saved)} files saved, expected {len(files)}; see {daemon.log_path}")
         return run
@@ -164,9 +204,16 @@ def run_consumer(name: str, command: list[str] | None, s3: S3Server, proxy: Late
 
 async def measure_ceiling(s3: S3Server, proxy: LatencyProxy, seconds: float = 4.0, concurrency: int = 64) -> float:
     """GETs per second of a 4 KiB object through the proxy at high concurrency."""
-    boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key,
-                 region_name="us-east-1").create_bucket(Bucket="bench-ceiling")
-    session = aioboto3.Session(aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key, region_name="us-east-1")
+    boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bench-ceiling")
+    session = aioboto3.Session(
+        aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key, region_name="us-east-1"
+    )
     config = Config(max_pool_connections=concurrency, s3={"addressing_style": "path"})
     async with session.client("s3", endpoint_url=proxy.url, config=config) as client:
         await client.put_object(Bucket="bench-ceiling", Key="k", Body=os.urandom(4096))
@@ -198,7 +245,7 @@ def measure_crypto(size: int = 256 * MiB, chunk: int = MiB) -> tuple[float, floa
     began = time.perf_counter()
     decryptor = ObjectDecryptor(dek)
     for i in range(0, len(blob), chunk):
-        decryptor.feed(view[i:i + chunk])
+        decryptor.feed(view[i : i + chunk])
     decryptor.finalize()
     streaming = size / (time.perf_counter() - began) / 1e6
     began = time.perf_counter()
@@ -228,9 +275,16 @@ def main() -> int:
     parser.add_argument("--small-size", type=int, default=4096, help="bytes per small upload (default 4096)")
     parser.add_argument("--large-mib", type=int, default=256, help="size of the large upload in MiB (0 skips it)")
     parser.add_argument("--latency", type=float, default=0.02, help="seconds added to every S3 request (default 0.02)")
-    parser.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE,...",
-                        help="also run ours with these settings, e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32 (repeatable)")
-    parser.add_argument("--compare-loops", action="store_true", help="also run ours on asyncio's own event loop (default: uvloop)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE,...",
+        help="also run ours with these settings, e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32 (repeatable)",
+    )
+    parser.add_argument(
+        "--compare-loops", action="store_true", help="also run ours on asyncio's own event loop (default: uvloop)"
+    )
     parser.add_argument("--profile", metavar="FILE", help="record our daemon with py-spy (collapsed stacks) into FILE")
     args = parser.parse_args()
 
@@ -251,13 +305,19 @@ def main() -> int:
             proxy = LatencyProxy(s3.port, args.latency)
             try:
                 ceiling = asyncio.run(measure_ceiling(s3, proxy)) / 2
-                print(f"ceiling: {ceiling:.0f} uploads/s (S3 GETs/s through the proxy at concurrency 64, / 2)", flush=True)
+                print(
+                    f"ceiling: {ceiling:.0f} uploads/s (S3 GETs/s through the proxy at concurrency 64, / 2)", flush=True
+                )
                 for name, command in consumers.items():
-                    results[name]["small"] = run_consumer(name, command, s3, proxy, work, small, master_key, timeout=900)
+                    results[name]["small"] = run_consumer(
+                        name, command, s3, proxy, work, small, master_key, timeout=900
+                    )
                     print(f"{name}: {results[name]['small'].per_second:.1f} uploads/s", flush=True)
                 for name, command in list(consumers.items())[:2]:  # the large upload: baseline and ours only
                     if large:
-                        results[name]["large"] = run_consumer(name, command, s3, proxy, work, large, master_key, timeout=900)
+                        results[name]["large"] = run_consumer(
+                            name, command, s3, proxy, work, large, master_key, timeout=900
+                        )
                         print(f"{name}: {args.large_mib} MiB in {results[name]['large'].seconds:.1f}s", flush=True)
             finally:
                 proxy.stop()
@@ -265,23 +325,37 @@ def main() -> int:
 
     b, o = results["baseline"], results["ours"]
     print()
-    print(f"{args.small} uploads of {args.small_size} B, S3 latency {args.latency * 1000:.0f} ms per request, {os.cpu_count()} cores")
-    print(f"| consumer | uploads/s | CPU ms/upload | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |")
+    print(
+        f"{args.small} uploads of {args.small_size} B, S3 latency {args.latency * 1000:.0f} ms per request, {os.cpu_count()} cores"
+    )
+    print(
+        f"| consumer | uploads/s | CPU ms/upload | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
+    )
     print("|---|---|---|---|---|---|")
     labels = {"baseline": "baseline (seed)", "ours": "ours (defaults)"}
     for name, r in results.items():
         big = r.get("large")
-        print(f"| {labels.get(name, name)} | {r['small'].per_second:.1f} | {r['small'].cpu_ms_per_upload:.2f} | {r['small'].peak_rss / MiB:.0f} MiB | "
-              f"{f'{big.seconds:.1f} s' if big else '-'} | {f'{big.peak_rss / MiB:.0f} MiB' if big else '-'} |")
+        print(
+            f"| {labels.get(name, name)} | {r['small'].per_second:.1f} | {r['small'].cpu_ms_per_upload:.2f} | {r['small'].peak_rss / MiB:.0f} MiB | "
+            f"{f'{big.seconds:.1f} s' if big else '-'} | {f'{big.peak_rss / MiB:.0f} MiB' if big else '-'} |"
+        )
     print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | |")
     print()
-    print(f"throughput: ours / baseline = {o['small'].per_second / b['small'].per_second:.1f}× (target ≥ 6×); "
-          f"ours / ceiling = {100 * o['small'].per_second / ceiling:.0f}% (target ≥ 60%)")
-    print(f"CPU per upload: ours / baseline = {o['small'].cpu_ms_per_upload / b['small'].cpu_ms_per_upload:.2f}× (target ≤ 1.2×)")
+    print(
+        f"throughput: ours / baseline = {o['small'].per_second / b['small'].per_second:.1f}× (target ≥ 6×); "
+        f"ours / ceiling = {100 * o['small'].per_second / ceiling:.0f}% (target ≥ 60%)"
+    )
+    print(
+        f"CPU per upload: ours / baseline = {o['small'].cpu_ms_per_upload / b['small'].cpu_ms_per_upload:.2f}× (target ≤ 1.2×)"
+    )
     if "large" in o:
-        print(f"peak RSS on the {args.large_mib} MiB upload: ours {o['large'].peak_rss / MiB:.0f} MiB (target ≤ 160 MiB), "
-              f"baseline {b['large'].peak_rss / MiB:.0f} MiB")
-    print(f"AES-256-GCM decrypt in-process: streaming {streaming:.0f} MB/s (target ≥ 1000), one-shot {one_shot:.0f} MB/s")
+        print(
+            f"peak RSS on the {args.large_mib} MiB upload: ours {o['large'].peak_rss / MiB:.0f} MiB (target ≤ 160 MiB), "
+            f"baseline {b['large'].peak_rss / MiB:.0f} MiB"
+        )
+    print(
+        f"AES-256-GCM decrypt in-process: streaming {streaming:.0f} MB/s (target ≥ 1000), one-shot {one_shot:.0f} MB/s"
+    )
     return 0
 
 

@@ -34,8 +34,11 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture
 def s3_client(s3_server: S3Server):
     return boto3.client(
-        "s3", endpoint_url=s3_server.url, aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key, region_name="us-east-1",
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}),
     )
 
@@ -60,19 +63,23 @@ def downloads(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def daemon_env(nats_server: NatsServer, s3_server: S3Server, bucket: str, master_key: str, downloads: Path) -> dict[str, str]:
+def daemon_env(
+    nats_server: NatsServer, s3_server: S3Server, bucket: str, master_key: str, downloads: Path
+) -> dict[str, str]:
     """A clean environment for the daemon: none of the caller's uploads-consumer variables leak in."""
     env = clean_environment(**s3_server.env())
-    env.update({
-        "NATS_URL": nats_server.url,
-        "S3_BUCKET_NAME": bucket,
-        "ENCRYPTION_MASTER_KEY": master_key,
-        "DECRYPT_DOWNLOAD_PATH": str(downloads),
-        "HTTP_PORT": str(free_port()),
-        "LOG_FORMAT": "json",
-        "RETRY_BACKOFF": "200ms",
-        "FETCH_TIMEOUT": "1s",
-    })
+    env.update(
+        {
+            "NATS_URL": nats_server.url,
+            "S3_BUCKET_NAME": bucket,
+            "ENCRYPTION_MASTER_KEY": master_key,
+            "DECRYPT_DOWNLOAD_PATH": str(downloads),
+            "HTTP_PORT": str(free_port()),
+            "LOG_FORMAT": "json",
+            "RETRY_BACKOFF": "200ms",
+            "FETCH_TIMEOUT": "1s",
+        }
+    )
     return env
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -12,9 +14,6 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
-
-import os
-from pathlib import Path
 
 # The backend's interop vectors (written with the JDK's JCE), carried by the repository.
 INTEROP = Path(__file__).resolve().parent / "interop"
@@ -47,8 +46,14 @@ async def consumer_info(url: str, stream: str = "FILE_UPLOADS", consumer: str = 
         await nc.close()
 
 
-async def wait_settled(url: str, delivered_at_least: int, timeout: float = 60, daemon: Any = None,
-                       stream: str = "FILE_UPLOADS", consumer: str = "file_processor") -> ConsumerInfo:
+async def wait_settled(
+    url: str,
+    delivered_at_least: int,
+    timeout: float = 60,
+    daemon: Any = None,
+    stream: str = "FILE_UPLOADS",
+    consumer: str = "file_processor",
+) -> ConsumerInfo:
     """Wait until every message up to `delivered_at_least` is delivered and none is pending or unacked."""
     deadline = time.monotonic() + timeout
     info = None
@@ -102,8 +107,11 @@ async def publish_uploads(settings, files: list, email: str = "user@example.com"
         async with ObjectStore(settings) as store:
             for path in files:
                 event = await upload_file(store, ring, path, email, settings.s3_bucket_name)
-                await js.publish(settings.nats_subject, event_json(event),
-                                 headers={"Nats-Msg-Id": event.event_id} if msg_id else None)
+                await js.publish(
+                    settings.nats_subject,
+                    event_json(event),
+                    headers={"Nats-Msg-Id": event.event_id} if msg_id else None,
+                )
                 events.append(event)
         return events
     finally:

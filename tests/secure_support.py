@@ -41,38 +41,62 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
 
 
 def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return cert, key
 
 
-def _issue(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str, server: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue(
+    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str, server: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .subject_name(_name(common_name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if server:
@@ -93,9 +117,14 @@ def make_pki(folder: Path) -> Pki:
     other, other_key = _make_ca("some other CA")
     other_client, other_client_key = _issue(other, other_key, "stranger", server=False)
     pki = Pki(
-        ca=folder / "ca.pem", server_cert=folder / "server.pem", server_key=folder / "server-key.pem",
-        client_cert=folder / "client.pem", client_key=folder / "client-key.pem", other_ca=folder / "other-ca.pem",
-        other_client_cert=folder / "other-client.pem", other_client_key=folder / "other-client-key.pem",
+        ca=folder / "ca.pem",
+        server_cert=folder / "server.pem",
+        server_key=folder / "server-key.pem",
+        client_cert=folder / "client.pem",
+        client_key=folder / "client-key.pem",
+        other_ca=folder / "other-ca.pem",
+        other_client_cert=folder / "other-client.pem",
+        other_client_key=folder / "other-client-key.pem",
     )
     pki.ca.write_bytes(ca.public_bytes(pem))
     pki.server_cert.write_bytes(server.public_bytes(pem))
@@ -130,8 +159,16 @@ def _b64url(data: bytes) -> str:
 
 def encode_jwt(subject: str, name: str, nats_claims: dict, issuer: nkeys.KeyPair) -> str:
     """A NATS v2 JWT (alg ed25519-nkey), signed by `issuer`, as the nsc tool would write it."""
-    claims = {"iat": int(time.time()), "iss": public(issuer), "name": name, "sub": subject, "nats": {**nats_claims, "version": 2}}
-    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode().rstrip("=")
+    claims = {
+        "iat": int(time.time()),
+        "iss": public(issuer),
+        "name": name,
+        "sub": subject,
+        "nats": {**nats_claims, "version": 2},
+    }
+    claims["jti"] = (
+        base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode().rstrip("=")
+    )
     header = _b64url(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
     body = _b64url(json.dumps(claims).encode())
     signature = issuer.sign(f"{header}.{body}".encode())
@@ -139,9 +176,19 @@ def encode_jwt(subject: str, name: str, nats_claims: dict, issuer: nkeys.KeyPair
 
 
 UNLIMITED_ACCOUNT = {
-    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1,
+    "subs": -1,
+    "data": -1,
+    "payload": -1,
+    "imports": -1,
+    "exports": -1,
+    "wildcards": True,
+    "conn": -1,
+    "leaf": -1,
     # JetStream is enabled for an account by giving it storage.
-    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    "mem_storage": -1,
+    "disk_storage": -1,
+    "streams": -1,
+    "consumer": -1,
 }
 
 
@@ -163,12 +210,27 @@ def make_decentralized() -> Decentralized:
     account = new_keypair(nkeys.PREFIX_BYTE_ACCOUNT)
     system = new_keypair(nkeys.PREFIX_BYTE_ACCOUNT)
     user = new_keypair(nkeys.PREFIX_BYTE_USER)
-    operator_jwt = encode_jwt(public(operator), "test-operator", {"type": "operator", "system_account": public(system)}, operator)
-    system_jwt = encode_jwt(public(system), "SYS", {"type": "account", "limits": {"conn": -1, "subs": -1, "data": -1, "payload": -1}}, operator)
-    account_jwt = encode_jwt(public(account), "UPLOADS", {"type": "account", "limits": UNLIMITED_ACCOUNT,
-                                                          "default_permissions": {"pub": {}, "sub": {}}}, operator)
-    user_jwt = encode_jwt(public(user), "uploads-consumer", {"type": "user", "pub": {}, "sub": {},
-                                                              "subs": -1, "data": -1, "payload": -1}, account)
+    operator_jwt = encode_jwt(
+        public(operator), "test-operator", {"type": "operator", "system_account": public(system)}, operator
+    )
+    system_jwt = encode_jwt(
+        public(system),
+        "SYS",
+        {"type": "account", "limits": {"conn": -1, "subs": -1, "data": -1, "payload": -1}},
+        operator,
+    )
+    account_jwt = encode_jwt(
+        public(account),
+        "UPLOADS",
+        {"type": "account", "limits": UNLIMITED_ACCOUNT, "default_permissions": {"pub": {}, "sub": {}}},
+        operator,
+    )
+    user_jwt = encode_jwt(
+        public(user),
+        "uploads-consumer",
+        {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1},
+        account,
+    )
     creds = (
         "-----BEGIN NATS USER JWT-----\n"
         f"{user_jwt}\n"
@@ -249,7 +311,9 @@ def secure_setup(method: str, folder: Path, port: int) -> SecureSetup:
         return SecureSetup(config, port, env, (pki.client_key.read_text(),) if method == "mutual_tls" else ())
     if method == "user_password":
         config = write_config(folder, body=users_block(("uploads", password)))
-        return SecureSetup(config, port, {"NATS_URL": plain, "NATS_USER": "uploads", "NATS_PASSWORD": password}, (password,))
+        return SecureSetup(
+            config, port, {"NATS_URL": plain, "NATS_USER": "uploads", "NATS_PASSWORD": password}, (password,)
+        )
     if method == "password_in_url":
         config = write_config(folder, body=users_block(("uploads", password)))
         return SecureSetup(config, port, {"NATS_URL": f"nats://uploads:{password}@127.0.0.1:{port}"}, (password,))
@@ -290,7 +354,9 @@ def cli(env: dict[str, str], *args: str, timeout: float = 30):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "uploads_consumer", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 async def wait_until(check, what: str, daemon=None, timeout: float = 30, interval: float = 0.1):
@@ -300,7 +366,9 @@ async def wait_until(check, what: str, daemon=None, timeout: float = 30, interva
     deadline = time.monotonic() + timeout
     while True:
         if daemon is not None and daemon.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {daemon.proc.returncode} while waiting for {what}:\n{daemon.log_text()[-3000:]}")
+            raise AssertionError(
+                f"daemon exited with {daemon.proc.returncode} while waiting for {what}:\n{daemon.log_text()[-3000:]}"
+            )
         value = check()
         if value:
             return value

@@ -10,16 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import publish_raw, read_stream, wait_settled
 
 from uploads_consumer import demo as demo_module
 from uploads_consumer.embedded import MissingExtra, free_port
 
-from helpers import publish_raw, read_stream, wait_settled
-
 
 def cli(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uploads_consumer", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_demo_runs_everything_embedded_and_exits_0(tmp_path, daemon_env):
@@ -45,16 +50,34 @@ def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_
     assert "pip install 'uploads-consumer[demo]'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["setup"], ["status"], ["publish"], ["dlq"], ["dlq", "list"], ["dlq", "replay"], ["decrypt"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["setup"],
+        ["status"],
+        ["publish"],
+        ["dlq"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["decrypt"],
+        ["demo"],
+    ],
+)
 def test_every_command_has_help_with_an_example(command):
-    result = subprocess.run([sys.executable, "-m", "uploads_consumer", *command, "--help"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", *command, "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0
     assert "usage: uploads-consumer" in result.stdout
     assert "example" in result.stdout or command == ["dlq"]
 
 
 def test_version():
-    result = subprocess.run([sys.executable, "-m", "uploads_consumer", "--version"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", "--version"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0 and result.stdout.startswith("uploads-consumer ")
 
 
@@ -77,7 +100,9 @@ def test_setup_refuses_a_push_consumer_in_one_line(daemon_env, nats_server):
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
         await js.add_stream(StreamConfig(name="FILE_UPLOADS", subjects=["file.uploads"]))
-        await js.add_consumer("FILE_UPLOADS", ConsumerConfig(durable_name="file_processor", deliver_subject="push.here"))
+        await js.add_consumer(
+            "FILE_UPLOADS", ConsumerConfig(durable_name="file_processor", deliver_subject="push.here")
+        )
         await nc.close()
 
     asyncio.run(make())
@@ -97,7 +122,9 @@ def test_status_reports_figures_and_fails_fast_without_nats(daemon_env, tmp_path
     assert down.returncode == 1 and "cannot reach NATS" in down.stdout
 
 
-def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(daemon_env, tmp_path, s3_client, bucket, master_key):
+def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(
+    daemon_env, tmp_path, s3_client, bucket, master_key
+):
     import base64
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -108,7 +135,9 @@ def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(dae
     result = cli(daemon_env, "publish", str(src), "--email", "me@example.com", "--repeat", "2")
     assert result.returncode == 0, result.stderr
     assert "published 2 uploads" in result.stdout
-    events = [json.loads(m.data) for m in __import__("asyncio").run(read_stream(daemon_env["NATS_URL"], "FILE_UPLOADS"))]
+    events = [
+        json.loads(m.data) for m in __import__("asyncio").run(read_stream(daemon_env["NATS_URL"], "FILE_UPLOADS"))
+    ]
     assert len(events) == 2 and events[0]["event_id"] != events[1]["event_id"]
     for event in events:
         # Decrypt with nothing of ours: the AEAD primitive and the backend's documented layout.
@@ -121,8 +150,18 @@ def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(dae
         assert event["s3_data_key"] == f"uploads/me@example.com/{event['file_uuid']}/song.mp3.enc"
 
     out = tmp_path / "back.mp3"
-    dec = cli(daemon_env, "decrypt", "--bucket", bucket, "--data-key", events[0]["s3_data_key"],
-              "--metadata-key", events[0]["s3_metadata_key"], "--out", str(out))
+    dec = cli(
+        daemon_env,
+        "decrypt",
+        "--bucket",
+        bucket,
+        "--data-key",
+        events[0]["s3_data_key"],
+        "--metadata-key",
+        events[0]["s3_metadata_key"],
+        "--out",
+        str(out),
+    )
     assert dec.returncode == 0, dec.stderr
     assert out.read_bytes() == src.read_bytes()
     assert hashlib.sha256(src.read_bytes()).hexdigest() in dec.stdout

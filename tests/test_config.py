@@ -37,6 +37,7 @@ def config_error(monkeypatch: pytest.MonkeyPatch, **env: str) -> ConfigError:
 
 # ---- defaults ------------------------------------------------------------------------------------
 
+
 def test_defaults_match_the_spec():
     s = load_settings()
     assert s.nats_url == "nats://localhost:4222"
@@ -79,9 +80,19 @@ def test_default_storage_and_logging_match_the_spec():
 
 # ---- durations and sizes --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), ("7d", 604800.0), ("30", 30.0), ("1.5", 1.5), (12, 12.0)],
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("7d", 604800.0),
+        ("30", 30.0),
+        ("1.5", 1.5),
+        (12, 12.0),
+    ],
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
@@ -120,6 +131,7 @@ def test_durations_and_sizes_are_read_from_the_environment(monkeypatch):
 
 
 # ---- errors name the variable ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("variable", "value"),
@@ -172,6 +184,7 @@ def test_invalid_previous_master_key_names_the_variable_without_its_value(monkey
 
 
 # ---- master keys ----------------------------------------------------------------------------------
+
 
 def test_master_keys_without_a_key_names_the_variable():
     s = load_settings()
@@ -229,6 +242,7 @@ def test_master_key_is_not_shown_in_the_settings_repr(monkeypatch):
 
 # ---- lists and empty values -----------------------------------------------------------------------
 
+
 def test_allowed_buckets_split_on_commas(monkeypatch):
     monkeypatch.setenv("S3_ALLOWED_BUCKETS", "archive, second ,,third")
     s = load_settings()
@@ -281,11 +295,16 @@ def test_empty_master_key_means_unset(monkeypatch):
 
 # ---- the process exits 2 with one line ------------------------------------------------------------
 
+
 def run_module(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     clean = clean_environment(**{"HTTP_PORT": "0", "NATS_URL": "nats://127.0.0.1:1", **env})
     return subprocess.run(
-        [sys.executable, "-m", "uploads_consumer"], env=clean, cwd=tmp_path,
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "uploads_consumer"],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

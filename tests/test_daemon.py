@@ -8,9 +8,18 @@ import time
 from pathlib import Path
 
 import nats
+from helpers import (
+    connect,
+    consumer_info,
+    make_files,
+    publish_raw,
+    publish_uploads,
+    read_stream,
+    results_by_event,
+    wait_settled,
+)
 from nats.js.api import StreamConfig
 
-from helpers import connect, consumer_info, make_files, publish_raw, publish_uploads, read_stream, results_by_event, wait_settled
 from uploads_consumer.producer import event_json
 
 TESTS = str(Path(__file__).parent)
@@ -30,7 +39,9 @@ async def _ready(daemon, url: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_two_copies_of_one_event_in_one_batch_are_processed_once(tmp_path, settings_for, start_daemon, nats_server, downloads, daemon_env):
+async def test_two_copies_of_one_event_in_one_batch_are_processed_once(
+    tmp_path, settings_for, start_daemon, nats_server, downloads, daemon_env
+):
     settings = settings_for()
     # Provision first, then put both copies in the stream before the daemon fetches them in one batch.
     setup = await asyncio.create_subprocess_exec("python", "-m", "uploads_consumer", "setup", env=daemon_env)
@@ -47,7 +58,9 @@ async def test_two_copies_of_one_event_in_one_batch_are_processed_once(tmp_path,
     assert list(results) == [event.event_id] and len(results[event.event_id]) == 1
 
 
-async def test_an_event_already_recorded_is_acknowledged_as_duplicate_by_a_later_daemon(tmp_path, settings_for, start_daemon, nats_server):
+async def test_an_event_already_recorded_is_acknowledged_as_duplicate_by_a_later_daemon(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:record"))
     await _ready(daemon, nats_server.url)
@@ -63,7 +76,9 @@ async def test_an_event_already_recorded_is_acknowledged_as_duplicate_by_a_later
     assert len((tmp_path / "record.log").read_text().splitlines()) == 1
 
 
-async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(tmp_path, settings_for, start_daemon, nats_server, downloads):
+async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "save,uc_test_plugins:record"))
     await _ready(daemon, nats_server.url)
@@ -74,11 +89,16 @@ async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(
     assert (event_id, size, existed) == (event.event_id, "5000", "True")
     [result] = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))[event.event_id]
     assert result["sha256"] == sha and result["processors"] == ["save", "uc_test_plugins:record"]
-    assert result["outputs"] == {"saved_path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin"), "recorded": True}
+    assert result["outputs"] == {
+        "saved_path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin"),
+        "recorded": True,
+    }
     assert list((downloads / ".incoming").iterdir()) == [], "the temporary plaintext is removed"
 
 
-async def test_a_retryable_processor_error_is_nacked_with_backoff_then_succeeds(tmp_path, settings_for, start_daemon, nats_server, downloads):
+async def test_a_retryable_processor_error_is_nacked_with_backoff_then_succeeds(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:flaky_once,save"), RETRY_BACKOFF="1s")
     await _ready(daemon, nats_server.url)
@@ -106,7 +126,9 @@ async def test_an_unexpected_processor_exception_is_transient(tmp_path, settings
     assert "processor uc_test_plugins:boom raised KeyError" in daemon.log_text()
 
 
-async def test_a_permanent_processor_error_is_dead_lettered_as_processor_failed(tmp_path, settings_for, start_daemon, nats_server):
+async def test_a_permanent_processor_error_is_dead_lettered_as_processor_failed(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:reject"))
     await _ready(daemon, nats_server.url)
@@ -119,7 +141,9 @@ async def test_a_permanent_processor_error_is_dead_lettered_as_processor_failed(
     assert await read_stream(nats_server.url, "FILE_PROCESSED") == []
 
 
-async def test_retryable_failures_reaching_max_deliver_are_dead_lettered(tmp_path, settings_for, start_daemon, nats_server):
+async def test_retryable_failures_reaching_max_deliver_are_dead_lettered(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:always_retry"), MAX_DELIVER="3", RETRY_BACKOFF="100ms")
     await _ready(daemon, nats_server.url)
@@ -152,18 +176,27 @@ async def test_a_message_is_never_terminated_without_its_dead_letter_copy(tmp_pa
     assert int(dead.headers["Uploads-Deliveries"]) >= 2
 
 
-async def test_envelope_and_storage_failures_get_their_error_classes(tmp_path, settings_for, start_daemon, nats_server, s3_client, bucket):
+async def test_envelope_and_storage_failures_get_their_error_classes(
+    tmp_path, settings_for, start_daemon, nats_server, s3_client, bucket
+):
     settings = settings_for()
     daemon = start_daemon(MAX_FILE_SIZE="4KiB")
     await _ready(daemon, nats_server.url)
-    big, small = await publish_uploads(settings, [*make_files(tmp_path / "a", 1, size=5000), *make_files(tmp_path / "b", 1, size=100)])
+    big, small = await publish_uploads(
+        settings, [*make_files(tmp_path / "a", 1, size=5000), *make_files(tmp_path / "b", 1, size=100)]
+    )
     s3_client.delete_object(Bucket=bucket, Key=small.s3_data_key)
-    other_bucket = small.model_copy(update={"bucket_name": "someone-elses-bucket", "event_id": "00000000-0000-4000-8000-000000000001"})
+    other_bucket = small.model_copy(
+        update={"bucket_name": "someone-elses-bucket", "event_id": "00000000-0000-4000-8000-000000000001"}
+    )
     await publish_raw(nats_server.url, "file.uploads", [event_json(other_bucket)])
     await wait_settled(nats_server.url, 3, daemon=daemon)
     assert daemon.metric("uploads_consumer_dead_letters_total", 'error_class="too_large"') == 1
     assert daemon.terminate() == 0
-    classes = {json.loads(m.data)["event_id"]: m.headers["Uploads-Error-Class"] for m in await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")}
+    classes = {
+        json.loads(m.data)["event_id"]: m.headers["Uploads-Error-Class"]
+        for m in await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")
+    }
     assert classes == {big.event_id: "too_large", small.event_id: "not_found", other_bucket.event_id: "forbidden"}
 
 
@@ -176,9 +209,17 @@ async def test_health_readiness_and_metrics_endpoints(tmp_path, settings_for, st
     await wait_settled(nats_server.url, 2, daemon=daemon)
     status, text = daemon.http_get("/metrics")
     assert status == 200
-    for name in ("uploads_consumer_messages_total", "uploads_consumer_dead_letters_total", "uploads_consumer_processing_duration_seconds_bucket",
-                 "uploads_consumer_message_age_seconds_bucket", "uploads_consumer_bytes_decrypted_total", "uploads_consumer_in_flight",
-                 "uploads_consumer_consumer_pending", "uploads_consumer_consumer_ack_pending", "uploads_consumer_redeliveries_total"):
+    for name in (
+        "uploads_consumer_messages_total",
+        "uploads_consumer_dead_letters_total",
+        "uploads_consumer_processing_duration_seconds_bucket",
+        "uploads_consumer_message_age_seconds_bucket",
+        "uploads_consumer_bytes_decrypted_total",
+        "uploads_consumer_in_flight",
+        "uploads_consumer_consumer_pending",
+        "uploads_consumer_consumer_ack_pending",
+        "uploads_consumer_redeliveries_total",
+    ):
         assert name in text, name
     assert daemon.metric("uploads_consumer_bytes_decrypted_total") == 2 * 2048
     assert daemon.metric("uploads_consumer_processing_duration_seconds_count") == 2
@@ -204,18 +245,33 @@ async def test_an_unknown_processor_exits_2_naming_the_variable(start_daemon):
     daemon = start_daemon(PROCESSORS="save,nope")
     assert daemon.proc.wait(30) == 2
     lines = daemon.log_text().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("uploads-consumer: configuration error: PROCESSORS:") and "nope" in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("uploads-consumer: configuration error: PROCESSORS:")
+        and "nope" in lines[0]
+    )
 
 
-async def test_auto_setup_accepts_a_consumer_made_elsewhere_and_changes_nothing(tmp_path, settings_for, start_daemon, nats_server):
+async def test_auto_setup_accepts_a_consumer_made_elsewhere_and_changes_nothing(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="FILE_UPLOADS", subjects=["file.uploads", "file.other"], max_age=3600))
     # As setup-nats-consumer.sh makes it: --max-pending=100 --wait=30s, but a different ack wait here.
-    await js.add_consumer("FILE_UPLOADS", ConsumerConfig(durable_name="file_processor", ack_policy=AckPolicy.EXPLICIT,
-                                                         deliver_policy=DeliverPolicy.ALL, ack_wait=45, max_ack_pending=7, max_deliver=-1))
+    await js.add_consumer(
+        "FILE_UPLOADS",
+        ConsumerConfig(
+            durable_name="file_processor",
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=45,
+            max_ack_pending=7,
+            max_deliver=-1,
+        ),
+    )
     await nc.close()
     daemon = start_daemon()
     await _ready(daemon, nats_server.url)
@@ -232,7 +288,9 @@ async def test_auto_setup_accepts_a_consumer_made_elsewhere_and_changes_nothing(
     assert "found   consumer file_processor" in daemon.log_text()
 
 
-async def test_work_longer_than_ack_wait_is_kept_alive_with_progress_and_not_redelivered(tmp_path, settings_for, start_daemon, nats_server):
+async def test_work_longer_than_ack_wait_is_kept_alive_with_progress_and_not_redelivered(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     chain = plugins(tmp_path, "uc_test_plugins:slow,uc_test_plugins:record")
     daemon = start_daemon(**chain, ACK_WAIT="2s", UC_TEST_SLOW_SECONDS="5")
     await _ready(daemon, nats_server.url)
@@ -245,7 +303,9 @@ async def test_work_longer_than_ack_wait_is_kept_alive_with_progress_and_not_red
     assert len((tmp_path / "record.log").read_text().splitlines()) == 2
 
 
-async def test_at_debug_every_line_is_json_including_nats_and_botocore(tmp_path, settings_for, start_daemon, nats_server):
+async def test_at_debug_every_line_is_json_including_nats_and_botocore(
+    tmp_path, settings_for, start_daemon, nats_server
+):
     daemon = start_daemon(LOG_LEVEL="DEBUG")
     await _ready(daemon, nats_server.url)
     await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))

@@ -40,6 +40,7 @@ GOOD_KEY = "A" * 43 + "="  # base64 of 32 zero bytes
 
 # --- Dockerfile --------------------------------------------------------------------------
 
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     out: list[tuple[str, str]] = []
@@ -65,7 +66,7 @@ def final_stage() -> list[tuple[str, str]]:
 
 def healthcheck_command() -> list[str]:
     (args,) = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
-    return json.loads(args[args.index("CMD") + 3:].strip())
+    return json.loads(args[args.index("CMD") + 3 :].strip())
 
 
 def test_dockerfile_is_multi_stage_on_python_3_11_slim():
@@ -101,14 +102,18 @@ def test_dockerfile_healthcheck_passes_on_a_live_daemon_and_fails_without_one(st
     command[0] = sys.executable
     daemon = start_daemon()
     daemon.wait_http()
-    ok = subprocess.run(command, env={**os.environ, "HTTP_PORT": daemon_env["HTTP_PORT"]}, capture_output=True, timeout=30)
+    ok = subprocess.run(
+        command, env={**os.environ, "HTTP_PORT": daemon_env["HTTP_PORT"]}, capture_output=True, timeout=30
+    )
     assert ok.returncode == 0, ok.stderr
     down = subprocess.run(command, env={**os.environ, "HTTP_PORT": str(free_port())}, capture_output=True, timeout=30)
     assert down.returncode != 0
 
 
 def test_dockerignore_keeps_out_git_and_tests_but_not_what_the_build_copies():
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     assert ".git" in patterns and "tests" in patterns
     copied = []
     for word, rest in dockerfile_instructions():
@@ -122,18 +127,21 @@ def test_dockerignore_keeps_out_git_and_tests_but_not_what_the_build_copies():
 
 # --- docker-compose.yml ------------------------------------------------------------------
 
+
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def interpolate(value: str) -> str:
     """Compose's ${VAR:-default} and ${VAR:?error}, as if only the required master key were set."""
+
     def one(match: re.Match) -> str:
         name, op, arg = match.group(1), match.group(2), match.group(3)
         if op == ":?":
             assert name == "ENCRYPTION_MASTER_KEY", f"{name} is required"
             return GOOD_KEY
         return arg or ""
+
     return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
 
 
@@ -184,7 +192,9 @@ def test_compose_bucket_init_creates_the_consumers_bucket_with_mc():
     assert re.search(r"(?<!\$)\$(?![${])", script) is None
     bucket = interpolate(init["environment"]["S3_BUCKET_NAME"])
     assert bucket == interpolate(services["uploads-consumer"]["environment"]["S3_BUCKET_NAME"])
-    assert interpolate(init["environment"]["MINIO_ROOT_USER"]) == interpolate(services["uploads-consumer"]["environment"]["AWS_ACCESS_KEY_ID"])
+    assert interpolate(init["environment"]["MINIO_ROOT_USER"]) == interpolate(
+        services["uploads-consumer"]["environment"]["AWS_ACCESS_KEY_ID"]
+    )
 
 
 def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_variables():
@@ -244,7 +254,12 @@ def test_systemd_unit_has_the_operational_settings():
     assert one["Service.Restart"] == "on-failure" and parse_duration(one["Service.RestartSec"]) > 0
     assert one["Service.User"] not in ("root", "0") and one["Service.User"]
     assert one["Service.KillSignal"] == "SIGTERM"
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes"}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+    }.items():
         assert one[f"Service.{key}"] == value, key
     assert one["Service.ExecStart"].endswith("uploads-consumer run")
     assert one["Install.WantedBy"] == "multi-user.target"
@@ -279,7 +294,9 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     assert exe.exists()
     unit = tmp_path / UNIT.name
     unit.write_text(UNIT.read_text().replace("/opt/uploads-consumer/bin/uploads-consumer", str(exe)))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
     about_unit = [line for line in (result.stdout + result.stderr).splitlines() if unit.name in line]
     assert result.returncode == 0 and not about_unit, result.stdout + result.stderr
 
@@ -381,12 +398,17 @@ def test_keda_scales_on_the_durable_consumer_through_the_monitoring_port():
 
 # --- README ------------------------------------------------------------------------------
 
+
 def test_readme_documents_deployment_and_troubleshooting():
     readme = (ROOT / "README.md").read_text()
     assert "docker compose up" in readme and "systemctl" in readme and "ScaledObject" in readme
-    trouble = readme[readme.index("\n## Troubleshooting"):]
+    trouble = readme[readme.index("\n## Troubleshooting") :]
     for heading in ("### Consumer not receiving messages", "### Connection issues", "### Message processing errors"):
         assert heading in trouble
-    for command in ("uploads-consumer status", "nats consumer info FILE_UPLOADS file_processor",
-                    "uploads-consumer dlq list", "/readyz"):
+    for command in (
+        "uploads-consumer status",
+        "nats consumer info FILE_UPLOADS file_processor",
+        "uploads-consumer dlq list",
+        "/readyz",
+    ):
         assert command in trouble, command

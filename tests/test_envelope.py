@@ -9,8 +9,8 @@ import json
 import os
 
 import pytest
-
 from helpers import INTEROP
+
 from uploads_consumer.envelope import (
     EnvelopeMetadata,
     MasterKeyRing,
@@ -71,6 +71,7 @@ def decrypt_params():
 
 
 # ---- the interop vectors ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("name", "chunk"), list(decrypt_params()))
 def test_processed_case_decrypts_to_manifest_size_and_sha256(name, chunk):
@@ -146,6 +147,7 @@ def test_metadata_json_regenerates_the_backend_bytes(name):
 
 # ---- keys --------------------------------------------------------------------------------------
 
+
 def test_ring_with_previous_key_unwraps_a_dek_wrapped_under_it():
     new_key = os.urandom(32)
     dek = os.urandom(32)
@@ -180,6 +182,7 @@ def test_repr_of_ring_shows_no_key_material():
 
 # ---- encrypt_stream round trip -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100_003])
 def test_encrypt_stream_round_trips_through_the_decryptor(size):
     plaintext = os.urandom(size)
@@ -196,6 +199,7 @@ def test_encrypt_stream_round_trips_through_the_decryptor(size):
 
 
 # ---- parse_metadata rejects ---------------------------------------------------------------------
+
 
 def assert_bad_envelope(raw: bytes) -> PermanentError:
     with pytest.raises(PermanentError) as info:
@@ -270,7 +274,9 @@ def test_parse_metadata_rejects_encrypted_size_not_original_plus_28():
     assert "encrypted_size" in err.reason
 
 
-@pytest.mark.parametrize(("original", "encrypted"), [(-1, 27), (-28, 0), (10, -1)], ids=["original", "both", "encrypted"])
+@pytest.mark.parametrize(
+    ("original", "encrypted"), [(-1, 27), (-28, 0), (10, -1)], ids=["original", "both", "encrypted"]
+)
 def test_parse_metadata_rejects_negative_sizes(original, encrypted):
     assert_bad_envelope(encode(valid_metadata_dict(original_size=original, encrypted_size=encrypted)))
 
@@ -280,6 +286,7 @@ def test_parse_metadata_rejects_size_as_string():
 
 
 # ---- clean filename -----------------------------------------------------------------------------
+
 
 def metadata_named(name: str) -> EnvelopeMetadata:
     return parse_metadata(encode(valid_metadata_dict(original_filename=name)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import INTEROP
+
 from uploads_consumer.errors import ErrorClass, PermanentError
 from uploads_consumer.events import FileUploadEvent, check_event, parse_event
 
@@ -49,6 +49,7 @@ def assert_forbidden(ev: FileUploadEvent, allowed=ALLOWED) -> PermanentError:
 
 # ---- parse_event accepts ------------------------------------------------------------------------
 
+
 def test_parse_event_accepts_the_backend_plain_body():
     ev = parse_event(BASIC)
     assert ev.event_id == "0ab35a7e-7a72-4e37-b34d-1045459d355f"
@@ -83,6 +84,7 @@ def test_parse_event_canonicalises_uuids_to_lower_case():
 
 
 # ---- parse_event rejects ------------------------------------------------------------------------
+
 
 def test_parse_event_rejects_not_utf8():
     err = assert_invalid((INTEROP / "messages" / "not_json.bin").read_bytes())
@@ -122,7 +124,9 @@ def test_parse_event_rejects_non_uuid_file_uuid():
     assert "file_uuid" in err.reason
 
 
-@pytest.mark.parametrize("field", ["event_id", "email", "file_uuid", "s3_data_key", "s3_metadata_key", "bucket_name", "timestamp"])
+@pytest.mark.parametrize(
+    "field", ["event_id", "email", "file_uuid", "s3_data_key", "s3_metadata_key", "bucket_name", "timestamp"]
+)
 def test_parse_event_rejects_missing_field(field):
     err = assert_invalid(body(**{field: ...}))
     assert field in err.reason
@@ -161,6 +165,7 @@ def test_parse_event_rejects_deeply_nested_double_encoded_json_without_recursion
 
 # ---- check_event ---------------------------------------------------------------------------------
 
+
 def keys(email: str = EMAIL, file_uuid: str = FILE_UUID, name: str = "audio.mp3.enc") -> dict:
     return {
         "s3_data_key": f"uploads/{email}/{file_uuid}/{name}",
@@ -192,10 +197,12 @@ def test_check_event_forbids_keys_under_another_file_uuid():
 
 
 def test_check_event_forbids_the_backend_test_endpoint_keys():
-    assert_forbidden(event(
-        s3_data_key=f"test/data/{FILE_UUID}/audio.mp3.enc",
-        s3_metadata_key=f"test/data/{FILE_UUID}/metadata.json",
-    ))
+    assert_forbidden(
+        event(
+            s3_data_key=f"test/data/{FILE_UUID}/audio.mp3.enc",
+            s3_metadata_key=f"test/data/{FILE_UUID}/metadata.json",
+        )
+    )
 
 
 def test_check_event_forbids_metadata_key_not_ending_in_metadata_json():

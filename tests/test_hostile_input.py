@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers import provision_now, publish_raw, read_stream, wait_settled
+
 from uploads_consumer.envelope import MasterKeyRing, encrypt_stream, metadata_json
 from uploads_consumer.pipeline import WORK_DIR_NAME
 from uploads_consumer.processors.save import safe_component
@@ -23,6 +24,7 @@ HOSTILE = "hostile@example.com"
 
 
 # ---- crafting uploads and events -------------------------------------------------------------------
+
 
 @dataclass
 class Upload:
@@ -39,15 +41,21 @@ class Upload:
 
     def event(self, bucket: str, **changes) -> dict:
         event = {
-            "event_id": str(uuid.uuid4()), "email": self.email, "file_uuid": self.file_uuid,
-            "s3_data_key": self.data_key, "s3_metadata_key": self.metadata_key,
-            "bucket_name": bucket, "timestamp": 1769395016298,
+            "event_id": str(uuid.uuid4()),
+            "email": self.email,
+            "file_uuid": self.file_uuid,
+            "s3_data_key": self.data_key,
+            "s3_metadata_key": self.metadata_key,
+            "bucket_name": bucket,
+            "timestamp": 1769395016298,
         }
         event.update(changes)
         return event
 
 
-def craft(ring: MasterKeyRing, email: str = HOSTILE, size: int = 1000, name: str = "report.pdf", filename: str | None = None) -> Upload:
+def craft(
+    ring: MasterKeyRing, email: str = HOSTILE, size: int = 1000, name: str = "report.pdf", filename: str | None = None
+) -> Upload:
     """`name` goes into the object key; `filename` (default: name) is what the browser sent."""
     file_uuid = str(uuid.uuid4())
     prefix = f"uploads/{email}/{file_uuid}/"
@@ -56,10 +64,14 @@ def craft(ring: MasterKeyRing, email: str = HOSTILE, size: int = 1000, name: str
     sink = io.BytesIO()
     encrypt_stream(io.BytesIO(plaintext), sink, dek)
     metadata = json.loads(metadata_json(ring.wrap(dek), (filename or name) + ".encrypted", size))
-    return Upload(email, file_uuid, prefix + name + ".enc", prefix + "metadata.json", plaintext, name, sink.getvalue(), metadata)
+    return Upload(
+        email, file_uuid, prefix + name + ".enc", prefix + "metadata.json", plaintext, name, sink.getvalue(), metadata
+    )
 
 
-def store(s3_client, bucket: str, upload: Upload, obj: bytes | None = None, metadata: bytes | dict | None = None) -> None:
+def store(
+    s3_client, bucket: str, upload: Upload, obj: bytes | None = None, metadata: bytes | dict | None = None
+) -> None:
     meta = metadata if metadata is not None else upload.metadata
     raw = meta if isinstance(meta, bytes) else json.dumps(meta, indent=2).encode()
     s3_client.put_object(Bucket=bucket, Key=upload.metadata_key, Body=raw)
@@ -77,6 +89,7 @@ def flip(data: bytes, index: int) -> bytes:
 
 
 # ---- looking at the file system -----------------------------------------------------------------------
+
 
 def snapshot(base: Path, exclude: set[Path]) -> dict[str, tuple]:
     """Everything under `base` (symlinks not followed) except `exclude` and log files: type, and size
@@ -120,6 +133,7 @@ async def dead_letters_by_seq(url: str) -> dict[int, object]:
 
 # ---- the table -----------------------------------------------------------------------------------------
 
+
 def hostile_cases(s3_client, bucket: str, ring: MasterKeyRing) -> list[tuple[str, bytes, str]]:
     """(case, body, expected Uploads-Error-Class). Objects the envelope cases need are stored here."""
     cases: list[tuple[str, bytes, str]] = []
@@ -152,28 +166,77 @@ def hostile_cases(s3_client, bucket: str, ring: MasterKeyRing) -> list[tuple[str
     add("timestamp of 400 digits", body({**good_event, "timestamp": 10**400}), "invalid_message")
     add("timestamp of 5000 digits", body({**good_event, "timestamp": 0})[:-2] + b"9" * 5000 + b"}", "invalid_message")
     # JSON may escape a lone surrogate; no S3 key or file name can hold one (keys agree with the email).
-    add("email with a lone surrogate", body(craft(ring, email="user\ud800@example.com").event(bucket)), "invalid_message")
+    add(
+        "email with a lone surrogate",
+        body(craft(ring, email="user\ud800@example.com").event(bucket)),
+        "invalid_message",
+    )
     add("body just over 64 KiB", body({**good_event, "padding": "x" * (64 * 1024)}), "invalid_message")
     add("body of 200 KB", body({**good_event, "padding": "x" * 200_000}), "invalid_message")
     add("60000 nested arrays", b"[" * 60000, "invalid_message")
     add("10000 nested objects", b'{"a":' * 10000 + b"1" + b"}" * 10000, "invalid_message")
-    add("nested arrays in an event field", body({**good_event, "extra": 0})[:-2] + b"[" * 50000 + b"}", "invalid_message")
+    add(
+        "nested arrays in an event field",
+        body({**good_event, "extra": 0})[:-2] + b"[" * 50000 + b"}",
+        "invalid_message",
+    )
     add("double-encoded deep nesting", body("[" * 60000), "invalid_message")
 
     # -- events: pointing outside their folder, or not allowed
     add("bucket not allowed", body({**good_event, "bucket_name": "someone-elses-bucket"}), "forbidden")
     add("bucket a traversal", body({**good_event, "bucket_name": "../" + bucket}), "forbidden")
-    add("data key under another email", body({**good_event, "s3_data_key": real.data_key.replace(HOSTILE, "victim@example.com")}), "forbidden")
+    add(
+        "data key under another email",
+        body({**good_event, "s3_data_key": real.data_key.replace(HOSTILE, "victim@example.com")}),
+        "forbidden",
+    )
     add("keys under another file_uuid", body({**good_event, "file_uuid": str(uuid.uuid4())}), "forbidden")
-    add("backend test endpoint keys", body({**good_event, "s3_data_key": f"test/data/{real.file_uuid}/a.enc",
-                                             "s3_metadata_key": f"test/data/{real.file_uuid}/metadata.json"}), "forbidden")
-    add("data key in a sub-folder", body({**good_event, "s3_data_key": real.data_key.replace("/report", "/sub/report")}), "forbidden")
-    add("filename ../ in the data key", body({**good_event, "s3_data_key": real.data_key.replace("/report", "/../report")}), "forbidden")
-    add("data key is the folder's ..", body({**good_event, "s3_data_key": real.data_key.rsplit("/", 1)[0] + "/.."}), "forbidden")
-    add("data key is the folder itself", body({**good_event, "s3_data_key": real.data_key.rsplit("/", 1)[0] + "/"}), "forbidden")
-    add("data key with NUL", body({**good_event, "s3_data_key": real.data_key.replace("report", "rep\x00ort")}), "forbidden")
-    add("data key with a newline", body({**good_event, "s3_data_key": real.data_key.replace("report", "rep\nort")}), "forbidden")
-    add("metadata key not metadata.json", body({**good_event, "s3_metadata_key": real.metadata_key.replace("metadata.json", "other.json")}), "forbidden")
+    add(
+        "backend test endpoint keys",
+        body(
+            {
+                **good_event,
+                "s3_data_key": f"test/data/{real.file_uuid}/a.enc",
+                "s3_metadata_key": f"test/data/{real.file_uuid}/metadata.json",
+            }
+        ),
+        "forbidden",
+    )
+    add(
+        "data key in a sub-folder",
+        body({**good_event, "s3_data_key": real.data_key.replace("/report", "/sub/report")}),
+        "forbidden",
+    )
+    add(
+        "filename ../ in the data key",
+        body({**good_event, "s3_data_key": real.data_key.replace("/report", "/../report")}),
+        "forbidden",
+    )
+    add(
+        "data key is the folder's ..",
+        body({**good_event, "s3_data_key": real.data_key.rsplit("/", 1)[0] + "/.."}),
+        "forbidden",
+    )
+    add(
+        "data key is the folder itself",
+        body({**good_event, "s3_data_key": real.data_key.rsplit("/", 1)[0] + "/"}),
+        "forbidden",
+    )
+    add(
+        "data key with NUL",
+        body({**good_event, "s3_data_key": real.data_key.replace("report", "rep\x00ort")}),
+        "forbidden",
+    )
+    add(
+        "data key with a newline",
+        body({**good_event, "s3_data_key": real.data_key.replace("report", "rep\nort")}),
+        "forbidden",
+    )
+    add(
+        "metadata key not metadata.json",
+        body({**good_event, "s3_metadata_key": real.metadata_key.replace("metadata.json", "other.json")}),
+        "forbidden",
+    )
     add("data key is the metadata key", body({**good_event, "s3_data_key": real.metadata_key}), "forbidden")
     # Emails that are not one path component. Each has a real, valid upload stored under its literal
     # keys, so only the confinement check stands between it and a processed (mis-filed) upload.
@@ -194,7 +257,9 @@ def hostile_cases(s3_client, bucket: str, ring: MasterKeyRing) -> list[tuple[str
         add(label, body(up.event(bucket)), "forbidden")
 
     # -- envelopes: the event is fine, the bucket's content is not
-    def envelope_case(name: str, error_class: str, *, obj=None, metadata=None, size: int = 1000, **meta_changes) -> None:
+    def envelope_case(
+        name: str, error_class: str, *, obj=None, metadata=None, size: int = 1000, **meta_changes
+    ) -> None:
         up = craft(ring, size=size)
         meta = metadata(up) if callable(metadata) else metadata
         if meta_changes:
@@ -206,7 +271,11 @@ def hostile_cases(s3_client, bucket: str, ring: MasterKeyRing) -> list[tuple[str
     envelope_case("metadata not JSON", "bad_envelope", metadata=b"{not json")
     envelope_case("metadata a JSON array", "bad_envelope", metadata=b"[1, 2, 3]")
     envelope_case("metadata deeply nested", "bad_envelope", metadata=b"[" * 60000)
-    envelope_case("metadata without kek", "bad_envelope", metadata=json.dumps({"version": "1.0", "algorithm": "AES-GCM-256"}).encode())
+    envelope_case(
+        "metadata without kek",
+        "bad_envelope",
+        metadata=json.dumps({"version": "1.0", "algorithm": "AES-GCM-256"}).encode(),
+    )
     envelope_case("kek not base64", "bad_envelope", kek="not base64 at all!!")
     envelope_case("kek of 59 bytes", "bad_envelope", kek=base64.b64encode(os.urandom(59)).decode())
     envelope_case("kek a number", "bad_envelope", kek=12345)
@@ -221,28 +290,48 @@ def hostile_cases(s3_client, bucket: str, ring: MasterKeyRing) -> list[tuple[str
     envelope_case("object shorter than IV and tag", "bad_envelope", obj=b"\x00" * 10, size=0)
     envelope_case("object empty", "bad_envelope", obj=b"", size=0)
     # Truncated, with metadata made to agree: only the tag can tell.
-    envelope_case("object truncated, metadata agreeing", "decrypt_failed", obj=lambda up: up.obj[:-10], original_size=990, encrypted_size=1018)
+    envelope_case(
+        "object truncated, metadata agreeing",
+        "decrypt_failed",
+        obj=lambda up: up.obj[:-10],
+        original_size=990,
+        encrypted_size=1018,
+    )
     envelope_case("tag flipped", "decrypt_failed", obj=lambda up: flip(up.obj, -1))
     envelope_case("ciphertext flipped", "decrypt_failed", obj=lambda up: flip(up.obj, 20))
     envelope_case("IV flipped", "decrypt_failed", obj=lambda up: flip(up.obj, 0))
-    envelope_case("kek wrapped under another master key", "decrypt_failed",
-                  kek=base64.b64encode(MasterKeyRing(os.urandom(32)).wrap(os.urandom(32))).decode())
-    envelope_case("kek tampered", "decrypt_failed",
-                  metadata=lambda up: {**up.metadata, "kek": base64.b64encode(flip(base64.b64decode(up.metadata["kek"]), 30)).decode()})
+    envelope_case(
+        "kek wrapped under another master key",
+        "decrypt_failed",
+        kek=base64.b64encode(MasterKeyRing(os.urandom(32)).wrap(os.urandom(32))).decode(),
+    )
+    envelope_case(
+        "kek tampered",
+        "decrypt_failed",
+        metadata=lambda up: {
+            **up.metadata,
+            "kek": base64.b64encode(flip(base64.b64decode(up.metadata["kek"]), 30)).decode(),
+        },
+    )
     # Metadata claims a small file, the object is larger than MAX_FILE_SIZE: its size is taken from
     # the object (before reading it), so this is too_large, not a size mismatch found while reading.
-    envelope_case("object over MAX_FILE_SIZE, metadata claiming small", "too_large", obj=os.urandom(MAX_FILE_SIZE + 4096))
+    envelope_case(
+        "object over MAX_FILE_SIZE, metadata claiming small", "too_large", obj=os.urandom(MAX_FILE_SIZE + 4096)
+    )
     envelope_case("metadata claiming over MAX_FILE_SIZE", "too_large", size=MAX_FILE_SIZE + 1)
 
     # -- missing things
     missing_object = craft(ring)
-    s3_client.put_object(Bucket=bucket, Key=missing_object.metadata_key, Body=json.dumps(missing_object.metadata).encode())
+    s3_client.put_object(
+        Bucket=bucket, Key=missing_object.metadata_key, Body=json.dumps(missing_object.metadata).encode()
+    )
     add("object missing", body(missing_object.event(bucket)), "not_found")
     add("metadata missing", body(craft(ring).event(bucket)), "not_found")
     return cases
 
 
 # ---- the tests -------------------------------------------------------------------------------------------
+
 
 async def test_hostile_messages_are_dead_lettered_once_with_their_class_while_good_uploads_go_through(
     tmp_path, settings_for, start_daemon, nats_server, s3_client, bucket, master_key
@@ -253,12 +342,16 @@ async def test_hostile_messages_are_dead_lettered_once_with_their_class_while_go
     root.parent.mkdir(parents=True)
     cases = hostile_cases(s3_client, bucket, ring)
     assert len({name for name, _, _ in cases}) == len(cases)
-    goods = [craft(ring, email="good@example.com", size=3000, name="notes.txt"),
-             craft(ring, email="good@example.com", size=MAX_FILE_SIZE - 4096, name="voice note.m4a")]
+    goods = [
+        craft(ring, email="good@example.com", size=3000, name="notes.txt"),
+        craft(ring, email="good@example.com", size=MAX_FILE_SIZE - 4096, name="voice note.m4a"),
+    ]
     for up in goods:
         store(s3_client, bucket, up)
     await provision_now(settings_for())
-    seqs = await publish_raw(nats_server.url, "file.uploads", [raw for _, raw, _ in cases] + [body(up.event(bucket)) for up in goods])
+    seqs = await publish_raw(
+        nats_server.url, "file.uploads", [raw for _, raw, _ in cases] + [body(up.event(bucket)) for up in goods]
+    )
     before = snapshot(tmp_path, exclude={root, tmp_path / "nats"})
 
     daemon = start_daemon(DECRYPT_DOWNLOAD_PATH=str(root), MAX_FILE_SIZE=str(MAX_FILE_SIZE))
@@ -273,10 +366,13 @@ async def test_hostile_messages_are_dead_lettered_once_with_their_class_while_go
     assert daemon.terminate() == 0
 
     dead = await dead_letters_by_seq(nats_server.url)
-    got = {name: (dead[seq].headers["Uploads-Error-Class"] if seq in dead else "not dead-lettered") for seq, (name, _, _) in zip(seqs, cases)}
+    got = {
+        name: (dead[seq].headers["Uploads-Error-Class"] if seq in dead else "not dead-lettered")
+        for seq, (name, _, _) in zip(seqs, cases, strict=False)
+    }
     assert got == {name: error_class for name, _, error_class in cases}
     assert set(dead) == set(seqs[: len(cases)])  # and the good uploads are not among them
-    for seq, (name, raw, _) in zip(seqs, cases):
+    for seq, (name, raw, _) in zip(seqs, cases, strict=False):
         assert dead[seq].headers["Uploads-Deliveries"] == "1", name
         assert dead[seq].data == raw, name  # the original body, unchanged
     assert_no_trouble_in_log(daemon)
@@ -310,7 +406,9 @@ async def test_a_symlink_planted_in_the_download_path_is_not_followed_out_of_it(
     for up in (by_email, by_uuid, good):
         store(s3_client, bucket, up)
     await provision_now(settings_for())
-    seqs = await publish_raw(nats_server.url, "file.uploads", [body(up.event(bucket)) for up in (by_email, by_uuid, good)])
+    seqs = await publish_raw(
+        nats_server.url, "file.uploads", [body(up.event(bucket)) for up in (by_email, by_uuid, good)]
+    )
     before = snapshot(tmp_path, exclude={downloads, tmp_path / "nats"})
 
     daemon = start_daemon()
@@ -352,7 +450,9 @@ async def test_a_filename_that_sanitises_onto_an_existing_file_or_link_replaces_
     planted[onto_file.file_uuid].write_bytes(b"an older file")
     planted[onto_hidden.file_uuid].write_bytes(b"an older file")
     await provision_now(settings_for())
-    seqs = await publish_raw(nats_server.url, "file.uploads", [body(up.event(bucket)) for up in (onto_link, onto_file, onto_hidden)])
+    seqs = await publish_raw(
+        nats_server.url, "file.uploads", [body(up.event(bucket)) for up in (onto_link, onto_file, onto_hidden)]
+    )
     before = snapshot(tmp_path, exclude={downloads, tmp_path / "nats"})
 
     daemon = start_daemon()
@@ -362,8 +462,10 @@ async def test_a_filename_that_sanitises_onto_an_existing_file_or_link_replaces_
 
     assert victim.read_bytes() == b"untouched"
     root = downloads.resolve()
-    saved = {json.loads(m.data)["file_uuid"]: Path(json.loads(m.data)["outputs"]["saved_path"])
-             for m in await read_stream(nats_server.url, "FILE_PROCESSED")}
+    saved = {
+        json.loads(m.data)["file_uuid"]: Path(json.loads(m.data)["outputs"]["saved_path"])
+        for m in await read_stream(nats_server.url, "FILE_PROCESSED")
+    }
     for up in (onto_link, onto_file, onto_hidden):
         dest = planted[up.file_uuid]
         assert saved[up.file_uuid] == dest.resolve()

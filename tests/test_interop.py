@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import INTEROP, publish_raw, read_stream, results_by_event, wait_settled
 
 MANIFEST = json.loads((INTEROP / "manifest.json").read_text())
@@ -38,14 +37,24 @@ def interop_bucket(s3_client) -> str:
     return bucket
 
 
-async def test_every_manifest_case_ends_as_the_manifest_says(interop_bucket, daemon_env, start_daemon, nats_server, downloads):
+async def test_every_manifest_case_ends_as_the_manifest_says(
+    interop_bucket, daemon_env, start_daemon, nats_server, downloads
+):
     assert set(EXPECTED_CLASS) == {c["name"] for c in MANIFEST["cases"] if c["expect"] == "dead-letter"}
-    env = {"S3_BUCKET_NAME": interop_bucket, "ENCRYPTION_MASTER_KEY": MANIFEST["master_key"],
-           "ENCRYPTION_PREVIOUS_MASTER_KEYS": ",".join(MANIFEST["previous_master_keys"])}
+    env = {
+        "S3_BUCKET_NAME": interop_bucket,
+        "ENCRYPTION_MASTER_KEY": MANIFEST["master_key"],
+        "ENCRYPTION_PREVIOUS_MASTER_KEYS": ",".join(MANIFEST["previous_master_keys"]),
+    }
 
     # Provision with the CLI, then publish every case in manifest order before the daemon starts.
-    setup = subprocess.run([sys.executable, "-m", "uploads_consumer", "setup"], env={**daemon_env, **env},
-                           capture_output=True, text=True, timeout=60)
+    setup = subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", "setup"],
+        env={**daemon_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert setup.returncode == 0, setup.stderr
     assert "created consumer file_processor" in setup.stdout
     bodies = [(INTEROP / c["message"]).read_bytes() for c in MANIFEST["cases"]]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from helpers import connect, wait_settled
+
 from uploads_consumer.envelope import MasterKeyRing
 from uploads_consumer.producer import publish_event, upload_file
 from uploads_consumer.storage import ObjectStore
@@ -34,7 +35,9 @@ async def _publish(settings, path: Path, email: str) -> str:
         await nc.close()
 
 
-async def test_a_64_mib_upload_decrypts_with_peak_memory_well_under_its_size(tmp_path, settings_for, start_daemon, nats_server, downloads):
+async def test_a_64_mib_upload_decrypts_with_peak_memory_well_under_its_size(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
     settings = settings_for()
     small, big = tmp_path / "small.bin", tmp_path / "big.bin"
     small.write_bytes(os.urandom(64 * 1024))

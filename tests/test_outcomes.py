@@ -15,8 +15,14 @@ DEAD_LETTER_CLASSES = [c for c in ErrorClass if c is not ErrorClass.TRANSIENT]
 
 def test_every_permanent_class_of_the_spec_is_covered():
     assert {str(c) for c in DEAD_LETTER_CLASSES} == {
-        "invalid_message", "forbidden", "not_found", "too_large", "bad_envelope",
-        "decrypt_failed", "processor_failed", "max_deliveries",
+        "invalid_message",
+        "forbidden",
+        "not_found",
+        "too_large",
+        "bad_envelope",
+        "decrypt_failed",
+        "processor_failed",
+        "max_deliveries",
     }
 
 
@@ -118,6 +124,7 @@ def test_duplicate_sentinel_is_acked_as_duplicate():
 
 
 # ---- backoff_delay -------------------------------------------------------------------------------
+
 
 def test_backoff_first_delivery_gets_the_first_delay():
     assert backoff_delay(BACKOFF, 1) == 2.0

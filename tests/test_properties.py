@@ -15,7 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from uploads_consumer.envelope import OVERHEAD, WRAPPED_KEY_SIZE, EnvelopeMetadata, ObjectDecryptor, encrypt_stream, parse_metadata
+from uploads_consumer.envelope import (
+    OVERHEAD,
+    WRAPPED_KEY_SIZE,
+    EnvelopeMetadata,
+    ObjectDecryptor,
+    encrypt_stream,
+    parse_metadata,
+)
 from uploads_consumer.errors import ErrorClass, PermanentError
 from uploads_consumer.events import FileUploadEvent, check_event, parse_event
 from uploads_consumer.processors.save import MAX_COMPONENT_BYTES, safe_component, target_path
@@ -23,23 +30,60 @@ from uploads_consumer.processors.save import MAX_COMPONENT_BYTES, safe_component
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BUCKET = "uploads"
 EVENT_FIELDS = ("event_id", "email", "file_uuid", "s3_data_key", "s3_metadata_key", "bucket_name", "timestamp")
-METADATA_FIELDS = ("version", "kek", "algorithm", "original_filename", "file_id", "original_size",
-                   "encrypted_size", "verification_status", "timestamp")
+METADATA_FIELDS = (
+    "version",
+    "kek",
+    "algorithm",
+    "original_filename",
+    "file_id",
+    "original_size",
+    "encrypted_size",
+    "verification_status",
+    "timestamp",
+)
 
 # ---- strategies ------------------------------------------------------------------------------------
 
 # Every code point, lone surrogates included (JSON can carry them as \ud800 escapes).
 any_char = st.characters(codec=None, exclude_categories=())
 any_text = st.text(any_char, max_size=40)
-tricky_text = st.sampled_from([
-    "", " ", ".", "..", "...", "/", "\\", "../", "..\\", "\x00", "\n", "\x1b", "\x85", "\u2028", "\u202e",
-    "\ud800", "uploads/", "metadata.json", "user@example.com", "ÉCOLE@exemple.fr", "İ", "\u212a",
-])
+tricky_text = st.sampled_from(
+    [
+        "",
+        " ",
+        ".",
+        "..",
+        "...",
+        "/",
+        "\\",
+        "../",
+        "..\\",
+        "\x00",
+        "\n",
+        "\x1b",
+        "\x85",
+        "\u2028",
+        "\u202e",
+        "\ud800",
+        "uploads/",
+        "metadata.json",
+        "user@example.com",
+        "ÉCOLE@exemple.fr",
+        "İ",
+        "\u212a",
+    ]
+)
 text = st.one_of(any_text, tricky_text, st.lists(st.one_of(any_text, tricky_text), max_size=5).map("".join))
 uuids = st.one_of(st.uuids().map(str), st.uuids().map(lambda u: str(u).upper()), st.uuids().map(lambda u: u.hex))
-integers = st.one_of(st.integers(), st.integers(min_value=-(1 << 70), max_value=1 << 70), st.sampled_from([-1, 0, 1 << 63, -(1 << 63) - 1]))
+integers = st.one_of(
+    st.integers(),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.sampled_from([-1, 0, 1 << 63, -(1 << 63) - 1]),
+)
 json_leaf = st.one_of(st.none(), st.booleans(), integers, st.floats(), text)
-json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12)
+json_value = st.recursive(
+    json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=12
+)
 
 
 def encode(value: object, double: bool, ascii_only: bool) -> bytes:
@@ -82,7 +126,9 @@ def event_dicts(draw) -> dict:
     data = {
         "event_id": mostly(draw, str(draw(st.uuids())), st.one_of(uuids, text)),
         "email": email,
-        "file_uuid": mostly(draw, file_uuid, st.sampled_from([file_uuid.upper(), file_uuid.replace("-", ""), "../" + file_uuid])),
+        "file_uuid": mostly(
+            draw, file_uuid, st.sampled_from([file_uuid.upper(), file_uuid.replace("-", ""), "../" + file_uuid])
+        ),
         "s3_data_key": folder + name,
         "s3_metadata_key": mostly(draw, folder + "metadata.json", st.sampled_from([folder + name, folder])),
         "bucket_name": mostly(draw, BUCKET, text),
@@ -101,7 +147,11 @@ def metadata_dicts(draw) -> dict:
     size = mostly(draw, draw(st.integers(0, 1 << 40)), st.one_of(integers, huge_integers))
     data = {
         "version": mostly(draw, "1.0", st.one_of(st.sampled_from(["2.0", "1", "", "1.0 "]), json_value)),
-        "kek": mostly(draw, draw(wrapped_keys()), st.one_of(st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()), text)),
+        "kek": mostly(
+            draw,
+            draw(wrapped_keys()),
+            st.one_of(st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()), text),
+        ),
         "algorithm": mostly(draw, "AES-GCM-256", st.sampled_from(["AES-CBC", "aes-gcm-256", ""])),
         "original_filename": draw(st.one_of(text, text.map(lambda t: t + ".encrypted"))),
         "file_id": draw(st.one_of(st.none(), json_value)),
@@ -128,6 +178,7 @@ def raise_class(fn, *args) -> ErrorClass | None:
 
 # ---- parse_event and check_event ----------------------------------------------------------------------
 
+
 def assert_parse_event_contract(raw: bytes) -> FileUploadEvent | None:
     try:
         event = parse_event(raw)
@@ -152,7 +203,7 @@ def assert_check_event_contract(event: FileUploadEvent) -> None:
         prefix = f"uploads/{event.email}/{event.file_uuid}/".lower()
         for key in (event.s3_data_key, event.s3_metadata_key):
             assert key.lower().startswith(prefix)
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             assert rest and "/" not in rest and rest not in (".", "..")
             assert not any(unicodedata.category(c) == "Cc" for c in key)
             key.encode("utf-8")  # can be sent to S3
@@ -196,6 +247,7 @@ def test_parse_event_on_a_number_with_too_many_digits_raises_invalid_message(dig
 
 # ---- safe_component and target_path --------------------------------------------------------------------
 
+
 def assert_safe(component: str) -> None:
     assert component not in ("", ".", "..")
     assert not component.startswith(".")
@@ -205,7 +257,9 @@ def assert_safe(component: str) -> None:
 
 
 @FAST
-@given(st.one_of(text, st.text(any_char, min_size=150, max_size=400), st.text(st.sampled_from("./\\ \x00\t"), max_size=30)))
+@given(
+    st.one_of(text, st.text(any_char, min_size=150, max_size=400), st.text(st.sampled_from("./\\ \x00\t"), max_size=30))
+)
 def test_safe_component_always_gives_one_harmless_path_component(name):
     assert_safe(safe_component(name))
 
@@ -216,7 +270,9 @@ def root(tmp_path_factory) -> Path:
 
 
 @FAST
-@given(email=text, file_uuid=st.one_of(uuids, text), name=st.one_of(text, st.text(any_char, min_size=150, max_size=400)))
+@given(
+    email=text, file_uuid=st.one_of(uuids, text), name=st.one_of(text, st.text(any_char, min_size=150, max_size=400))
+)
 def test_target_path_always_resolves_three_levels_inside_the_root(root, email, file_uuid, name):
     path = target_path(root, email, file_uuid, name)
     assert path.resolve().relative_to(root).parts == path.relative_to(root).parts
@@ -226,6 +282,7 @@ def test_target_path_always_resolves_three_levels_inside_the_root(root, email, f
 
 
 # ---- parse_metadata --------------------------------------------------------------------------------------
+
 
 def assert_parse_metadata_contract(raw: bytes) -> None:
     try:
@@ -268,10 +325,11 @@ def test_parse_metadata_on_deep_json_raises_bad_envelope(opening, depth):
 
 # ---- ObjectDecryptor ------------------------------------------------------------------------------------
 
+
 def feed_all(dec: ObjectDecryptor, data: bytes, cuts: list[int]) -> bytes:
     out = bytearray()
     start = 0
-    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         out += bytes(dec.feed(data[start:cut]))
         start = cut
     return bytes(out)

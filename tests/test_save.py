@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import structlog
-
 from helpers import INTEROP
+
 from uploads_consumer.config import Settings
 from uploads_consumer.envelope import EnvelopeMetadata, parse_metadata
 from uploads_consumer.errors import ErrorClass, PermanentError
@@ -26,9 +26,17 @@ UNICODE_METADATA = (INTEROP / "objects" / "unicode_name" / "1.bin").read_bytes()
 
 # ---- safe_component --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "name",
-    ["maria+test@example.com", "grabación final (1).mp3", "voice note.m4a", "a.b.c", "日本語の録音.wav", "Ünïcödé ñame"],
+    [
+        "maria+test@example.com",
+        "grabación final (1).mp3",
+        "voice note.m4a",
+        "a.b.c",
+        "日本語の録音.wav",
+        "Ünïcödé ñame",
+    ],
 )
 def test_safe_component_keeps_ordinary_characters(name):
     assert safe_component(name) == name
@@ -54,7 +62,23 @@ def test_safe_component_turns_separators_and_controls_into_underscore(name, expe
 
 @pytest.mark.parametrize(
     "name",
-    ["", ".", "..", "...", "/", "../", "./..", ".hidden", " ", " .. ", "\x00", "\t.", "..\\..", "/etc/passwd", "../../etc"],
+    [
+        "",
+        ".",
+        "..",
+        "...",
+        "/",
+        "../",
+        "./..",
+        ".hidden",
+        " ",
+        " .. ",
+        "\x00",
+        "\t.",
+        "..\\..",
+        "/etc/passwd",
+        "../../etc",
+    ],
 )
 def test_safe_component_never_returns_a_dangerous_name(name):
     result = safe_component(name)
@@ -89,6 +113,7 @@ def test_safe_component_leaves_a_name_at_the_limit_alone():
 
 # ---- save_file ---------------------------------------------------------------------------------------
 
+
 def make_event(email: str | None = None, body: bytes = BASIC_BODY) -> FileUploadEvent:
     event = parse_event(body)
     if email is not None:
@@ -104,8 +129,13 @@ def make_metadata(filename: str | None = None, raw: bytes = BASIC_METADATA) -> E
     return parse_metadata(json.dumps(data).encode())
 
 
-def make_ctx(tmp_path: Path, content: bytes = b"plaintext bytes", event: FileUploadEvent | None = None,
-             metadata: EnvelopeMetadata | None = None, name: str = "plain.bin") -> ProcessingContext:
+def make_ctx(
+    tmp_path: Path,
+    content: bytes = b"plaintext bytes",
+    event: FileUploadEvent | None = None,
+    metadata: EnvelopeMetadata | None = None,
+    name: str = "plain.bin",
+) -> ProcessingContext:
     plaintext = tmp_path / "work" / name
     plaintext.parent.mkdir(exist_ok=True)
     plaintext.write_bytes(content)
@@ -135,7 +165,9 @@ def test_save_keeps_the_backend_layout_for_unicode_names(tmp_path):
     ctx = make_ctx(tmp_path, event=make_event(body=UNICODE_BODY), metadata=make_metadata(raw=UNICODE_METADATA))
     dest = save_file(ctx)
     assert dest.relative_to((tmp_path / "out").resolve()).parts == (
-        "maria+test@example.com", "1624ff24-6418-44db-ad46-e7afb5f25946", "grabación final (1).mp3",
+        "maria+test@example.com",
+        "1624ff24-6418-44db-ad46-e7afb5f25946",
+        "grabación final (1).mp3",
     )
 
 

@@ -9,8 +9,20 @@ import os
 import time
 
 import pytest
+from secure_support import (
+    METHODS,
+    acked,
+    cli,
+    make_pki,
+    publish_upload,
+    secure_setup,
+    start_secure_server,
+    users_block,
+    wait_ready,
+    wait_until,
+    write_config,
+)
 
-from secure_support import METHODS, acked, cli, make_pki, publish_upload, secure_setup, start_secure_server, users_block, wait_ready, wait_until, write_config
 from uploads_consumer.embedded import NatsServer, free_port
 
 
@@ -30,7 +42,9 @@ def servers():
 
 
 @pytest.mark.parametrize("method", METHODS)
-async def test_the_daemon_connects_provisions_and_processes_an_upload(method, tmp_path, servers, start_daemon, settings_for, daemon_env, downloads):
+async def test_the_daemon_connects_provisions_and_processes_an_upload(
+    method, tmp_path, servers, start_daemon, settings_for, daemon_env, downloads
+):
     setup = secure_setup(method, tmp_path / "secure", free_port())
     servers(setup, tmp_path / "nats")
     daemon = start_daemon(LOG_LEVEL="DEBUG", **setup.env)
@@ -75,14 +89,20 @@ FAILURES = {
 def _failing_setup(failure: str, folder, port: int) -> tuple:
     if failure == "wrong_password":
         config = write_config(folder, body=users_block(("uploads", "the-right-one")))
-        return config, {"NATS_URL": f"nats://127.0.0.1:{port}", "NATS_USER": "uploads", "NATS_PASSWORD": "not-the-right-one"}
+        return config, {
+            "NATS_URL": f"nats://127.0.0.1:{port}",
+            "NATS_USER": "uploads",
+            "NATS_PASSWORD": "not-the-right-one",
+        }
     pki = make_pki(folder / "pki")
     url = f"tls://127.0.0.1:{port}"
     if failure == "unknown_ca":
         return write_config(folder, tls=pki), {"NATS_URL": url, "NATS_TLS_CA": str(pki.other_ca)}
     return write_config(folder, tls=pki, verify_clients=True), {
-        "NATS_URL": url, "NATS_TLS_CA": str(pki.ca),
-        "NATS_TLS_CERT": str(pki.other_client_cert), "NATS_TLS_KEY": str(pki.other_client_key),
+        "NATS_URL": url,
+        "NATS_TLS_CA": str(pki.ca),
+        "NATS_TLS_CERT": str(pki.other_client_cert),
+        "NATS_TLS_KEY": str(pki.other_client_key),
     }
 
 
@@ -112,7 +132,9 @@ async def test_a_connection_that_cannot_succeed_is_said_in_one_line_once(failure
         assert lines[0].startswith("uploads-consumer: cannot reach NATS at ") and words in lines[0]
 
         # The daemon keeps trying (the server sees the attempts) but says so once, and is not ready.
-        await wait_until(lambda: _daemon_attempts(server.log_path.read_text(), failure) >= 3, "three attempts by the daemon", daemon)
+        await wait_until(
+            lambda: _daemon_attempts(server.log_path.read_text(), failure) >= 3, "three attempts by the daemon", daemon
+        )
         assert daemon.http_get("/readyz")[0] == 503
         assert daemon.http_get("/healthz")[0] == 200
         assert daemon.terminate() == 0, "SIGTERM stops a daemon that never connected"

@@ -12,16 +12,25 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import connect, consumer_info
 from nats.js.api import AckPolicy, DeliverPolicy, ReplayPolicy
 
 from uploads_consumer.embedded import NatsServer, clean_environment
 
-from helpers import connect, consumer_info
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "setup-nats-consumer.sh"
-SEED_FLAGS = ["--ack", "explicit", "--pull", "--deliver", "all", "--max-deliver=-1",
-              "--max-pending=100", "--wait=30s", "--replay", "instant"]
+SEED_FLAGS = [
+    "--ack",
+    "explicit",
+    "--pull",
+    "--deliver",
+    "all",
+    "--max-deliver=-1",
+    "--max-pending=100",
+    "--wait=30s",
+    "--replay",
+    "instant",
+]
 
 
 def path_without_nats() -> str:
@@ -98,6 +107,7 @@ def test_fallback_passes_nats_credentials_through(tmp_path):
 
 # --- the nats-CLI path, with a fake `nats` first on PATH that records its arguments --------
 
+
 @pytest.fixture
 def fake_nats(tmp_path: Path):
     """Returns (env, calls): env runs the script with the fake; calls() reads the recorded argv lists."""
@@ -105,7 +115,8 @@ def fake_nats(tmp_path: Path):
     bin_dir.mkdir()
     log = tmp_path / "nats-calls.jsonl"
     fake = bin_dir / "nats"
-    fake.write_text(textwrap.dedent(f"""\
+    fake.write_text(
+        textwrap.dedent(f"""\
         #!{sys.executable}
         import json, os, sys
         args = sys.argv[1:]
@@ -115,7 +126,8 @@ def fake_nats(tmp_path: Path):
         if verb == "info":
             sys.exit(0 if os.environ.get("FAKE_NATS_EXISTS") == "1" else 1)
         sys.exit(int(os.environ.get("FAKE_NATS_ADD_EXIT", "0")))
-        """))
+        """)
+    )
     fake.chmod(0o755)
 
     def env(**extra: str) -> dict[str, str]:
@@ -140,7 +152,12 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
     result = run_script(env(NATS_URL="nats://n1:4222,nats://n2:4222"))
     assert result.returncode == 0, result.stderr
     recorded = calls()
-    assert [subcommand(c)[:2] for c in recorded] == [["stream", "info"], ["stream", "add"], ["consumer", "info"], ["consumer", "add"]]
+    assert [subcommand(c)[:2] for c in recorded] == [
+        ["stream", "info"],
+        ["stream", "add"],
+        ["consumer", "info"],
+        ["consumer", "add"],
+    ]
     for call in recorded:
         assert call[:2] == ["--server", "nats://n1:4222,nats://n2:4222"]
 
@@ -161,13 +178,30 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
 
 def test_with_nats_cli_credentials_become_cli_flags(fake_nats):
     env, calls = fake_nats
-    result = run_script(env(NATS_URL="nats://nats:4222", NATS_USER="alice", NATS_PASSWORD="s3cret",
-                            NATS_CREDS="/etc/uploads-consumer/app.creds", NATS_TLS_CA="/etc/ca.pem"))
+    result = run_script(
+        env(
+            NATS_URL="nats://nats:4222",
+            NATS_USER="alice",
+            NATS_PASSWORD="s3cret",
+            NATS_CREDS="/etc/uploads-consumer/app.creds",
+            NATS_TLS_CA="/etc/ca.pem",
+        )
+    )
     assert result.returncode == 0, result.stderr
     for call in calls():
         conn = call[: call.index(subcommand(call)[0])]
-        assert conn == ["--server", "nats://nats:4222", "--user", "alice", "--password", "s3cret",
-                        "--creds", "/etc/uploads-consumer/app.creds", "--tlsca", "/etc/ca.pem"]
+        assert conn == [
+            "--server",
+            "nats://nats:4222",
+            "--user",
+            "alice",
+            "--password",
+            "s3cret",
+            "--creds",
+            "/etc/uploads-consumer/app.creds",
+            "--tlsca",
+            "/etc/ca.pem",
+        ]
 
 
 def test_with_nats_cli_a_token_is_passed_as_user(fake_nats):
@@ -180,8 +214,16 @@ def test_with_nats_cli_a_token_is_passed_as_user(fake_nats):
 
 def test_with_nats_cli_the_daemons_variables_are_honoured(fake_nats):
     env, calls = fake_nats
-    result = run_script(env(NATS_STREAM_NAME="UP", NATS_SUBJECT="up.files", NATS_CONSUMER_NAME="worker",
-                            ACK_WAIT="45", MAX_DELIVER="20", MAX_ACK_PENDING="64"))
+    result = run_script(
+        env(
+            NATS_STREAM_NAME="UP",
+            NATS_SUBJECT="up.files",
+            NATS_CONSUMER_NAME="worker",
+            ACK_WAIT="45",
+            MAX_DELIVER="20",
+            MAX_ACK_PENDING="64",
+        )
+    )
     assert result.returncode == 0, result.stderr
     consumer_add = subcommand(calls()[3])
     assert consumer_add[2:4] == ["UP", "worker"]

@@ -12,8 +12,13 @@ TESTS = str(Path(__file__).parent)
 
 
 def _plugin_env(tmp_path: Path, seconds: float, **extra: str) -> dict[str, str]:
-    return {"PROCESSORS": "uc_test_plugins:slow,save", "UC_TEST_SLOW_SECONDS": str(seconds),
-            "PYTHONPATH": TESTS, "UC_TEST_STATE_DIR": str(tmp_path), **extra}
+    return {
+        "PROCESSORS": "uc_test_plugins:slow,save",
+        "UC_TEST_SLOW_SECONDS": str(seconds),
+        "PYTHONPATH": TESTS,
+        "UC_TEST_STATE_DIR": str(tmp_path),
+        **extra,
+    }
 
 
 async def _wait_acked(daemon, at_least: int, timeout: float = 30) -> None:
@@ -23,7 +28,9 @@ async def _wait_acked(daemon, at_least: int, timeout: float = 30) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_sigterm_finishes_in_flight_work_exits_0_and_leaves_nothing_unsettled(tmp_path, settings_for, start_daemon, nats_server, downloads):
+async def test_sigterm_finishes_in_flight_work_exits_0_and_leaves_nothing_unsettled(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
     settings = settings_for()
     daemon = start_daemon(**_plugin_env(tmp_path, 0.7, MAX_IN_FLIGHT="4", SHUTDOWN_GRACE="20s", ACK_WAIT="60s"))
     daemon.wait_http()
@@ -51,7 +58,9 @@ async def test_sigterm_finishes_in_flight_work_exits_0_and_leaves_nothing_unsett
     assert await read_stream(nats_server.url, "FILE_UPLOADS_DLQ") == []
 
 
-async def test_work_that_outlives_the_grace_period_is_handed_back_at_once(tmp_path, settings_for, start_daemon, nats_server, downloads):
+async def test_work_that_outlives_the_grace_period_is_handed_back_at_once(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
     settings = settings_for()
     daemon = start_daemon(**_plugin_env(tmp_path, 60, MAX_IN_FLIGHT="3", SHUTDOWN_GRACE="1s", ACK_WAIT="60s"))
     daemon.wait_http()

@@ -6,8 +6,8 @@ import hashlib
 import os
 
 import pytest
-
 from helpers import make_files, provision_now, publish_uploads, read_stream, wait_settled
+
 from uploads_consumer.embedded import TcpProxy
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
 from uploads_consumer.storage import ObjectStore
@@ -78,7 +78,9 @@ async def test_an_unreachable_endpoint_is_retryable(settings_for, bucket):
             await store.read_small(bucket, "k", 1024)
 
 
-async def test_the_daemon_recovers_a_broken_body_within_one_delivery(tmp_path, settings_for, start_daemon, nats_server, s3_proxy, downloads):
+async def test_the_daemon_recovers_a_broken_body_within_one_delivery(
+    tmp_path, settings_for, start_daemon, nats_server, s3_proxy, downloads
+):
     await provision_now(settings_for())
     [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1, size=2 * 1024 * 1024))
     s3_proxy.cut_responses(1, after_bytes=600_000)

@@ -7,7 +7,6 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-
 from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
@@ -100,51 +99,92 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="uploads-consumer", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser = argparse.ArgumentParser(
+        prog="uploads-consumer", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(func=cmd_run)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, epilog: str = "") -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, epilog: str = ""
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "run the daemon (the default command)",
-        "example:\n  ENCRYPTION_MASTER_KEY=$(cat key.b64) S3_BUCKET_NAME=uploads uploads-consumer run")
-    add("setup", cmd_setup, "create the streams, consumer and idempotency bucket that are missing; never deletes or narrows",
-        "example:\n  NATS_URL=nats://nats:4222 NATS_REPLICAS=3 uploads-consumer setup")
-    p = add("status", cmd_status, "stream, consumer and dead-letter figures; exit 1 when NATS or the consumer is missing",
-            "examples:\n  uploads-consumer status\n  uploads-consumer status --json | jq .consumer.pending")
+    add(
+        "run",
+        cmd_run,
+        "run the daemon (the default command)",
+        "example:\n  ENCRYPTION_MASTER_KEY=$(cat key.b64) S3_BUCKET_NAME=uploads uploads-consumer run",
+    )
+    add(
+        "setup",
+        cmd_setup,
+        "create the streams, consumer and idempotency bucket that are missing; never deletes or narrows",
+        "example:\n  NATS_URL=nats://nats:4222 NATS_REPLICAS=3 uploads-consumer setup",
+    )
+    p = add(
+        "status",
+        cmd_status,
+        "stream, consumer and dead-letter figures; exit 1 when NATS or the consumer is missing",
+        "examples:\n  uploads-consumer status\n  uploads-consumer status --json | jq .consumer.pending",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p = add("publish", cmd_publish, "encrypt local files as the backend does, upload them and publish their events",
-            "examples:\n  uploads-consumer publish song.mp3 --email me@example.com --bucket uploads\n"
-            "  uploads-consumer publish small.bin --repeat 500   # a load test")
+    p = add(
+        "publish",
+        cmd_publish,
+        "encrypt local files as the backend does, upload them and publish their events",
+        "examples:\n  uploads-consumer publish song.mp3 --email me@example.com --bucket uploads\n"
+        "  uploads-consumer publish small.bin --repeat 500   # a load test",
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--email", default="demo@example.com", help="uploader (default: %(default)s)")
     p.add_argument("--bucket", help="bucket (default: S3_BUCKET_NAME)")
-    p.add_argument("--repeat", type=int, default=1, metavar="N", help="publish every file N times, each as a new upload")
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="publish every file N times, each as a new upload"
+    )
     p = add("dlq", cmd_dlq, "inspect and replay dead-lettered messages")
     dsub = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    dl = dsub.add_parser("list", help="list dead-lettered messages", description="list dead-lettered messages",
-                         epilog="example:\n  uploads-consumer dlq list --json", formatter_class=fmt)
+    dl = dsub.add_parser(
+        "list",
+        help="list dead-lettered messages",
+        description="list dead-lettered messages",
+        epilog="example:\n  uploads-consumer dlq list --json",
+        formatter_class=fmt,
+    )
     dl.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    dr = dsub.add_parser("replay", help="republish original bodies to the upload subject, then remove them from the dead-letter stream",
-                         description="republish original bodies to the upload subject, then remove them from the dead-letter stream",
-                         epilog="examples:\n  uploads-consumer dlq replay --seq 3 7\n  uploads-consumer dlq replay --all", formatter_class=fmt)
+    dr = dsub.add_parser(
+        "replay",
+        help="republish original bodies to the upload subject, then remove them from the dead-letter stream",
+        description="republish original bodies to the upload subject, then remove them from the dead-letter stream",
+        epilog="examples:\n  uploads-consumer dlq replay --seq 3 7\n  uploads-consumer dlq replay --all",
+        formatter_class=fmt,
+    )
     which = dr.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="replay every dead-lettered message")
     which.add_argument("--seq", type=int, nargs="+", metavar="N", help="dead-letter stream sequences to replay")
-    p = add("decrypt", cmd_decrypt, "download and decrypt one upload, for debugging",
-            "example:\n  uploads-consumer decrypt --bucket uploads --data-key 'uploads/a@b.c/UUID/x.mp3.enc' \\\n"
-            "      --metadata-key 'uploads/a@b.c/UUID/metadata.json' --out x.mp3")
+    p = add(
+        "decrypt",
+        cmd_decrypt,
+        "download and decrypt one upload, for debugging",
+        "example:\n  uploads-consumer decrypt --bucket uploads --data-key 'uploads/a@b.c/UUID/x.mp3.enc' \\\n"
+        "      --metadata-key 'uploads/a@b.c/UUID/metadata.json' --out x.mp3",
+    )
     p.add_argument("--bucket", required=True)
     p.add_argument("--data-key", required=True)
     p.add_argument("--metadata-key", required=True)
     p.add_argument("--out", required=True, help="where to write the plaintext")
-    p = add("demo", cmd_demo, "run everything embedded (NATS, S3) on sample uploads and print a summary",
-            "example:\n  pip install -e '.[demo]' && uploads-consumer demo")
-    p.add_argument("--output", default="uploads-consumer-demo", help="folder for the decrypted files (default: %(default)s)")
+    p = add(
+        "demo",
+        cmd_demo,
+        "run everything embedded (NATS, S3) on sample uploads and print a summary",
+        "example:\n  pip install -e '.[demo]' && uploads-consumer demo",
+    )
+    p.add_argument(
+        "--output", default="uploads-consumer-demo", help="folder for the decrypted files (default: %(default)s)"
+    )
     return parser
 
 
@@ -163,5 +203,3 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback, for operators
         print(f"uploads-consumer: {describe(exc)}", file=sys.stderr)
         return EXIT_FATAL
-
-

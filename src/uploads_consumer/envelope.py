@@ -121,7 +121,9 @@ def parse_metadata(raw: bytes) -> EnvelopeMetadata:
         msg = "is missing" if err["type"] == "missing" else err["msg"].removeprefix("Value error, ")
         raise _bad(f"metadata {field} {msg}") from None
     if meta.encrypted_size != meta.original_size + OVERHEAD:
-        raise _bad(f"metadata encrypted_size {meta.encrypted_size} is not original_size {meta.original_size} + {OVERHEAD}")
+        raise _bad(
+            f"metadata encrypted_size {meta.encrypted_size} is not original_size {meta.original_size} + {OVERHEAD}"
+        )
     return meta
 
 
@@ -145,7 +147,9 @@ class MasterKeyRing:
                 return key.decrypt(iv, sealed, None)
             except InvalidTag:
                 continue
-        raise PermanentError(ErrorClass.DECRYPT_FAILED, "the wrapped data key does not verify under any configured master key")
+        raise PermanentError(
+            ErrorClass.DECRYPT_FAILED, "the wrapped data key does not verify under any configured master key"
+        )
 
     def wrap(self, dek: bytes) -> bytes:
         """DEK → IV || AES-GCM(current master key, DEK) || tag, as the backend writes `kek`."""
@@ -202,7 +206,9 @@ class ObjectDecryptor:
         try:
             self._ctx.finalize_with_tag(self._tail)
         except InvalidTag:
-            raise PermanentError(ErrorClass.DECRYPT_FAILED, "the object's GCM tag does not verify (tampered, truncated or wrong key)") from None
+            raise PermanentError(
+                ErrorClass.DECRYPT_FAILED, "the object's GCM tag does not verify (tampered, truncated or wrong key)"
+            ) from None
 
 
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, dek: bytes, chunk_size: int = 1 << 20) -> tuple[int, str]:
@@ -221,7 +227,9 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, dek: bytes, chunk_size: int = 1
     return size, digest.hexdigest()
 
 
-def metadata_json(wrapped_dek: bytes, original_filename: str, original_size: int, timestamp_ms: int | None = None) -> bytes:
+def metadata_json(
+    wrapped_dek: bytes, original_filename: str, original_size: int, timestamp_ms: int | None = None
+) -> bytes:
     """metadata.json byte-for-byte as the backend writes it (Jackson's pretty printer, its field order)."""
     fields = {
         "version": "1.0",

@@ -65,7 +65,9 @@ def _describe(error: dict) -> str:
 def parse_event(body: bytes) -> FileUploadEvent:
     """Body → event. Plain and double-encoded JSON are both accepted; anything else is invalid_message."""
     if len(body) > MAX_EVENT_BYTES:
-        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is {len(body)} bytes, over the {MAX_EVENT_BYTES} byte limit for an event")
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE, f"body is {len(body)} bytes, over the {MAX_EVENT_BYTES} byte limit for an event"
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -77,13 +79,20 @@ def parse_event(body: bytes) -> FileUploadEvent:
     except RecursionError:
         raise PermanentError(ErrorClass.INVALID_MESSAGE, "body is JSON nested too deeply") from None
     except json.JSONDecodeError as exc:
-        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE, f"body is not JSON ({exc.msg} at position {exc.pos})"
+        ) from None
     except ValueError as exc:  # e.g. an integer of more digits than Python will convert
         raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is not usable JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"body is a JSON {type(data).__name__}, not an upload event object")
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE, f"body is a JSON {type(data).__name__}, not an upload event object"
+        )
     if "event_id" not in data and "s3_data_key" not in data:
-        raise PermanentError(ErrorClass.INVALID_MESSAGE, "not an upload event (no event_id or s3_data_key; e.g. the backend's startup test message)")
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE,
+            "not an upload event (no event_id or s3_data_key; e.g. the backend's startup test message)",
+        )
     try:
         return FileUploadEvent.model_validate(data)
     except ValidationError as exc:
@@ -100,7 +109,9 @@ def _has_control(text: str) -> bool:
 def check_event(event: FileUploadEvent, allowed_buckets: Collection[str]) -> None:
     """The event may only point at its own folder in an allowed bucket; else forbidden."""
     if allowed_buckets and event.bucket_name not in allowed_buckets:
-        raise PermanentError(ErrorClass.FORBIDDEN, f"bucket {event.bucket_name!r} is not allowed (S3_BUCKET_NAME / S3_ALLOWED_BUCKETS)")
+        raise PermanentError(
+            ErrorClass.FORBIDDEN, f"bucket {event.bucket_name!r} is not allowed (S3_BUCKET_NAME / S3_ALLOWED_BUCKETS)"
+        )
     # The email names one folder: with a separator, `.`/`..` or control characters, "its own
     # folder" would be some other folder (or none an S3 key or a file name can be).
     if any(c in event.email for c in "/\\") or event.email in (".", "..") or _has_control(event.email):
@@ -115,6 +126,8 @@ def check_event(event: FileUploadEvent, allowed_buckets: Collection[str]) -> Non
         if head.lower() != prefix.lower() or not rest or "/" in rest or rest in (".", ".."):
             raise PermanentError(ErrorClass.FORBIDDEN, f"{field} {key!r} is not a file directly under {prefix}")
     if not event.s3_metadata_key.endswith("/metadata.json"):
-        raise PermanentError(ErrorClass.FORBIDDEN, f"s3_metadata_key {event.s3_metadata_key!r} does not end in metadata.json")
+        raise PermanentError(
+            ErrorClass.FORBIDDEN, f"s3_metadata_key {event.s3_metadata_key!r} does not end in metadata.json"
+        )
     if event.s3_data_key == event.s3_metadata_key:
         raise PermanentError(ErrorClass.FORBIDDEN, "s3_data_key and s3_metadata_key are the same object")

@@ -35,7 +35,11 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -55,7 +59,9 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
     root.setLevel(level)
     # Chatty libraries stay at WARNING unless we debug.
     for name in ("botocore", "aiobotocore", "aioboto3", "urllib3", "aiohttp.access"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" and name != "aiohttp.access" else logging.WARNING)
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if level == "DEBUG" and name != "aiohttp.access" else logging.WARNING
+        )
 
 
 def get_logger(name: str = "uploads_consumer") -> Any:
@@ -71,20 +77,32 @@ class Metrics:
         self.messages = Counter(PREFIX + "messages", "Messages by final outcome.", ["outcome"], registry=r)
         for outcome in ("acked", "duplicate", "nacked", "dead_lettered"):
             self.messages.labels(outcome)
-        self.dead_letters = Counter(PREFIX + "dead_letters", "Dead-lettered messages by error class.", ["error_class"], registry=r)
+        self.dead_letters = Counter(
+            PREFIX + "dead_letters", "Dead-lettered messages by error class.", ["error_class"], registry=r
+        )
         self.processing_seconds = Histogram(
-            PREFIX + "processing_duration_seconds", "Time from receipt to settlement of one message.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+            PREFIX + "processing_duration_seconds",
+            "Time from receipt to settlement of one message.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
         )
         self.message_age_seconds = Histogram(
-            PREFIX + "message_age_seconds", "Now minus the event's timestamp, when processing starts.",
-            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400), registry=r,
+            PREFIX + "message_age_seconds",
+            "Now minus the event's timestamp, when processing starts.",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
+            registry=r,
         )
-        self.bytes_decrypted = Counter(PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", registry=r)
+        self.bytes_decrypted = Counter(
+            PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", registry=r
+        )
         self.in_flight = Gauge(PREFIX + "in_flight", "Messages being processed now.", registry=r)
         self.consumer_pending = Gauge(PREFIX + "consumer_pending", "Messages not yet delivered (lag).", registry=r)
-        self.consumer_ack_pending = Gauge(PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", registry=r)
-        self.redeliveries = Counter(PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r)
+        self.consumer_ack_pending = Gauge(
+            PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", registry=r
+        )
+        self.redeliveries = Counter(
+            PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -93,7 +111,9 @@ class Metrics:
 class HealthServer:
     """`/healthz`, `/readyz`, `/metrics` on one port (0 disables)."""
 
-    def __init__(self, port: int, metrics: Metrics, alive: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0") -> None:
+    def __init__(
+        self, port: int, metrics: Metrics, alive: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0"
+    ) -> None:
         self._port, self._host = port, host
         self._metrics, self._alive, self._ready = metrics, alive, ready
         self._runner: web.AppRunner | None = None
@@ -118,6 +138,7 @@ class HealthServer:
         async def handler(_request: web.Request) -> web.Response:
             ok = check()
             return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
+
         return handler
 
     async def _render(self, _request: web.Request) -> web.Response:

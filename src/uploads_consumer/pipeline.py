@@ -14,7 +14,14 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from uploads_consumer.config import Settings
-from uploads_consumer.envelope import MAX_METADATA_BYTES, OVERHEAD, EnvelopeMetadata, MasterKeyRing, ObjectDecryptor, parse_metadata
+from uploads_consumer.envelope import (
+    MAX_METADATA_BYTES,
+    OVERHEAD,
+    EnvelopeMetadata,
+    MasterKeyRing,
+    ObjectDecryptor,
+    parse_metadata,
+)
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.observability import Metrics
@@ -44,9 +51,14 @@ class PlaintextFile:
 
     def start(self, length: int) -> None:
         if length < OVERHEAD:
-            raise PermanentError(ErrorClass.BAD_ENVELOPE, f"object is {length} bytes, shorter than {OVERHEAD} (IV and tag)")
+            raise PermanentError(
+                ErrorClass.BAD_ENVELOPE, f"object is {length} bytes, shorter than {OVERHEAD} (IV and tag)"
+            )
         if length != self._metadata.encrypted_size:
-            raise PermanentError(ErrorClass.BAD_ENVELOPE, f"object is {length} bytes but metadata says encrypted_size {self._metadata.encrypted_size}")
+            raise PermanentError(
+                ErrorClass.BAD_ENVELOPE,
+                f"object is {length} bytes but metadata says encrypted_size {self._metadata.encrypted_size}",
+            )
         self._file.seek(0)
         self._file.truncate()
         self._decryptor = ObjectDecryptor(self._dek)
@@ -91,7 +103,9 @@ class Pipeline:
         self._metrics = metrics
         self._allowed = settings.allowed_buckets
         root = Path(settings.decrypt_download_path)
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we create it (mkdir's parents=True would not)
+        root.mkdir(
+            parents=True, exist_ok=True, mode=0o700
+        )  # private when we create it (mkdir's parents=True would not)
         self.work_dir = root / WORK_DIR_NAME
         self.work_dir.mkdir(exist_ok=True, mode=0o700)
         self._remove_stale_temporaries()
@@ -117,14 +131,24 @@ class Pipeline:
                 await self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
             )
             if metadata.original_size > self._settings.max_file_size:
-                raise PermanentError(ErrorClass.TOO_LARGE, f"metadata says {metadata.original_size} bytes, over MAX_FILE_SIZE ({self._settings.max_file_size})")
+                raise PermanentError(
+                    ErrorClass.TOO_LARGE,
+                    f"metadata says {metadata.original_size} bytes, over MAX_FILE_SIZE ({self._settings.max_file_size})",
+                )
             dek = self._keyring.unwrap(metadata.kek)
             plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics)
-            await self._store.download(event.bucket_name, event.s3_data_key, plaintext, self._settings.max_file_size, ahead)
+            await self._store.download(
+                event.bucket_name, event.s3_data_key, plaintext, self._settings.max_file_size, ahead
+            )
             size, sha256 = plaintext.verify()
             ctx = ProcessingContext(
-                event=event, metadata=metadata, plaintext_path=plaintext.path,
-                size=size, sha256=sha256, settings=self._settings, log=log,
+                event=event,
+                metadata=metadata,
+                plaintext_path=plaintext.path,
+                size=size,
+                sha256=sha256,
+                settings=self._settings,
+                log=log,
             )
             for processor in self._processors:
                 await self._run_processor(processor, ctx)
@@ -152,7 +176,7 @@ class Pipeline:
             await processor.run(ctx)
         except UploadsError:
             raise
-        except Exception as exc:  # noqa: BLE001 - an unexpected processor error is transient by contract
+        except Exception as exc:
             raise RetryableError(f"processor {processor.name} raised {describe(exc)}") from exc
 
     async def _publish_result(self, result: dict[str, Any]) -> None:
@@ -166,5 +190,5 @@ class Pipeline:
                 headers={"Nats-Msg-Id": f"{result['event_id']}:processed"},
                 timeout=10,
             )
-        except Exception as exc:  # noqa: BLE001 - no ack for the result: try the whole message again later
+        except Exception as exc:
             raise RetryableError(f"publishing the result event failed: {describe(exc)}") from exc

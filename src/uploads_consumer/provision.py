@@ -64,14 +64,22 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
     )
 
 
-async def _ensure_stream(js: JetStreamContext, report: ProvisionReport, name: str, subject: str, replicas: int, max_age: float | None = None) -> None:
+async def _ensure_stream(
+    js: JetStreamContext, report: ProvisionReport, name: str, subject: str, replicas: int, max_age: float | None = None
+) -> None:
     try:
         info = await js.stream_info(name)
     except NotFoundError:
-        await js.add_stream(StreamConfig(
-            name=name, subjects=[subject], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE, num_replicas=replicas, max_age=max_age,
-        ))
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                subjects=[subject],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=max_age,
+            )
+        )
         report.created(f"stream {name} (subject {subject}, {replicas} replica{'s' if replicas > 1 else ''})")
         return
     subjects = info.config.subjects or []
@@ -96,12 +104,18 @@ async def _ensure_consumer(js: JetStreamContext, report: ProvisionReport, settin
         return
     cfg = info.config
     if cfg.deliver_subject:
-        raise ProvisionError(f"consumer {name} on {stream} is a push consumer; the daemon needs a pull consumer (delete it or set NATS_CONSUMER_NAME)")
+        raise ProvisionError(
+            f"consumer {name} on {stream} is a push consumer; the daemon needs a pull consumer (delete it or set NATS_CONSUMER_NAME)"
+        )
     if cfg.ack_policy not in (AckPolicy.EXPLICIT, "explicit"):
-        raise ProvisionError(f"consumer {name} on {stream} has ack policy {cfg.ack_policy}; the daemon needs explicit acks")
-    filters = [f for f in ([cfg.filter_subject] if cfg.filter_subject else []) + list(cfg.filter_subjects or [])]
+        raise ProvisionError(
+            f"consumer {name} on {stream} has ack policy {cfg.ack_policy}; the daemon needs explicit acks"
+        )
+    filters = [*([cfg.filter_subject] if cfg.filter_subject else []), *(cfg.filter_subjects or [])]
     if filters and not any(subject_matches(f, settings.nats_subject) for f in filters):
-        report.warnings.append(f"consumer {name} filters {', '.join(filters)}, which does not include {settings.nats_subject}")
+        report.warnings.append(
+            f"consumer {name} filters {', '.join(filters)}, which does not include {settings.nats_subject}"
+        )
     if cfg.backoff:
         report.warnings.append(
             f"consumer {name} has a server-side BackOff list, which replaces ACK_WAIT for redeliveries; "
@@ -131,7 +145,9 @@ async def provision(js: JetStreamContext, settings: Settings) -> ProvisionReport
     await _ensure_consumer(js, report, settings)
     await _ensure_stream(js, report, settings.dlq_stream_name, settings.dlq_subject, r)
     if settings.nats_result_subject:
-        await _ensure_stream(js, report, settings.nats_result_stream_name, settings.nats_result_subject, r, RESULTS_MAX_AGE)
+        await _ensure_stream(
+            js, report, settings.nats_result_stream_name, settings.nats_result_subject, r, RESULTS_MAX_AGE
+        )
     if settings.dedupe_bucket:
         await _ensure_bucket(js, report, settings)
     return report

@@ -36,11 +36,18 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             dead = {"stream": settings.dlq_stream_name, "messages": dlq.state.messages, "bytes": dlq.state.bytes}
         except NotFoundError:
             dead = {"stream": settings.dlq_stream_name, "messages": None, "bytes": None, "missing": True}
-        age = await _oldest_pending_age(js, settings.nats_stream_name, consumer.ack_floor.stream_seq or 0, stream.state.last_seq)
+        age = await _oldest_pending_age(
+            js, settings.nats_stream_name, consumer.ack_floor.stream_seq or 0, stream.state.last_seq
+        )
         return {
             "server": redact_url(nc.connected_url.geturl()) if nc.connected_url else None,
-            "stream": {"name": settings.nats_stream_name, "messages": stream.state.messages, "bytes": stream.state.bytes,
-                       "first_seq": stream.state.first_seq, "last_seq": stream.state.last_seq},
+            "stream": {
+                "name": settings.nats_stream_name,
+                "messages": stream.state.messages,
+                "bytes": stream.state.bytes,
+                "first_seq": stream.state.first_seq,
+                "last_seq": stream.state.last_seq,
+            },
             "consumer": {
                 "name": settings.nats_consumer_name,
                 "pending": consumer.num_pending or 0,
@@ -61,7 +68,9 @@ async def print_status(settings: Settings, as_json: bool) -> int:
     try:
         status = await collect_status(settings)
     except NotFoundError:
-        print(f"uploads-consumer: stream {settings.nats_stream_name} or consumer {settings.nats_consumer_name} does not exist; run `uploads-consumer setup`")
+        print(
+            f"uploads-consumer: stream {settings.nats_stream_name} or consumer {settings.nats_consumer_name} does not exist; run `uploads-consumer setup`"
+        )
         return 1
     except NatsUnavailable as exc:
         print(f"uploads-consumer: {exc.reason}")
@@ -74,7 +83,10 @@ async def print_status(settings: Settings, as_json: bool) -> int:
     rows = [
         ("server", status["server"]),
         (f"stream {s['name']}", f"{s['messages']} messages, {s['bytes']} bytes"),
-        (f"consumer {c['name']}", f"pending (lag) {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}"),
+        (
+            f"consumer {c['name']}",
+            f"pending (lag) {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}",
+        ),
         ("oldest pending", age),
         (f"dead-letter {d['stream']}", "missing" if d.get("missing") else f"{d['messages']} messages"),
     ]

@@ -115,26 +115,31 @@ class ObjectStore:
             body = response["Body"]
             try:
                 if response["ContentLength"] > limit:
-                    raise PermanentError(ErrorClass.BAD_ENVELOPE, f"{what} is {response['ContentLength']} bytes, over the {limit} byte limit")
+                    raise PermanentError(
+                        ErrorClass.BAD_ENVELOPE,
+                        f"{what} is {response['ContentLength']} bytes, over the {limit} byte limit",
+                    )
                 return await body.read()
             finally:
                 body.close()
         except PermanentError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every other failure is mapped, none escapes raw
+        except Exception as exc:
             raise map_s3_error(exc, f"get {what} s3://{bucket}/{key}") from exc
 
     async def _get_object(self, bucket: str, key: str) -> Any:
         try:
             return await self._client.get_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise map_s3_error(exc, f"get object s3://{bucket}/{key}") from exc
 
     def request_ahead(self, bucket: str, key: str) -> ObjectRequest:
         """Send the GET now (e.g. while the metadata is read); read or discard its body later."""
         return ObjectRequest(asyncio.ensure_future(self._get_object(bucket, key)))
 
-    async def download(self, bucket: str, key: str, sink: ObjectSink, max_size: int, ahead: ObjectRequest | None = None) -> int:
+    async def download(
+        self, bucket: str, key: str, sink: ObjectSink, max_size: int, ahead: ObjectRequest | None = None
+    ) -> int:
         """Stream an object into `sink`, starting over (sink.start again) when the body breaks.
 
         Checks the size before reading a byte: over `max_size` is too_large. Returns the length.
@@ -142,12 +147,16 @@ class ObjectStore:
         """
         where = f"s3://{bucket}/{key}"
         for attempt in range(1, BODY_ATTEMPTS + 1):
-            response = await ahead.response() if ahead is not None and attempt == 1 else await self._get_object(bucket, key)
+            response = (
+                await ahead.response() if ahead is not None and attempt == 1 else await self._get_object(bucket, key)
+            )
             length = int(response["ContentLength"])
             body = response["Body"]
             try:
                 if length > max_size:
-                    raise PermanentError(ErrorClass.TOO_LARGE, f"object is {length} bytes, over MAX_FILE_SIZE ({max_size})")
+                    raise PermanentError(
+                        ErrorClass.TOO_LARGE, f"object is {length} bytes, over MAX_FILE_SIZE ({max_size})"
+                    )
                 sink.start(length)
                 try:
                     while chunk := await body.read(CHUNK_SIZE):
@@ -155,7 +164,9 @@ class ObjectStore:
                     return length
                 except _BROKEN_BODY as exc:
                     if attempt == BODY_ATTEMPTS:
-                        raise RetryableError(f"object body {where} broke {attempt} times, last: {type(exc).__name__}") from exc
+                        raise RetryableError(
+                            f"object body {where} broke {attempt} times, last: {type(exc).__name__}"
+                        ) from exc
             finally:
                 body.close()
         raise AssertionError("unreachable")

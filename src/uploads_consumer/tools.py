@@ -83,12 +83,18 @@ async def read_dead_letters(settings: Settings) -> list[dict]:
     out = []
     for msg in messages:
         h = msg.headers or {}
-        out.append({
-            "seq": msg.seq, "error_class": h.get("Uploads-Error-Class"), "reason": h.get("Uploads-Error"),
-            "failed_at": h.get("Uploads-Failed-At"), "original_seq": h.get("Uploads-Stream-Seq"),
-            "deliveries": h.get("Uploads-Deliveries"), "event_id": _event_id(msg.data or b""),
-            "body": (msg.data or b"").decode("utf-8", "replace"),
-        })
+        out.append(
+            {
+                "seq": msg.seq,
+                "error_class": h.get("Uploads-Error-Class"),
+                "reason": h.get("Uploads-Error"),
+                "failed_at": h.get("Uploads-Failed-At"),
+                "original_seq": h.get("Uploads-Stream-Seq"),
+                "deliveries": h.get("Uploads-Deliveries"),
+                "event_id": _event_id(msg.data or b""),
+                "body": (msg.data or b"").decode("utf-8", "replace"),
+            }
+        )
     return out
 
 
@@ -113,7 +119,9 @@ async def dlq_list(settings: Settings, as_json: bool) -> int:
         return 0
     print(f"{'SEQ':>6}  {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
     for e in entries:
-        print(f"{e['seq']:>6}  {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}")
+        print(
+            f"{e['seq']:>6}  {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}"
+        )
     print(f"{len(entries)} dead-lettered message{'s' if len(entries) != 1 else ''}")
     return 0
 
@@ -149,7 +157,7 @@ async def decrypt_one(settings: Settings, bucket: str, data_key: str, metadata_k
     async with ObjectStore(settings) as store:
         metadata = parse_metadata(await store.read_small(bucket, metadata_key, MAX_METADATA_BYTES))
         dek = keyring.unwrap(metadata.kek)
-        work_dir = dest.resolve().parent
+        work_dir = dest.resolve().parent  # noqa: ASYNC240 - one stat, before any work starts
         plaintext = PlaintextFile(work_dir, dek, metadata, Metrics())
         try:
             await store.download(bucket, data_key, plaintext, settings.max_file_size)

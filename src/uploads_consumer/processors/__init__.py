@@ -66,7 +66,10 @@ def load_processor(name: str) -> NamedProcessor:
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
             known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
-            raise ConfigError("PROCESSORS", f"unknown processor {name!r} (installed: {', '.join(known) or 'none'}; or use module:attribute)")
+            raise ConfigError(
+                "PROCESSORS",
+                f"unknown processor {name!r} (installed: {', '.join(known) or 'none'}; or use module:attribute)",
+            )
         try:
             target = found[0].load()
         except Exception as exc:  # noqa: BLE001 - a broken plugin is a configuration problem

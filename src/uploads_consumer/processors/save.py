@@ -27,7 +27,9 @@ def safe_component(text: str) -> str:
     letters are kept. Long names are cut to MAX_COMPONENT_BYTES, keeping the extension.
     """
     text = unicodedata.normalize("NFC", text)
-    cleaned = "".join("_" if (c in "/\\" or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")) else c for c in text)
+    cleaned = "".join(
+        "_" if (c in "/\\" or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")) else c for c in text
+    )
     cleaned = cleaned.strip()
     if cleaned.startswith("."):
         cleaned = "_" + cleaned[1:]
@@ -54,7 +56,9 @@ def _ensure_private_dir(path: Path, root: Path) -> None:
             pass
         st = os.lstat(current)
         if not stat.S_ISDIR(st.st_mode):  # a symlink or file planted in the tree: refuse
-            raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"save: {current.relative_to(root)} is not a real directory")
+            raise PermanentError(
+                ErrorClass.PROCESSOR_FAILED, f"save: {current.relative_to(root)} is not a real directory"
+            )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -101,7 +105,9 @@ def save_file(ctx: ProcessingContext) -> Path:
         raise
     except OSError as exc:
         if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
-            raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"save: cannot create {dest.name!r}: {exc.strerror}") from None
+            raise PermanentError(
+                ErrorClass.PROCESSOR_FAILED, f"save: cannot create {dest.name!r}: {exc.strerror}"
+            ) from None
         raise RetryableError(f"save: {exc.strerror or exc} ({dest.parent.relative_to(root)})") from None
     finally:
         tmp.unlink(missing_ok=True)
