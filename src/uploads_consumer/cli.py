@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as exc:
         print(f"uploads-consumer: configuration error: {exc.reason}", file=sys.stderr)
         return EXIT_CONFIG

@@ -6,6 +6,7 @@ Both are in the `demo` extra.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO, Self
 
 
 class MissingExtra(RuntimeError):
@@ -37,10 +39,11 @@ def clean_environment(**extra: str) -> dict[str, str]:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -61,7 +64,8 @@ def nats_server_binary() -> str:
 
 
 class _Process:
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
     what = "server"
 
     def stop(self, timeout: float = 10) -> None:
@@ -87,7 +91,7 @@ class _Process:
             log.close()
             self._log = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -257,7 +261,6 @@ class TcpProxy:
     """
 
     def __init__(self, target_port: int, port: int | None = None, latency: float = 0.0) -> None:
-        import asyncio
         import threading
 
         self.port = port or free_port()
@@ -266,7 +269,7 @@ class TcpProxy:
         self.connections = 0
         self._cuts: list[int] = []
         self._down = False
-        self._writers: set = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tcp-proxy")
@@ -304,7 +307,6 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(apply)
 
     def _run(self) -> None:
-        import asyncio
 
         asyncio.set_event_loop(self._loop)
 
@@ -315,8 +317,7 @@ class TcpProxy:
         self._loop.run_until_complete(serve())
         self._loop.run_forever()
 
-    async def _handle(self, reader, writer) -> None:
-        import asyncio
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
 
         if self._down:
             writer.transport.abort()
@@ -330,7 +331,7 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
 
-        async def pipe(src, dst, limit: int | None, delay: float) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, limit: int | None, delay: float) -> None:
             sent = 0
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -211,7 +211,7 @@ class ObjectDecryptor:
             ) from None
 
 
-def encrypt_stream(src: BinaryIO, dst: BinaryIO, dek: bytes, chunk_size: int = 1 << 20) -> tuple[int, str]:
+def encrypt_stream(src: IO[bytes], dst: IO[bytes], dek: bytes, chunk_size: int = 1 << 20) -> tuple[int, str]:
     """Encrypt `src` into `dst` as `IV || ciphertext || tag`; returns (plaintext size, sha256 hex)."""
     iv = os.urandom(IV_SIZE)
     enc = Cipher(algorithms.AES(dek), modes.GCM(iv)).encryptor()

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Collection
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from uploads_consumer.errors import ErrorClass, PermanentError
 
@@ -57,7 +58,7 @@ class FileUploadEvent(BaseModel):
         return value
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     where = ".".join(str(p) for p in error["loc"]) or "body"
     return f"{where} {error['msg'].removeprefix('Value error, ')}"
 

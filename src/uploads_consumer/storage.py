@@ -119,7 +119,8 @@ class ObjectStore:
                         ErrorClass.BAD_ENVELOPE,
                         f"{what} is {response['ContentLength']} bytes, over the {limit} byte limit",
                     )
-                return await body.read()
+                data: bytes = await body.read()
+                return data
             finally:
                 body.close()
         except PermanentError:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from nats.js.errors import NotFoundError
 
@@ -74,7 +75,7 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
     return 0
 
 
-async def read_dead_letters(settings: Settings) -> list[dict]:
+async def read_dead_letters(settings: Settings) -> list[dict[str, Any]]:
     nc = await connect_once(settings, "uploads-consumer-dlq")
     try:
         messages = await stored_messages(nc.jetstream(timeout=10), settings.dlq_stream_name)

@@ -1,0 +1,33 @@
+"""System packages some tests need: skipped locally with the line that installs them, a failure under CI.
+
+`.ci/run` installs every package named here before the tests (see the README, "Running the tests").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+# binary → the Debian package that provides it
+PACKAGES = {
+    "promtool": "prometheus",
+    "clamd": "clamav-daemon",
+    "espeak-ng": "espeak-ng",
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_tool(binary: str) -> str:
+    """The binary's path; else skip (locally) or fail (CI=true) naming the apt-get line that provides it."""
+    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin:/usr/local/sbin")
+    if path:
+        return path
+    reason = f"{binary} not found: sudo apt-get install -y --no-install-recommends {PACKAGES[binary]}"
+    if in_ci():
+        pytest.fail(f"{reason} (under CI a missing system package is a failure, not a skip)")
+    pytest.skip(reason)
