@@ -43,21 +43,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
+def _processor_streams(settings: Settings) -> tuple[list[tuple[str, str]], list[str]]:
+    """The streams the chain's processors publish to, and a warning for each processor not configured."""
+    from prometheus_client import CollectorRegistry
+
+    from uploads_consumer.processors import ProcessorEnvironment, load_processor
+
+    env = ProcessorEnvironment(
+        download_path=settings.decrypt_download_path.resolve(),
+        chain=tuple(settings.processors),
+        max_retry_delay=max(settings.retry_backoff),
+        registry=CollectorRegistry(),
+    )
+    streams: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    for spec in settings.processors:
+        try:
+            streams += load_processor(spec, env).streams()
+        except ConfigError as exc:
+            warnings.append(f"processor {spec} is not configured ({exc.reason}); streams it needs were not checked")
+    return streams, warnings
+
+
 def cmd_setup(args: argparse.Namespace) -> int:
+    from nats.js.api import DeliverPolicy
+
     from uploads_consumer.connection import connect_once
-    from uploads_consumer.provision import provision
+    from uploads_consumer.provision import provision, retention_warnings
 
     settings = _settings()
+    streams, warnings = _processor_streams(settings)
+    deliver = DeliverPolicy.NEW if args.deliver == "new" else DeliverPolicy.ALL
 
     async def main() -> int:
         nc = await connect_once(settings, "uploads-consumer-setup")
         try:
-            report = await provision(nc.jetstream(timeout=10), settings)
+            js = nc.jetstream(timeout=10)
+            report = await provision(js, settings, streams, deliver)
+            warnings.extend(report.warnings + await retention_warnings(js, settings))
         finally:
             await nc.close()
         for line in report.lines:
             print(line)
-        for warning in report.warnings:
+        for warning in warnings:
             print(f"warning: {warning}")
         return EXIT_OK
 
@@ -91,6 +119,31 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return asyncio.run(decrypt_one(_settings(), args.bucket, args.data_key, args.metadata_key, args.out))
 
 
+def cmd_processors(args: argparse.Namespace) -> int:
+    import json
+
+    from uploads_consumer.processors import describe_installed
+
+    installed = describe_installed()
+    if args.json:
+        print(json.dumps(installed, indent=2))
+        return EXIT_OK
+    for entry in installed:
+        print(f"{entry['name']}  ({entry['target']})")
+        if "error" in entry:
+            print(f"    not loadable here: {entry['error']}")
+            continue
+        if entry["summary"]:
+            print(f"    {entry['summary']}")
+        if entry["external_effect"]:
+            print("    external effect: a completed run is recorded and not repeated on redelivery")
+        for var in entry["variables"]:
+            default = "required" if var["required"] else f"default {var['default']!r}" if var["default"] else "optional"
+            text = f"  {var['description']}" if var["description"] else ""
+            print(f"    {var['variable']:<34} {default}{text}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from uploads_consumer.demo import run_demo
 
@@ -119,12 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
         "run the daemon (the default command)",
         "example:\n  ENCRYPTION_MASTER_KEY=$(cat key.b64) S3_BUCKET_NAME=uploads uploads-consumer run",
     )
-    add(
+    p = add(
         "setup",
         cmd_setup,
         "create the streams, consumer and idempotency bucket that are missing; never deletes or narrows",
-        "example:\n  NATS_URL=nats://nats:4222 NATS_REPLICAS=3 uploads-consumer setup",
+        "examples:\n  NATS_URL=nats://nats:4222 NATS_REPLICAS=3 uploads-consumer setup\n"
+        "  uploads-consumer setup --deliver new   # a new consumer starts from now, not from the stream's start",
     )
+    p.add_argument(
+        "--deliver",
+        choices=("all", "new"),
+        default="all",
+        help="where a consumer created now starts: every message the stream holds (all, the default) or "
+        "only messages published from now on (new); an existing consumer is left as it is",
+    )
+    p = add(
+        "processors",
+        cmd_processors,
+        "list the installed processors and the variables each reads",
+        "examples:\n  uploads-consumer processors\n  uploads-consumer processors --json",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = add(
         "status",
         cmd_status,

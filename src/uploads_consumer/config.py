@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from uploads_consumer.errors import ConfigError
@@ -16,6 +16,7 @@ from uploads_consumer.errors import ConfigError
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
+MIN_RETRY_DELAY = 0.1
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
@@ -128,6 +129,7 @@ class Settings(BaseSettings):
     encryption_previous_master_keys: SecretStr | None = None
 
     processors: CsvList = ("save",)
+    allowed_content_types: CsvList = ()
     decrypt_download_path: Path = Path("./downloads")
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
@@ -149,6 +151,22 @@ class Settings(BaseSettings):
         if value <= 0:
             raise ValueError("must be greater than zero")
         return value
+
+    @field_validator("retry_backoff")
+    @classmethod
+    def _no_hot_loop(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < MIN_RETRY_DELAY for delay in value):
+            raise ValueError(
+                f"every delay must be at least {MIN_RETRY_DELAY * 1000:g}ms (shorter ones retry in a hot loop)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _fetch_inside_ack_wait(self) -> Settings:
+        if self.fetch_timeout >= self.ack_wait:
+            # A pull that outlives the ack wait would hold messages it cannot yet work on.
+            raise ConfigError("FETCH_TIMEOUT", f"must be shorter than ACK_WAIT ({self.ack_wait:g}s)")
+        return self
 
     @field_validator("max_deliver")
     @classmethod

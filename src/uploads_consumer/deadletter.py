@@ -12,16 +12,17 @@ from nats.js.errors import NotFoundError
 from uploads_consumer.errors import ErrorClass, one_line
 
 
-def dead_letter_headers(msg: Msg, error_class: ErrorClass, reason: str) -> dict[str, str]:
-    meta = msg.metadata
+def dead_letter_headers(
+    stream: str, seq: int, subject: str, deliveries: int, error_class: ErrorClass, reason: str
+) -> dict[str, str]:
     return {
-        "Nats-Msg-Id": f"{meta.stream}:{meta.sequence.stream}",
+        "Nats-Msg-Id": f"{stream}:{seq}",
         "Uploads-Error-Class": str(error_class),
         "Uploads-Error": one_line(reason),
-        "Uploads-Stream": meta.stream,
-        "Uploads-Stream-Seq": str(meta.sequence.stream),
-        "Uploads-Subject": msg.subject,
-        "Uploads-Deliveries": str(meta.num_delivered),
+        "Uploads-Stream": stream,
+        "Uploads-Stream-Seq": str(seq),
+        "Uploads-Subject": subject,
+        "Uploads-Deliveries": str(deliveries),
         "Uploads-Failed-At": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
 
@@ -31,14 +32,35 @@ class DeadLetterPublisher:
         self._js, self._subject, self._stream = js, subject, stream
 
     async def publish(self, msg: Msg, error_class: ErrorClass, reason: str) -> None:
-        """Publish and wait for the stream's acknowledgement; raises if the copy is not stored."""
-        await self._js.publish(
-            self._subject,
-            msg.data,
-            headers=dead_letter_headers(msg, error_class, reason),
-            stream=self._stream,
-            timeout=10,
+        """Publish a delivered message's copy; raises unless the dead-letter stream stored it."""
+        meta = msg.metadata
+        headers = dead_letter_headers(
+            meta.stream, meta.sequence.stream, msg.subject, meta.num_delivered, error_class, reason
         )
+        await self._store(msg.data, headers, meta.timestamp)
+
+    async def publish_stored(
+        self, stored: RawStreamMsg, stream: str, deliveries: int, error_class: ErrorClass, reason: str
+    ) -> None:
+        """Copy a message read from its stream by sequence (no delivery of ours holds it)."""
+        seq = stored.seq or 0
+        headers = dead_letter_headers(stream, seq, stored.subject or "", deliveries, error_class, reason)
+        await self._store(stored.data or b"", headers, stored.time)
+
+    async def _store(self, body: bytes, headers: dict[str, str], published: datetime | None) -> None:
+        ack = await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
+        if not ack.duplicate:
+            return
+        # `{stream}:{seq}` was seen within the duplicate window. Usually it is this same message
+        # dead-lettered again (an earlier copy whose ack was lost): then the copy exists. But when the
+        # upload stream was re-created its sequences started over, and another message with the same
+        # id may be what is stored: then this one is stored under an id of its own, never dropped.
+        kept = await self._js.get_msg(self._stream, seq=ack.seq)
+        if (kept.data or b"") == body:
+            return
+        when = int(published.timestamp() * 1_000_000) if published else 0
+        unique = {**headers, "Nats-Msg-Id": f"{headers['Nats-Msg-Id']}:{when}"}
+        await self._js.publish(self._subject, body, headers=unique, stream=self._stream, timeout=10)
 
 
 async def stored_messages(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:

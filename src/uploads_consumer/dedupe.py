@@ -1,19 +1,41 @@
-"""Idempotency: event_ids already processed live in a JetStream key-value bucket.
+"""Idempotency: what was processed, and which steps of it, live in a JetStream key-value bucket.
 
-Two copies of one event_id in the same process are serialised by `claim`, so the second sees
-the first one's record and is acknowledged as a duplicate instead of being processed again.
+An upload is recorded under its `event_id` *and* the keys it names (`key_for`): an event that
+reuses another upload's event_id with other keys is a different upload, so it can neither pass
+for the real one nor make the real one "a duplicate". Two copies of one upload in the same process
+are serialised by `claim`, so the second sees the first one's record. Completed steps with an
+external effect are recorded per upload (`record_step`) with their outputs, and reused on
+redelivery instead of being repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from uploads_consumer.errors import RetryableError, describe
+from uploads_consumer.events import FileUploadEvent
+
+WRITE_ATTEMPTS = 4
+WRITE_PAUSES = (0.2, 0.5, 1.0)
+
+
+def key_for(event: FileUploadEvent) -> str:
+    """`{event_id}.{digest of bucket, keys, email and file_uuid}`: one key per distinct upload."""
+    identity = "\0".join((event.bucket_name, event.s3_data_key, event.s3_metadata_key, event.email, event.file_uuid))
+    return f"{event.event_id}.{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:20]}"
+
+
+def _step_key(key: str, step: str) -> str:
+    return f"{key}.step.{re.sub(r'[^A-Za-z0-9_-]', '_', step)}"
 
 
 class Deduplicator:
@@ -21,39 +43,68 @@ class Deduplicator:
         self._kv = kv  # None: the bucket is disabled (DEDUPE_BUCKET empty); only in-process claims remain
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
+    @property
+    def enabled(self) -> bool:
+        return self._kv is not None
+
     @contextlib.asynccontextmanager
-    async def claim(self, event_id: str | None) -> AsyncIterator[None]:
-        """Hold the event_id for the whole of processing and settling; twins wait their turn."""
-        if event_id is None:
-            yield
-            return
-        lock, users = self._locks.get(event_id, (asyncio.Lock(), 0))
-        self._locks[event_id] = (lock, users + 1)
+    async def claim(self, key: str) -> AsyncIterator[None]:
+        """Hold an upload's key for the whole of its processing; twins wait their turn."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._locks[event_id]
+            lock, users = self._locks[key]
             if users == 1:
-                del self._locks[event_id]
+                del self._locks[key]
             else:
-                self._locks[event_id] = (lock, users - 1)
+                self._locks[key] = (lock, users - 1)
 
-    async def seen(self, event_id: str) -> bool:
+    async def seen(self, key: str) -> bool:
         if self._kv is None:
             return False
         try:
-            await self._kv.get(event_id)
+            await self._kv.get(key)
             return True
         except KeyNotFoundError:  # also KeyDeletedError
             return False
         except Exception as exc:
             raise RetryableError(f"idempotency lookup failed: {describe(exc)}") from exc
 
-    async def mark(self, event_id: str) -> None:
+    async def mark(self, key: str) -> None:
+        """Record the upload as processed. Retried in place: failing here would repeat every step."""
+        await self._put(key, b"1", "recording the upload as processed")
+
+    async def step(self, key: str, step: str) -> dict[str, Any] | None:
+        """The outputs a completed step reported, or None if it has not completed."""
+        if self._kv is None:
+            return None
+        try:
+            entry = await self._kv.get(_step_key(key, step))
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:
+            raise RetryableError(f"step record lookup failed: {describe(exc)}") from exc
+        try:
+            outputs = json.loads(entry.value or b"{}")
+        except ValueError:
+            return {}
+        return outputs if isinstance(outputs, dict) else {}
+
+    async def record_step(self, key: str, step: str, outputs: dict[str, Any]) -> None:
+        body = json.dumps(outputs, ensure_ascii=False, default=str).encode("utf-8")
+        await self._put(_step_key(key, step), body, f"recording step {step} as done")
+
+    async def _put(self, key: str, value: bytes, what: str) -> None:
         if self._kv is None:
             return
-        try:
-            await self._kv.put(event_id, b"1")
-        except Exception as exc:
-            raise RetryableError(f"recording the event as processed failed: {describe(exc)}") from exc
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await self._kv.put(key, value)
+                return
+            except Exception as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise RetryableError(f"{what} failed: {describe(exc)}") from exc
+                await asyncio.sleep(WRITE_PAUSES[min(attempt, len(WRITE_PAUSES)) - 1])

@@ -138,7 +138,7 @@ def _summary(settings: Settings, expected: dict[str, Any], duplicates: float) ->
             ok = False
             print(f"  ✗ {item['name']}: no result")
             continue
-        saved = Path(result["outputs"].get("saved_path", ""))
+        saved = Path(result["outputs"].get("save", {}).get("path", ""))
         good = saved.is_file() and hashlib.sha256(saved.read_bytes()).hexdigest() == item["sha256"] == result["sha256"]
         ok &= good
         where = os.path.relpath(saved) if saved.is_absolute() else saved

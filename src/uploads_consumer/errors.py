@@ -1,4 +1,4 @@
-"""The error tree. Every error carries its outcome; `consumer.settle` turns it into ack/nak/term."""
+"""The error tree. Every error carries its outcome; `settler.decide` turns it into ack/nak/term."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ class ErrorClass(StrEnum):
     BAD_ENVELOPE = "bad_envelope"
     DECRYPT_FAILED = "decrypt_failed"
     PROCESSOR_FAILED = "processor_failed"
+    TYPE_NOT_ALLOWED = "type_not_allowed"
+    INFECTED = "infected"
+    UNSUPPORTED_MEDIA = "unsupported_media"
     MAX_DELIVERIES = "max_deliveries"
     TRANSIENT = "transient"
 

@@ -100,6 +100,19 @@ class Metrics:
         self.consumer_ack_pending = Gauge(
             PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", registry=r
         )
+        self.processor_duration = Histogram(
+            PREFIX + "processor_duration_seconds",
+            "Time one processor took on one upload.",
+            ["processor"],
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800),
+            registry=r,
+        )
+        self.processor_outcomes = Counter(
+            PREFIX + "processor_outcomes",
+            "Processor runs by outcome (ok|skipped|retry|failed).",
+            ["processor", "outcome"],
+            registry=r,
+        )
         self.redeliveries = Counter(
             PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r
         )

@@ -1,19 +1,28 @@
-"""Steps 3–7 of docs/contract.md for one event: check, download, unwrap, stream-decrypt, process, publish the result."""
+"""One upload, from "this is a new event" to "settle it": steps 2–8 of docs/contract.md.
+
+Check the event, look it up in the idempotency bucket (while its S3 requests are already out),
+download, unwrap, stream-decrypt to a private file, sniff the content type, run the processors,
+publish the result event, record the upload. Reusable without the daemon.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats.js import JetStreamContext
-
 from uploads_consumer.config import Settings
+from uploads_consumer.content_type import sniff
+from uploads_consumer.dedupe import Deduplicator, key_for
 from uploads_consumer.envelope import (
     MAX_METADATA_BYTES,
     OVERHEAD,
@@ -25,18 +34,33 @@ from uploads_consumer.envelope import (
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.observability import Metrics
-from uploads_consumer.processors import NamedProcessor, ProcessingContext
+from uploads_consumer.processors import LoadedProcessor, ProcessingContext, Publish, matches_any
 from uploads_consumer.storage import ObjectStore
 
 WORK_DIR_NAME = ".incoming"  # beside the saved files, so `save` can hard-link instead of copying
 STALE_AFTER = 6 * 3600.0
 
 
+@dataclass(frozen=True)
+class Processed:
+    """Every step done: the result event that was published."""
+
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """This upload was processed before (its record is in the idempotency bucket)."""
+
+    key: str
+
+
 class PlaintextFile:
     """An ObjectSink that decrypts into a private temporary file and hashes the plaintext.
 
     Each `start()` begins again from nothing (a fresh decryptor and an empty file), which is what
-    a restarted download needs. Nothing here is trusted until `verify()` has checked the tag.
+    a restarted download needs. Nothing here is trusted until `verify()` has checked the tag and
+    that every byte reached the file (a full disk or a quota cuts writes short).
     """
 
     def __init__(self, work_dir: Path, dek: bytes, metadata: EnvelopeMetadata, metrics: Metrics) -> None:
@@ -48,6 +72,7 @@ class PlaintextFile:
         self._metrics = metrics
         self._decryptor = ObjectDecryptor(dek)
         self._digest = hashlib.sha256()
+        self._written = 0
 
     def start(self, length: int) -> None:
         if length < OVERHEAD:
@@ -63,18 +88,35 @@ class PlaintextFile:
         self._file.truncate()
         self._decryptor = ObjectDecryptor(self._dek)
         self._digest = hashlib.sha256()
+        self._written = 0
 
     def write(self, chunk: bytes) -> None:
         plain = self._decryptor.feed(chunk)
         if plain:
             self._digest.update(plain)
-            self._file.write(plain)
+            self._write_all(plain)
+
+    def _write_all(self, data: memoryview) -> None:
+        # An unbuffered write may store fewer bytes than asked (a full disk, RLIMIT_FSIZE, a network
+        # file system): write the rest, and fail loudly when nothing more goes in.
+        try:
+            while data:
+                n = self._file.write(data)
+                if not n:
+                    raise OSError(errno.ENOSPC, "no byte could be written")
+                self._written += n
+                data = data[n:]
+        except OSError as exc:
+            raise RetryableError(f"cannot write the plaintext to the work directory: {exc.strerror or exc}") from None
 
     def verify(self) -> tuple[int, str]:
-        """Check the GCM tag; returns (size, sha256 hex). Durability is the business of whoever
-        keeps the file (`save` fsyncs it in a worker thread, not here on the event loop)."""
+        """Check the tag and the file's length; returns (size, sha256 hex). Durability is the business
+        of whoever keeps the file (`save` fsyncs it in a worker thread, not here on the event loop)."""
         self._decryptor.finalize()
         size = self._decryptor.plaintext_size
+        on_disk = os.fstat(self._file.fileno()).st_size
+        if self._written != size or on_disk != size:
+            raise RetryableError(f"the plaintext file holds {on_disk} of {size} bytes (disk full?)")
         self._metrics.bytes_decrypted.inc(size)
         return size, self._digest.hexdigest()
 
@@ -91,55 +133,74 @@ class Pipeline:
         settings: Settings,
         store: ObjectStore,
         keyring: MasterKeyRing,
-        processors: list[NamedProcessor],
-        js: JetStreamContext | None,
+        processors: list[LoadedProcessor],
+        ledger: Deduplicator,
+        publish: Publish | None,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._store = store
         self._keyring = keyring
         self._processors = processors
-        self._js = js
+        self._ledger = ledger
+        self._publish = publish
         self._metrics = metrics
         self._allowed = settings.allowed_buckets
-        root = Path(settings.decrypt_download_path)
-        root.mkdir(
-            parents=True, exist_ok=True, mode=0o700
-        )  # private when we create it (mkdir's parents=True would not)
-        self.work_dir = root / WORK_DIR_NAME
+        self._allowed_types = settings.allowed_content_types
+        self.download_path = Path(settings.decrypt_download_path).resolve()
+        # private when we create it (mkdir's parents=True would not apply the mode to parents)
+        self.download_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.work_dir = self.download_path / WORK_DIR_NAME
         self.work_dir.mkdir(exist_ok=True, mode=0o700)
-        self._remove_stale_temporaries()
+        self._remove_stale_work()
 
-    def _remove_stale_temporaries(self) -> None:
-        """Plaintext left by a process that was killed. A live download rewrites its file every
-        second or so; one untouched for STALE_AFTER is nobody's (replicas may share the folder)."""
+    def _remove_stale_work(self) -> None:
+        """Work left by a process that was killed. A live job touches its folder's files every second
+        or so; one untouched for STALE_AFTER is nobody's (replicas may share the folder)."""
         cutoff = time.time() - STALE_AFTER
-        for path in self.work_dir.glob("plain-*.part"):
+        for path in self.work_dir.glob("job-*"):
             with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
+                if newest < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
 
-    async def run(self, event: FileUploadEvent, log: Any) -> dict[str, Any]:
-        """Process one event; returns the result event. Raises the project's errors only."""
-        check_event(event, self._allowed)
-        # The object's GET goes out with the metadata's: one round trip to S3 instead of two in a
-        # row. Its body is not read until the metadata has been checked and the key unwrapped.
-        ahead = self._store.request_ahead(event.bucket_name, event.s3_data_key)
-        plaintext: PlaintextFile | None = None
+    async def run(self, event: FileUploadEvent, log: Any) -> Processed | Duplicate:
+        """Process one event. Raises the project's errors only (anything else is a bug: transient)."""
+        check_event(event, self._allowed)  # before any lookup: a hostile event touches nothing
+        key = key_for(event)
+        async with self._ledger.claim(key):
+            # The object's GET and the metadata's go out together, while the upload is looked up
+            # in the idempotency bucket: one round trip of latency instead of three in a row.
+            # The object's body is not read until the metadata has been checked.
+            ahead = self._store.request_ahead(event.bucket_name, event.s3_data_key)
+            meta = asyncio.ensure_future(
+                self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
+            )
+            try:
+                if await self._ledger.seen(key):
+                    return Duplicate(key)
+                metadata = parse_metadata(await meta)
+                return await self._process(event, key, metadata, ahead, log)
+            finally:
+                ahead.discard()
+                if not meta.done():
+                    meta.cancel()
+                with contextlib.suppress(BaseException):
+                    await meta  # retrieve its outcome, whatever it was
+
+    async def _process(
+        self, event: FileUploadEvent, key: str, metadata: EnvelopeMetadata, ahead: Any, log: Any
+    ) -> Processed:
+        limit = self._settings.max_file_size
+        if metadata.encrypted_size > limit:
+            raise PermanentError(
+                ErrorClass.TOO_LARGE,
+                f"metadata says the object is {metadata.encrypted_size} bytes, over MAX_FILE_SIZE ({limit})",
+            )
+        dek = self._keyring.unwrap(metadata.kek)
+        job, plaintext = self._start_job(dek, metadata)
         try:
-            metadata = parse_metadata(
-                await self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
-            )
-            if metadata.original_size > self._settings.max_file_size:
-                raise PermanentError(
-                    ErrorClass.TOO_LARGE,
-                    f"metadata says {metadata.original_size} bytes, over MAX_FILE_SIZE ({self._settings.max_file_size})",
-                )
-            dek = self._keyring.unwrap(metadata.kek)
-            plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics)
-            await self._store.download(
-                event.bucket_name, event.s3_data_key, plaintext, self._settings.max_file_size, ahead
-            )
+            await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
             size, sha256 = plaintext.verify()
             ctx = ProcessingContext(
                 event=event,
@@ -147,15 +208,15 @@ class Pipeline:
                 plaintext_path=plaintext.path,
                 size=size,
                 sha256=sha256,
-                settings=self._settings,
+                content_type=sniff(plaintext.path, metadata.clean_filename),
+                download_path=self.download_path,
+                work_dir=job,
                 log=log,
             )
-            for processor in self._processors:
-                await self._run_processor(processor, ctx)
+            ran, skipped = await self._run_chain(ctx, key)
         finally:
-            ahead.discard()
-            if plaintext is not None:
-                plaintext.discard()
+            plaintext.discard()
+            shutil.rmtree(job, ignore_errors=True)
         result = {
             "event_id": event.event_id,
             "file_uuid": event.file_uuid,
@@ -164,31 +225,76 @@ class Pipeline:
             "original_filename": metadata.clean_filename,
             "size": size,
             "sha256": sha256,
-            "processors": [p.name for p in self._processors],
+            "content_type": ctx.content_type,
+            "processors": ran,
+            "skipped": skipped,
             "outputs": ctx.outputs,
             "processed_at": int(time.time() * 1000),
         }
         await self._publish_result(result)
-        return result
+        await self._ledger.mark(key)
+        return Processed(result)
 
-    async def _run_processor(self, processor: NamedProcessor, ctx: ProcessingContext) -> None:
+    def _start_job(self, dek: bytes, metadata: EnvelopeMetadata) -> tuple[Path, PlaintextFile]:
+        """A private folder for this message's files, with the (empty) plaintext file in it."""
+        job: Path | None = None
+        try:
+            job = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="job-"))
+            return job, PlaintextFile(job, dek, metadata, self._metrics)
+        except OSError as exc:  # the work folder itself: full disk, permissions
+            if job is not None:
+                shutil.rmtree(job, ignore_errors=True)
+            raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
+
+    async def _run_chain(self, ctx: ProcessingContext, key: str) -> tuple[list[str], list[str]]:
+        if self._allowed_types and not matches_any(ctx.content_type, self._allowed_types):
+            raise PermanentError(
+                ErrorClass.TYPE_NOT_ALLOWED,
+                f"content type {ctx.content_type} is not allowed (ALLOWED_CONTENT_TYPES={','.join(self._allowed_types)})",
+            )
+        ran: list[str] = []
+        skipped: list[str] = []
+        outcomes = self._metrics.processor_outcomes
+        for processor in self._processors:
+            if not processor.applies_to(ctx.content_type):
+                skipped.append(processor.name)
+                outcomes.labels(processor.name, "skipped").inc()
+                continue
+            if processor.external_effect:
+                done = await self._ledger.step(key, processor.name)
+                if done is not None:  # completed on an earlier delivery: its effect is not repeated
+                    ctx.outputs[processor.name] = done
+                    ran.append(processor.name)
+                    ctx.log.info("step already done; not repeated", processor=processor.name)
+                    continue
+            await self._run_processor(processor, ctx)
+            if processor.external_effect:
+                await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
+            ran.append(processor.name)
+        return ran, skipped
+
+    async def _run_processor(self, processor: LoadedProcessor, ctx: ProcessingContext) -> None:
+        ctx.current = processor.name
+        began = time.monotonic()
+        outcome = "ok"
         try:
             await processor.run(ctx)
+        except PermanentError:
+            outcome = "failed"
+            raise
         except UploadsError:
+            outcome = "retry"
             raise
         except Exception as exc:
+            outcome = "retry"
             raise RetryableError(f"processor {processor.name} raised {describe(exc)}") from exc
+        finally:
+            self._metrics.processor_duration.labels(processor.name).observe(time.monotonic() - began)
+            self._metrics.processor_outcomes.labels(processor.name, outcome).inc()
 
     async def _publish_result(self, result: dict[str, Any]) -> None:
         subject = self._settings.nats_result_subject
-        if not subject or self._js is None:
+        if not subject or self._publish is None:
             return
-        try:
-            await self._js.publish(
-                subject,
-                json.dumps(result, ensure_ascii=False).encode("utf-8"),
-                headers={"Nats-Msg-Id": f"{result['event_id']}:processed"},
-                timeout=10,
-            )
-        except Exception as exc:
-            raise RetryableError(f"publishing the result event failed: {describe(exc)}") from exc
+        body = json.dumps(result, ensure_ascii=False).encode("utf-8")
+        await self._publish(subject, body, {"Nats-Msg-Id": f"{result['event_id']}:processed"})

@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -61,8 +62,12 @@ def _ensure_private_dir(path: Path, root: Path) -> None:
             )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Place `src` at `dst` (a hard link when possible: no copy), durable before it is renamed."""
+def _link_or_copy(src: Path, dst: Path, size: int) -> None:
+    """Place `src` at `dst` (a hard link when possible: no copy), durable before it is renamed.
+
+    The result is checked against `size`: a copy cut short (a full disk, a quota) must never be
+    renamed into place as if it were the file.
+    """
     try:
         os.link(src, dst)
     except OSError as exc:
@@ -73,8 +78,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.fchmod(fd, FILE_MODE)
         os.fsync(fd)
+        written = os.fstat(fd).st_size
     finally:
         os.close(fd)
+    if written != size:
+        raise OSError(errno.EIO, f"wrote {written} of {size} bytes")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,14 +97,20 @@ def target_path(root: Path, email: str, file_uuid: str, filename: str) -> Path:
     return root / safe_component(email) / safe_component(file_uuid) / safe_component(filename)
 
 
-def save_file(ctx: ProcessingContext) -> Path:
-    root = Path(ctx.settings.decrypt_download_path).resolve()
-    dest = target_path(root, ctx.event.email, ctx.event.file_uuid, ctx.metadata.clean_filename)
+def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Path, size: int) -> Path:
+    """Put `source` (`size` bytes) at {root}/{email}/{file_uuid}/{filename}, atomically and durably.
+
+    Each component is reduced to one safe path component; nothing is written outside `root`;
+    a reader sees the old file or the whole new one. Blocking: call it in a worker thread.
+    Raises RetryableError (disk full, permissions) or PermanentError (a name the file system refuses).
+    """
+    root = root.resolve()
+    dest = target_path(root, email, file_uuid, filename)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         _ensure_private_dir(dest.parent, root)
-        _link_or_copy(ctx.plaintext_path, tmp)
+        _link_or_copy(source, tmp, size)
         if dest.is_symlink():
             dest.unlink()  # replace the link itself, never write through it
         os.replace(tmp, dest)  # atomic: a reader sees the old file or the whole new one
@@ -114,8 +128,32 @@ def save_file(ctx: ProcessingContext) -> Path:
     return dest
 
 
+def place_bytes(root: Path, work_dir: Path, email: str, file_uuid: str, filename: str, data: bytes) -> Path:
+    """`place_file` for a small output made in memory (a transcript): written to `work_dir` first."""
+    fd, name = tempfile.mkstemp(dir=work_dir, prefix="out-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return place_file(root, email, file_uuid, filename, Path(name), len(data))
+    except OSError as exc:
+        raise RetryableError(f"save: {exc.strerror or exc} (work directory)") from None
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def save_file(ctx: ProcessingContext) -> Path:
+    return place_file(
+        ctx.download_path,
+        ctx.event.email,
+        ctx.event.file_uuid,
+        ctx.metadata.clean_filename,
+        ctx.plaintext_path,
+        ctx.size,
+    )
+
+
 async def save(ctx: ProcessingContext) -> None:
-    """Write the verified plaintext atomically to its place under DECRYPT_DOWNLOAD_PATH."""
+    """Write the verified plaintext atomically to {DECRYPT_DOWNLOAD_PATH}/{email}/{file_uuid}/{name}."""
     dest = await asyncio.to_thread(save_file, ctx)
-    ctx.report("saved_path", str(dest))
+    ctx.report("path", str(dest))
     ctx.log.debug("saved", path=str(dest))

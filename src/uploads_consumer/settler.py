@@ -1,0 +1,210 @@
+"""How a message ends. `decide()` is the one place where an outcome becomes ack, nak or dead-letter;
+`Settler` carries the decision out, one method per kind, each confirmed by the server.
+
+Nothing is lost: a message is terminated only after its dead-letter copy is stored, and it is never
+nak'ed on the consumer's last allowed delivery (the server would not deliver it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from uploads_consumer.deadletter import DeadLetterPublisher
+from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
+from uploads_consumer.observability import Metrics, get_logger
+from uploads_consumer.pipeline import Duplicate, Processed
+
+log = get_logger("uploads_consumer.settler")
+
+ACK_TIMEOUT = 5.0
+
+
+class ShuttingDown(Exception):
+    """The work was cut short by shutdown, or never started: hand the message back at once."""
+
+
+@dataclass(frozen=True)
+class CopyFailed:
+    """A dead-letter copy could not be stored (the dead-letter stream did not acknowledge it)."""
+
+    error: str
+
+
+Outcome = Processed | Duplicate | CopyFailed | Exception
+"""How processing ended: a result, a duplicate, a failed dead-letter copy, or the error that stopped it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Delivery limits: MAX_DELIVER (the daemon's) and the consumer's own `max_deliver` (-1: none)."""
+
+    max_deliver: int = -1
+    server_max_deliver: int = -1
+
+    @property
+    def retry_limit(self) -> int:
+        """Deliveries after which a retryable failure is dead-lettered: the smaller limit, or -1."""
+        limits = [n for n in (self.max_deliver, self.server_max_deliver) if n > 0]
+        return min(limits) if limits else -1
+
+    def is_last_delivery(self, num_delivered: int) -> bool:
+        """The server will not deliver this message again: a nak now would lose it."""
+        return 0 < self.server_max_deliver <= num_delivered
+
+
+@dataclass(frozen=True)
+class Ack:
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Nak:
+    delay: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    error_class: ErrorClass
+    reason: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Keep the message (progress goes on) and try its dead-letter copy again after `delay`."""
+
+    delay: float
+    reason: str
+
+
+Decision = Ack | Nak | DeadLetter | Hold
+
+
+def backoff_delay(backoff: tuple[float, ...], num_delivered: int) -> float:
+    """RETRY_BACKOFF by delivery count (1st failure → first delay); the last delay repeats."""
+    return backoff[min(max(num_delivered, 1), len(backoff)) - 1]
+
+
+def decide(outcome: Outcome, num_delivered: int, limits: Limits, backoff: tuple[float, ...]) -> Decision:
+    """What happens to a message, given how its processing ended. Pure; see docs/contract.md."""
+    last = limits.is_last_delivery(num_delivered)
+    if isinstance(outcome, Processed):
+        return Ack()
+    if isinstance(outcome, Duplicate):
+        return Ack(duplicate=True)
+    if isinstance(outcome, CopyFailed):
+        reason = f"dead-letter copy not stored ({outcome.error})"
+        if last:
+            return Hold(backoff_delay(backoff, num_delivered), reason + "; on its last delivery: trying again")
+        return Nak(backoff_delay(backoff, num_delivered), reason + "; will retry")
+    if isinstance(outcome, ShuttingDown):
+        if last:
+            return DeadLetter(
+                ErrorClass.MAX_DELIVERIES,
+                f"shutdown interrupted delivery {num_delivered}, the consumer's last (max_deliver "
+                f"{limits.server_max_deliver}); replay it with `uploads-consumer dlq replay`",
+            )
+        return Nak(None, "shutting down before processing finished")
+    if isinstance(outcome, PermanentError):
+        return DeadLetter(outcome.error_class, outcome.reason)
+    if isinstance(outcome, RetryableError):
+        reason, delay = outcome.reason, outcome.delay
+    else:
+        reason, delay = f"unexpected {describe(outcome)}", None
+    limit = limits.retry_limit
+    if limit > 0 and num_delivered >= limit:
+        return DeadLetter(ErrorClass.MAX_DELIVERIES, f"gave up after {num_delivered} deliveries; last error: {reason}")
+    return Nak(delay if delay is not None else backoff_delay(backoff, num_delivered), reason)
+
+
+class Settler:
+    """Carries out decisions. Never raises: a settlement that fails leaves the message pending."""
+
+    def __init__(
+        self,
+        nc: Client,
+        dead_letters: DeadLetterPublisher,
+        metrics: Metrics,
+        backoff: tuple[float, ...],
+        limits: Callable[[bool], Awaitable[Limits]],
+        stopping: asyncio.Event,
+    ) -> None:
+        self._nc = nc
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._backoff = backoff
+        self._limits = limits
+        self._stopping = stopping
+
+    async def settle(self, msg: Callable[[], Msg], outcome: Outcome) -> None:
+        """`msg` gives the newest delivery of the message (a redelivery may replace it meanwhile)."""
+        if isinstance(outcome, Exception) and not isinstance(outcome, UploadsError | ShuttingDown):
+            log.error("unexpected error while processing", exc_info=outcome)
+        try:
+            # Before a nak or a dead letter, the consumer's limits are read afresh (a live edit counts).
+            settled = isinstance(outcome, Processed | Duplicate)
+            limits = await self._limits(not settled)
+            decision = decide(outcome, msg().metadata.num_delivered, limits, self._backoff)
+            while isinstance(decision, DeadLetter):
+                failed = await self.dead_letter(msg(), decision)
+                if failed is None:
+                    return
+                after = decide(failed, msg().metadata.num_delivered, await self._limits(True), self._backoff)
+                if not isinstance(after, Hold):
+                    decision = after
+                    break
+                log.error("dead-letter copy not stored; holding the message", reason=after.reason)
+                if not await self._wait(after.delay):
+                    log.error(
+                        "stopping with a dead-letter copy not stored; the server's max-deliveries advisory "
+                        "has it copied once a daemon runs again"
+                    )
+                    return
+            if isinstance(decision, Nak):
+                await self.nak(msg(), decision)
+            elif isinstance(decision, Ack):
+                await self.ack(msg(), decision)
+        except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
+            log.error("settling failed; the message will be redelivered", error=describe(exc))
+
+    async def ack(self, msg: Msg, decision: Ack) -> None:
+        try:
+            await self._confirm(msg, b"+ACK")
+        except Exception as exc:  # noqa: BLE001 - the effect is recorded: a redelivery is a duplicate
+            log.warning("ack not confirmed; a redelivery will be recognised as a duplicate", error=describe(exc))
+            return
+        self._metrics.messages.labels("duplicate" if decision.duplicate else "acked").inc()
+
+    async def nak(self, msg: Msg, decision: Nak) -> None:
+        payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)
+        await self._confirm(msg, payload)
+        self._metrics.messages.labels("nacked").inc()
+        log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
+
+    async def dead_letter(self, msg: Msg, decision: DeadLetter) -> CopyFailed | None:
+        """Store the copy, then terminate the original. Returns CopyFailed when the copy is not stored."""
+        try:
+            await self._dead_letters.publish(msg, decision.error_class, decision.reason)
+        except Exception as exc:  # noqa: BLE001 - never terminate without the copy
+            return CopyFailed(describe(exc))
+        await self._confirm(msg, b"+TERM")
+        self._metrics.messages.labels("dead_lettered").inc()
+        self._metrics.dead_letters.labels(str(decision.error_class)).inc()
+        log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
+        return None
+
+    async def _confirm(self, msg: Msg, payload: bytes) -> None:
+        """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish)."""
+        await self._nc.request(msg.reply, payload, timeout=ACK_TIMEOUT)
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep unless stopping; False if stopping."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
