@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from uploads_consumer.consumer import DUPLICATE, Ack, DeadLetter, Nak, ShuttingDown, backoff_delay, decide
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.pipeline import Duplicate, Processed
+from uploads_consumer.settler import (
+    Ack,
+    CopyFailed,
+    DeadLetter,
+    Hold,
+    Limits,
+    Nak,
+    ShuttingDown,
+    backoff_delay,
+    decide,
+)
 
 BACKOFF = (2.0, 10.0, 30.0, 120.0, 300.0)  # the spec's default RETRY_BACKOFF
-UNLIMITED = -1
+UNLIMITED = Limits(-1, -1)
+
+
+def daemon_limit(n: int) -> Limits:
+    """MAX_DELIVER=n, enforced by the daemon; the consumer itself has no limit (as setup creates it)."""
+    return Limits(max_deliver=n, server_max_deliver=-1)
+
+
+def server_limit(n: int) -> Limits:
+    """A consumer made elsewhere with its own max_deliver=n; MAX_DELIVER unset."""
+    return Limits(max_deliver=-1, server_max_deliver=n)
 
 DEAD_LETTER_CLASSES = [c for c in ErrorClass if c is not ErrorClass.TRANSIENT]
 
@@ -23,6 +44,9 @@ def test_every_permanent_class_of_the_spec_is_covered():
         "decrypt_failed",
         "processor_failed",
         "max_deliveries",
+        "type_not_allowed",
+        "infected",
+        "unsupported_media",
     }
 
 
@@ -34,7 +58,7 @@ def test_permanent_error_is_dead_lettered_with_its_class_and_reason(error_class)
 
 @pytest.mark.parametrize("error_class", DEAD_LETTER_CLASSES, ids=str)
 def test_permanent_error_is_dead_lettered_even_on_a_later_delivery(error_class):
-    decision = decide(PermanentError(error_class, "nope"), 4, 10, BACKOFF)
+    decision = decide(PermanentError(error_class, "nope"), 4, daemon_limit(10), BACKOFF)
     assert isinstance(decision, DeadLetter)
     assert decision.error_class is error_class
 
@@ -74,27 +98,27 @@ def test_unexpected_exception_follows_the_backoff_too():
 
 
 def test_retryable_error_at_max_deliver_is_dead_lettered_as_max_deliveries():
-    decision = decide(RetryableError("S3 returned 503"), 5, 5, BACKOFF)
+    decision = decide(RetryableError("S3 returned 503"), 5, daemon_limit(5), BACKOFF)
     assert isinstance(decision, DeadLetter)
     assert decision.error_class is ErrorClass.MAX_DELIVERIES
     assert "S3 returned 503" in decision.reason
 
 
 def test_retryable_error_beyond_max_deliver_is_dead_lettered_as_max_deliveries():
-    decision = decide(RetryableError("timeout"), 9, 5, BACKOFF)
+    decision = decide(RetryableError("timeout"), 9, daemon_limit(5), BACKOFF)
     assert decision == DeadLetter(ErrorClass.MAX_DELIVERIES, decision.reason)
     assert "timeout" in decision.reason
 
 
 def test_unexpected_exception_at_max_deliver_is_dead_lettered_with_the_last_error():
-    decision = decide(KeyError("missing"), 3, 3, BACKOFF)
+    decision = decide(KeyError("missing"), 3, daemon_limit(3), BACKOFF)
     assert isinstance(decision, DeadLetter)
     assert decision.error_class is ErrorClass.MAX_DELIVERIES
     assert "KeyError" in decision.reason
 
 
 def test_retryable_error_before_max_deliver_is_still_nakked():
-    assert decide(RetryableError("again"), 4, 5, BACKOFF) == Nak(120.0, "again")
+    assert decide(RetryableError("again"), 4, daemon_limit(5), BACKOFF) == Nak(120.0, "again")
 
 
 @pytest.mark.parametrize("num_delivered", [1, 5, 100, 10_000])
@@ -109,18 +133,62 @@ def test_shutting_down_is_nakked_without_delay():
     assert decision.delay is None
 
 
-def test_shutting_down_at_max_deliver_is_still_handed_back():
-    decision = decide(ShuttingDown(), 5, 5, BACKOFF)
+def test_shutting_down_at_the_daemons_own_limit_is_still_handed_back():
+    # The consumer has no server-side limit: the server delivers it again, and the daemon decides then.
+    decision = decide(ShuttingDown(), 5, daemon_limit(5), BACKOFF)
+    assert decision == Nak(None, decision.reason)
+
+
+def test_shutting_down_on_the_consumers_last_delivery_is_dead_lettered_not_nakked():
+    # A nak on the server's last allowed delivery would lose the message: the server never sends it again.
+    decision = decide(ShuttingDown(), 3, server_limit(3), BACKOFF)
+    assert isinstance(decision, DeadLetter)
+    assert decision.error_class is ErrorClass.MAX_DELIVERIES
+    assert "last" in decision.reason and "replay" in decision.reason
+
+
+def test_retryable_error_on_the_consumers_last_delivery_is_dead_lettered():
+    decision = decide(RetryableError("S3 returned 503"), 2, server_limit(2), BACKOFF)
+    assert isinstance(decision, DeadLetter)
+    assert decision.error_class is ErrorClass.MAX_DELIVERIES
+
+
+def test_the_smaller_of_the_two_limits_applies():
+    assert isinstance(decide(RetryableError("x"), 3, Limits(3, 10), BACKOFF), DeadLetter)
+    assert isinstance(decide(RetryableError("x"), 3, Limits(10, 3), BACKOFF), DeadLetter)
+    assert isinstance(decide(RetryableError("x"), 2, Limits(10, 3), BACKOFF), Nak)
+
+
+def test_a_failed_dead_letter_copy_is_nakked_while_the_server_will_deliver_again():
+    decision = decide(CopyFailed("timeout"), 1, UNLIMITED, BACKOFF)
     assert isinstance(decision, Nak)
-    assert decision.delay is None
+    assert decision.delay == 2.0 and "timeout" in decision.reason
 
 
-def test_result_is_acked_as_processed():
-    assert decide({"size": 10, "sha256": "ab"}, 1, UNLIMITED, BACKOFF) == Ack(duplicate=False)
+def test_a_failed_dead_letter_copy_on_the_last_delivery_is_held_never_nakked():
+    decision = decide(CopyFailed("no responders"), 4, server_limit(4), BACKOFF)
+    assert isinstance(decision, Hold)
+    assert decision.delay == 120.0 and "no responders" in decision.reason
 
 
-def test_duplicate_sentinel_is_acked_as_duplicate():
-    assert decide(DUPLICATE, 1, UNLIMITED, BACKOFF) == Ack(duplicate=True)
+@pytest.mark.parametrize("limits", [UNLIMITED, daemon_limit(1), server_limit(1), Limits(2, 3)], ids=str)
+@pytest.mark.parametrize("num_delivered", [1, 2, 3, 7])
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        RetryableError("down"),
+        KeyError("bug"),
+        ShuttingDown(),
+        CopyFailed("down"),
+        PermanentError(ErrorClass.NOT_FOUND, "gone"),
+    ],
+    ids=type,
+)
+def test_no_decision_leaves_a_message_the_server_will_not_deliver_again(outcome, num_delivered, limits):
+    """Nothing is lost: on the consumer's last delivery, a nak is never the answer."""
+    decision = decide(outcome, num_delivered, limits, BACKOFF)
+    if limits.is_last_delivery(num_delivered):
+        assert not isinstance(decision, Nak), decision
 
 
 # ---- backoff_delay -------------------------------------------------------------------------------
