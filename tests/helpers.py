@@ -92,8 +92,11 @@ def results_by_event(messages: list[Any]) -> dict[str, list[dict]]:
     return out
 
 
-async def publish_uploads(settings, files: list, email: str = "user@example.com", msg_id: bool = True) -> list:
-    """Encrypt and upload files as the backend does, and publish their events; returns the events."""
+async def publish_uploads(
+    settings, files: list, email: str = "user@example.com", msg_id: bool = True, publish: bool = True
+) -> list:
+    """Encrypt and upload files as the backend does, and publish their events (unless `publish` is
+    False); returns the events."""
     from uploads_consumer.envelope import MasterKeyRing
     from uploads_consumer.producer import event_json, upload_file
     from uploads_consumer.storage import ObjectStore
@@ -107,12 +110,14 @@ async def publish_uploads(settings, files: list, email: str = "user@example.com"
         async with ObjectStore(settings) as store:
             for path in files:
                 event = await upload_file(store, ring, path, email, settings.s3_bucket_name)
+                events.append(event)
+                if not publish:
+                    continue
                 await js.publish(
                     settings.nats_subject,
                     event_json(event),
                     headers={"Nats-Msg-Id": event.event_id} if msg_id else None,
                 )
-                events.append(event)
         return events
     finally:
         await nc.close()
@@ -137,3 +142,25 @@ async def provision_now(settings) -> None:
         await provision(nc.jetstream(timeout=10), settings)
     finally:
         await nc.close()
+
+
+TESTS = str(Path(__file__).parent)
+
+
+def plugins(state_dir: Path, chain: str, **extra: str) -> dict[str, str]:
+    """Daemon environment for a chain that uses tests/uc_test_plugins.py."""
+    return {"PROCESSORS": chain, "PYTHONPATH": TESTS, "UC_TEST_STATE_DIR": str(state_dir), **extra}
+
+
+async def wait_ready(daemon, url: str, timeout: float = 15) -> None:
+    """The daemon has provisioned and bound to its consumer (readyz 200)."""
+    daemon.wait_http()
+    await wait_settled(url, 0, daemon=daemon)
+    deadline = time.monotonic() + timeout
+    while daemon.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        await asyncio.sleep(0.05)
+
+
+async def dead_letters(url: str) -> list[Any]:
+    return await read_stream(url, "FILE_UPLOADS_DLQ")

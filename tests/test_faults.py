@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -19,9 +20,12 @@ TESTS = str(Path(__file__).parent)
 
 
 def saved_files(downloads: Path) -> list[Path]:
-    return [
-        p for p in downloads.rglob("*") if p.is_file() and ".incoming" not in p.parts and not p.name.endswith(".part")
-    ]
+    """Files `save` put in place (not the daemon's work folder, whose files come and go meanwhile)."""
+    found = []
+    for folder, dirs, names in os.walk(downloads):
+        dirs[:] = [d for d in dirs if d != ".incoming"]
+        found += [Path(folder) / n for n in names if not n.endswith(".part")]
+    return found
 
 
 async def until(condition, timeout: float, what: str, daemon=None) -> None:

@@ -463,7 +463,7 @@ async def test_a_filename_that_sanitises_onto_an_existing_file_or_link_replaces_
     assert victim.read_bytes() == b"untouched"
     root = downloads.resolve()
     saved = {
-        json.loads(m.data)["file_uuid"]: Path(json.loads(m.data)["outputs"]["saved_path"])
+        json.loads(m.data)["file_uuid"]: Path(json.loads(m.data)["outputs"]["save"]["path"])
         for m in await read_stream(nats_server.url, "FILE_PROCESSED")
     }
     for up in (onto_link, onto_file, onto_hidden):

@@ -100,7 +100,7 @@ async def test_every_manifest_case_ends_as_the_manifest_says(
     r = results[_event_id(basic)][0]
     assert r["status"] == "processed" and r["sha256"] == basic["sha256"] and r["size"] == basic["size"]
     assert r["original_filename"] == "audio.mp3" and r["processors"] == ["save"]
-    assert r["outputs"]["saved_path"].endswith("/user@example.com/1cbfac96-1cb1-45b2-a682-39c0de4ea705/audio.mp3")
+    assert r["outputs"]["save"]["path"].endswith("/user@example.com/1cbfac96-1cb1-45b2-a682-39c0de4ea705/audio.mp3")
     # Nothing but the saved files under the download path (the work folder is left empty).
     files = sorted(p.relative_to(downloads).as_posix() for p in downloads.rglob("*") if p.is_file())
     assert files == sorted(f"{c['email']}/{c['file_uuid']}/{c['output_name']}" for c in processed)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
-from uploads_consumer.pipeline import Duplicate, Processed
 from uploads_consumer.settler import (
-    Ack,
     CopyFailed,
     DeadLetter,
     Hold,
@@ -30,6 +28,7 @@ def daemon_limit(n: int) -> Limits:
 def server_limit(n: int) -> Limits:
     """A consumer made elsewhere with its own max_deliver=n; MAX_DELIVER unset."""
     return Limits(max_deliver=-1, server_max_deliver=n)
+
 
 DEAD_LETTER_CLASSES = [c for c in ErrorClass if c is not ErrorClass.TRANSIENT]
 

@@ -46,3 +46,37 @@ async def record(ctx) -> None:
     with open(Path(os.environ["UC_TEST_STATE_DIR"]) / "record.log", "a") as f:
         f.write(f"{ctx.event.event_id} {ctx.size} {ctx.sha256} {ctx.plaintext_path.exists()}\n")
     ctx.report("recorded", True)
+
+
+async def flaky_then_slow(ctx) -> None:
+    """First sight of an event: a retryable failure. After that: sleeps UC_TEST_SLOW_SECONDS."""
+    marker = Path(os.environ["UC_TEST_STATE_DIR"]) / ("fts-" + ctx.event.event_id)
+    if not marker.exists():
+        marker.write_text("seen")
+        raise RetryableError("flaky_then_slow: not this time")
+    await asyncio.sleep(float(os.environ.get("UC_TEST_SLOW_SECONDS", "1")))
+
+
+_running = 0
+_most = 0
+
+
+async def concurrency(ctx) -> None:
+    """Sleeps a moment and reports the most uploads this process had inside it at once."""
+    global _running, _most
+    _running += 1
+    _most = max(_most, _running)
+    try:
+        await asyncio.sleep(float(os.environ.get("UC_TEST_SLOW_SECONDS", "0.3")))
+    finally:
+        _running -= 1
+    ctx.report("most_at_once", _most)
+
+
+def not_async(ctx) -> None:
+    """A plain function: not a valid processor (the daemon must refuse it at start)."""
+
+
+async def peek(ctx) -> None:
+    """Reports which attributes the context offers (a processor must not see the daemon's settings)."""
+    ctx.report("attributes", sorted(a for a in vars(ctx) if not a.startswith("_")))

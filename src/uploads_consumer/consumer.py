@@ -229,6 +229,8 @@ class UploadConsumer:
                 self.inflight.release_slot()
         else:
             outcome = ShuttingDown()
+        if isinstance(outcome, ShuttingDown) and self._source is not None:
+            await self._source.wait_quiet(SETTLE_TIMEOUT - 2)  # else the nak'ed message comes right back to us
         assert self._settler is not None
         await self._settler.settle(lambda: held.msg, outcome)
         self.metrics.processing_seconds.observe(time.monotonic() - began)

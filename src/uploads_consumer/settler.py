@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -169,17 +170,23 @@ class Settler:
             if isinstance(decision, Nak):
                 await self.nak(msg(), decision)
             elif isinstance(decision, Ack):
-                await self.ack(msg(), decision)
+                await self.ack(msg(), decision, outcome.result if isinstance(outcome, Processed) else None)
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
             log.error("settling failed; the message will be redelivered", error=describe(exc))
 
-    async def ack(self, msg: Msg, decision: Ack) -> None:
+    async def ack(self, msg: Msg, decision: Ack, result: dict[str, Any] | None = None) -> None:
         try:
             await self._confirm(msg, b"+ACK")
         except Exception as exc:  # noqa: BLE001 - the effect is recorded: a redelivery is a duplicate
             log.warning("ack not confirmed; a redelivery will be recognised as a duplicate", error=describe(exc))
             return
-        self._metrics.messages.labels("duplicate" if decision.duplicate else "acked").inc()
+        if decision.duplicate:
+            self._metrics.messages.labels("duplicate").inc()
+            log.info("duplicate acknowledged")
+        else:
+            self._metrics.messages.labels("acked").inc()
+            result = result or {}
+            log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
 
     async def nak(self, msg: Msg, decision: Nak) -> None:
         payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)

@@ -63,6 +63,8 @@ class PullSource:
         self._asked = 0
         self._received = 0
         self._answered = asyncio.Event()
+        self._answered.set()  # no request is out yet
+        self._sent_at = 0.0
         self.bound = False
         self.tick = time.monotonic()  # the pull loop's heartbeat, for /healthz
         self._problem: str | None = None
@@ -125,7 +127,9 @@ class PullSource:
                     "run `uploads-consumer setup` or set AUTO_SETUP=true"
                 ) from None
             log.warning(
-                "consumer or stream missing; provisioning", stream=s.nats_stream_name, consumer=s.nats_consumer_name
+                "consumer or stream missing; provisioning again",
+                stream=s.nats_stream_name,
+                consumer=s.nats_consumer_name,
             )
             report = await provision(js, s)
             for line in report.lines:
@@ -177,6 +181,18 @@ class PullSource:
         body = json.dumps({"batch": batch, "expires": int(s.fetch_timeout * 1e9)}).encode()
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{s.nats_stream_name}.{s.nats_consumer_name}"
         await nc.publish(subject, body, reply=f"{self._prefix}.{self._request}")
+        self._sent_at = time.monotonic()
+
+    async def wait_quiet(self, limit: float) -> None:
+        """Until no request of ours is out (so nothing more can be delivered to us), at most `limit` s.
+
+        Handing a message back (a nak) while a request is still waiting would deliver it right back
+        to us, on our way out: it would then sit until its ack wait ran out.
+        """
+        remaining = min(limit, self._sent_at + self._settings.fetch_timeout + 1.0 - time.monotonic())
+        if not self._answered.is_set() and remaining > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), remaining)
 
     async def _wait_answer(self, stopping: asyncio.Event) -> None:
         """Until the request is filled or ended by the server, or FETCH_TIMEOUT + 1 s have passed."""
