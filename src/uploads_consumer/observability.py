@@ -103,6 +103,7 @@ class Metrics:
         self.redeliveries = Counter(
             PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r
         )
+        self.ready = Gauge(PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,4 +143,6 @@ class HealthServer:
         return handler
 
     async def _render(self, _request: web.Request) -> web.Response:
+        # The same check as /readyz, made at each scrape: nothing else has to keep the gauge current.
+        self._metrics.ready.set(1 if self._ready() else 0)
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
