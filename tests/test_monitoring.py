@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "uploads-consumer.json"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 OUR_METRIC = re.compile(
     r"\buploads_consumer_[a-zA-Z0-9_]+"
@@ -228,6 +229,68 @@ def test_promtool_unit_tests_of_the_alert_rules_pass():
     result = promtool("test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+# --- the compose profile `monitoring` -------------------------------------------------------
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def bind_mounts(service: dict) -> dict[str, Path]:
+    """Container path → the repository file or folder mounted there."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = ROOT / source
+    return out
+
+
+def test_prometheus_and_grafana_start_only_with_the_monitoring_profile_on_pinned_images_and_loopback_ports():
+    services = compose_services()
+    for name in ("prometheus", "grafana"):
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        tag = service["image"].rpartition(":")[2]
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin a release, not {service['image']!r}"
+        assert service["ports"] and all(port.startswith("127.0.0.1:") for port in service["ports"]), name
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) is missing"
+            assert source.resolve().is_relative_to(ROOT), f"{name}: {source} is outside the repository"
+
+
+def test_the_compose_prometheus_scrapes_the_consumer_and_loads_the_alert_rules():
+    service = compose_services()["prometheus"]
+    mounts = bind_mounts(service)
+    config_path = next(arg.split("=", 1)[1] for arg in service["command"] if arg.startswith("--config.file="))
+    assert mounts[config_path] == PROMETHEUS_CONFIG
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    for rule_file in config["rule_files"]:  # relative to the config file, here and in the container
+        assert mounts[str(Path(config_path).parent / rule_file)] == PROMETHEUS_CONFIG.parent / rule_file
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "uploads-consumer", "the name UploadsConsumerTargetDown selects"
+    port = compose_services()["uploads-consumer"]["environment"]["HTTP_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"uploads-consumer:{port}"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    result = promtool("check", "config", str(PROMETHEUS_CONFIG))  # the rule files it names are checked too
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compose_grafana_is_provisioned_with_the_prometheus_data_source_and_the_dashboard():
+    services = compose_services()
+    grafana = services["grafana"]
+    mounts = bind_mounts(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"], "the dashboard's ${DS_PROMETHEUS} starts on it"
+    prometheus_port = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert source["url"] == f"http://prometheus:{prometheus_port}"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "uploads-consumer.yml").read_text())["providers"]
+    assert provider["type"] == "file"
+    assert mounts[f"{provider['options']['path']}/{DASHBOARD.name}"] == DASHBOARD
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
 
 
 # --- against a running daemon -----------------------------------------------------------------
