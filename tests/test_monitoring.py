@@ -435,3 +435,11 @@ async def test_a_real_prometheus_scraping_a_daemon_evaluates_the_rules_and_answe
     [alert] = prometheus.wait_for('ALERTS{alertname="UploadsConsumerDeadLetters", alertstate="firing"}')
     assert alert["metric"]["error_class"] == "invalid_message"
     assert alert["metric"]["severity"] == "warning"
+
+
+def test_the_monitoring_doc_covers_loading_both_files_and_every_alert():
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    for needed in ("rule_files:", "job_name: uploads-consumer", "Import", "provisioning", "--profile monitoring"):
+        assert needed in doc, needed
+    for rule in alert_rules():
+        assert f"### {rule['alert']}" in doc, rule["alert"]
