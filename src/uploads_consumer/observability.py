@@ -11,6 +11,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from uploads_consumer.errors import ErrorClass
+
 PREFIX = "uploads_consumer_"
 
 
@@ -80,6 +82,11 @@ class Metrics:
         self.dead_letters = Counter(
             PREFIX + "dead_letters", "Dead-lettered messages by error class.", ["error_class"], registry=r
         )
+        # Every class that can be dead-lettered starts at 0: Prometheus' increase() cannot see the
+        # first step of a series that is born at 1, so an alert on the first dead letter would miss it.
+        for error_class in ErrorClass:
+            if error_class is not ErrorClass.TRANSIENT:  # transient errors are retried, never dead-lettered
+                self.dead_letters.labels(str(error_class))
         self.processing_seconds = Histogram(
             PREFIX + "processing_duration_seconds",
             "Time from receipt to settlement of one message.",
@@ -116,6 +123,7 @@ class Metrics:
         self.redeliveries = Counter(
             PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r
         )
+        self.ready = Gauge(PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -155,4 +163,6 @@ class HealthServer:
         return handler
 
     async def _render(self, _request: web.Request) -> web.Response:
+        # The same check as /readyz, made at each scrape: nothing else has to keep the gauge current.
+        self._metrics.ready.set(1 if self._ready() else 0)
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
