@@ -90,9 +90,10 @@ async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(
     [result] = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))[event.event_id]
     assert result["sha256"] == sha and result["processors"] == ["save", "record"]
     assert result["outputs"] == {
-        "saved_path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin"),
-        "recorded": True,
+        "save": {"path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin")},
+        "record": {"recorded": True},
     }
+    assert result["skipped"] == [] and result["content_type"] == "application/octet-stream"
     assert list((downloads / ".incoming").iterdir()) == [], "the temporary plaintext is removed"
 
 

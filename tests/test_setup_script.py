@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import connect, consumer_info
 from nats.js.api import AckPolicy, DeliverPolicy, ReplayPolicy
+from system import require_tool
 
 from uploads_consumer.embedded import NatsServer, clean_environment
 
@@ -63,9 +64,7 @@ def test_script_is_executable_strict_and_shellcheck_clean():
     assert os.access(SCRIPT, os.X_OK)
     assert "set -euo pipefail" in SCRIPT.read_text()
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed")
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run([require_tool("shellcheck"), str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
