@@ -163,6 +163,8 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
     stream_add = subcommand(recorded[1])
     assert stream_add[2] == "FILE_UPLOADS"
     assert stream_add[stream_add.index("--subjects") + 1] == "file.uploads" and "--defaults" in stream_add
+    for flag in ("--max-age=7d", "--retention", "--discard", "--storage"):
+        assert any(f == flag or f.startswith(flag) for f in stream_add), flag
 
     consumer_add = subcommand(recorded[3])
     assert consumer_add[2:4] == ["FILE_UPLOADS", "file_processor"]
@@ -226,8 +228,10 @@ def test_with_nats_cli_the_daemons_variables_are_honoured(fake_nats):
     assert result.returncode == 0, result.stderr
     consumer_add = subcommand(calls()[3])
     assert consumer_add[2:4] == ["UP", "worker"]
-    for flag in ("--wait=45s", "--max-deliver=20", "--max-pending=64"):
+    for flag in ("--wait=45s", "--max-pending=64"):
         assert flag in consumer_add
+    # MAX_DELIVER is the daemon's to enforce: a server-side limit would drop messages silently.
+    assert "--max-deliver=-1" in consumer_add and "--max-deliver=20" not in consumer_add
     assert consumer_add[consumer_add.index("--filter") + 1] == "up.files"
 
 
