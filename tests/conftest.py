@@ -1,16 +1,18 @@
-"""Fixtures: real servers on free ports (nats-server, moto's S3 server) and the real daemon process."""
+"""Fixtures: real servers on free ports (nats-server, moto's S3 server, a webhook receiver) and the real
+daemon process."""
 
 from __future__ import annotations
 
 import base64
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore.config import Config
+from webhook_receiver import WebhookReceiver
 
 from uploads_consumer.config import VARIABLES, Settings
 from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
@@ -110,3 +112,19 @@ def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+async def webhook_receiver(webhook_secret: str) -> AsyncIterator[WebhookReceiver]:
+    """A webhook receiver on a free loopback port that checks signatures made with `webhook_secret`."""
+    receiver = WebhookReceiver(webhook_secret)
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()

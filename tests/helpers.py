@@ -137,3 +137,13 @@ async def provision_now(settings) -> None:
         await provision(nc.jetstream(timeout=10), settings)
     finally:
         await nc.close()
+
+
+async def wait_ready(daemon, url: str, timeout: float = 15) -> None:
+    """The daemon has provisioned and bound to its consumer (readyz 200)."""
+    daemon.wait_http()
+    await wait_settled(url, 0, daemon=daemon)
+    deadline = time.monotonic() + timeout
+    while daemon.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        await asyncio.sleep(0.05)
