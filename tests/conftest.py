@@ -1,10 +1,11 @@
-"""Fixtures: real servers on free ports (nats-server, moto's S3 server, a webhook receiver) and the real
+"""Fixtures: real servers on free ports (nats-server, moto's S3 server, clamd, a webhook receiver) and the real
 daemon process."""
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -12,10 +13,11 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from system import require_tool
 from webhook_receiver import WebhookReceiver
 
 from uploads_consumer.config import VARIABLES, Settings
-from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
+from uploads_consumer.embedded import ClamdServer, DaemonProcess, NatsServer, S3Server, clean_environment, free_port
 
 OUR_VARIABLES = VARIABLES
 
@@ -112,6 +114,18 @@ def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def clamd() -> Iterator[ClamdServer]:
+    """A real clamd on a private unix socket whose database detects EICAR (about a second to start)."""
+    require_tool("clamd")
+    server = ClamdServer()
+    try:
+        with server:
+            yield server
+    finally:
+        shutil.rmtree(server.base_dir, ignore_errors=True)
 
 
 @pytest.fixture
