@@ -240,11 +240,11 @@ class ScanSettings(ProcessorSettings):
     clamd_url: str = Field(
         default="unix:///var/run/clamav/clamd.ctl", description="tcp://host:3310 or unix:///path/to/clamd.ctl"
     )
-    timeout: Duration = Field(default=120.0, description="for one scan, connecting and sending included")
+    timeout: Duration = Field(default="2m", validate_default=True, description="for one scan, sending included")
     max_size: Size = Field(
-        default=25 << 20,
-        description="larger files are dead-lettered too_large without being sent; keep it at or below clamd's "
-        "StreamMaxLength (clamd passes files over its MaxFileSize as clean)",
+        default="25MiB",
+        validate_default=True,
+        description="larger files are dead-lettered too_large, not sent; at most clamd's StreamMaxLength and MaxFileSize",
     )
 
     @field_validator("clamd_url")

@@ -131,7 +131,7 @@ class WebhookSettings(ProcessorSettings):
     format: Literal["standard", "slack", "discord"] = Field(
         default="standard", description="standard (Standard Webhooks, signed), slack or discord"
     )
-    timeout: Duration = Field(default=10.0, description="for one attempt, connecting included")
+    timeout: Duration = Field(default="10s", validate_default=True, description="for one attempt, connecting included")
     secret: SecretStr | None = Field(
         default=None,
         description="whsec_ + base64 of 24-64 random bytes; several comma-separated sign with each (rotation); "
