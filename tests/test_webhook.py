@@ -127,6 +127,7 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds("-5") is None
+    assert retry_after_seconds("²") is None
 
 
 async def test_400_and_410_are_dead_lettered_as_processor_failed_naming_the_status(

@@ -43,6 +43,7 @@ SECRET_PREFIX = "whsec_"
 # Standard Webhooks: a symmetric signing secret is at least 24 random bytes, at most 64.
 MIN_KEY_BYTES, MAX_KEY_BYTES = 24, 64
 RETRYABLE_STATUSES = frozenset({408, 429})
+MIN_RETRY_AFTER = 1.0
 EVENT_TYPE = "file.processed"
 PREVIEW_WORDS, PREVIEW_CHARS = 12, 120
 
@@ -81,7 +82,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if value is None or not value.strip():
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -265,7 +266,9 @@ class Webhook(Processor):
         if status in RETRYABLE_STATUSES or 500 <= status < 600:
             delay = retry_after_seconds(retry_after)
             if delay is not None:
-                delay = min(delay, self.env.max_retry_delay)
+                # At least a second (`Retry-After: 0` on every attempt must not become a hot loop),
+                # at most the longest RETRY_BACKOFF delay.
+                delay = min(max(delay, MIN_RETRY_AFTER), self.env.max_retry_delay)
             raise RetryableError(f"webhook: {answered}", delay=delay)
         if 300 <= status < 400:
             raise PermanentError(
