@@ -145,13 +145,14 @@ def interpolate(value: str) -> str:
     return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
 
 
-def test_compose_has_nats_minio_bucket_init_and_the_consumer():
+def test_compose_has_nats_minio_bucket_init_clamav_and_the_consumer():
     services = compose()["services"]
     # Services in a profile (Prometheus and Grafana: tests/test_monitoring.py) start only when asked for.
     assert {name for name, service in services.items() if not service.get("profiles")} == {
         "nats",
         "minio",
         "minio-init",
+        "clamav",
         "uploads-consumer",
     }
     for name, service in services.items():
@@ -173,7 +174,7 @@ def test_compose_nats_has_jetstream_monitoring_guest_credentials_and_a_volume():
 
 def test_compose_every_long_running_service_has_a_healthcheck():
     services = compose()["services"]
-    for name in ("nats", "minio", "uploads-consumer"):
+    for name in ("nats", "minio", "clamav", "uploads-consumer"):
         test = services[name]["healthcheck"]["test"]
         assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
     assert "/healthz" in " ".join(services["uploads-consumer"]["healthcheck"]["test"])
@@ -209,8 +210,8 @@ def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_va
     assert consumer["build"]["context"] == "."
     assert (ROOT / consumer["build"].get("dockerfile", "Dockerfile")).is_file()
     env = consumer["environment"]
-    unknown = set(env) - VARIABLES
-    assert not unknown, f"not variables of Settings: {unknown}"
+    unknown = set(env) - VARIABLES - processor_variables(interpolate(env.get("PROCESSORS", "save")))
+    assert not unknown, f"not variables of Settings nor of the processors in PROCESSORS: {unknown}"
     assert env["NATS_URL"] == "nats://guest:guest@nats:4222"
     assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
     assert env["S3_PATH_STYLE_ACCESS"] == "true"
@@ -220,6 +221,41 @@ def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_va
     volume, _, target = consumer["volumes"][0].partition(":")
     assert target == str(settings.decrypt_download_path) and volume in data["volumes"]
     assert parse_duration(consumer["stop_grace_period"]) > settings.shutdown_grace + settings.fetch_timeout
+
+
+def processor_variables(chain: str) -> set[str]:
+    """The variables the chain's (installed) processors read, as `uploads-consumer processors` lists them."""
+    from uploads_consumer.processors import describe_installed
+
+    names = {s.strip() for s in chain.split(",") if s.strip()}
+    return {v["variable"] for p in describe_installed() if p["name"] in names for v in p.get("variables", [])}
+
+
+def test_compose_clamav_is_a_pinned_release_that_the_consumer_scans_with_before_saving(monkeypatch, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from uploads_consumer.processors import ProcessorEnvironment, load_processor
+    from uploads_consumer.processors.scan import Scan
+
+    data = compose()
+    clamav = data["services"]["clamav"]
+    image, _, tag = clamav["image"].partition(":")
+    assert image == "clamav/clamav" and re.fullmatch(r"\d+\.\d+(\.\d+)?", tag), "an official image, pinned"
+    volume, _, target = clamav["volumes"][0].partition(":")
+    assert target == "/var/lib/clamav" and volume in data["volumes"], "the signature database persists"
+    env = data["services"]["uploads-consumer"]["environment"]
+    chain = [p.strip() for p in interpolate(env["PROCESSORS"]).split(",")]
+    assert chain[0] == "scan" and "save" in chain
+    assert env["SCAN_CLAMD_URL"] == "tcp://clamav:3310"  # the official image's clamd port
+    for name, value in env.items():
+        if name.startswith("SCAN_"):
+            monkeypatch.setenv(name, interpolate(value))
+    environment = ProcessorEnvironment(tmp_path, tuple(chain), 300.0, CollectorRegistry())
+    assert isinstance(load_processor("scan", environment).instance, Scan)  # its settings validate
+    # The webhook example is there for the operator to uncomment.
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable in ("WEBHOOK_URL", "WEBHOOK_SECRET", "WEBHOOK_FORMAT"):
+        assert f"# {variable}: " in text
 
 
 # --- systemd -----------------------------------------------------------------------------

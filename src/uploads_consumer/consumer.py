@@ -198,9 +198,7 @@ class UploadConsumer:
                 raise ShuttingDown()
 
     def _warn_about_the_chain(self, ledger: Deduplicator) -> None:
-        names = [p.name for p in self._processors]
-        if "scan" in names and "save" in names and names.index("save") < names.index("scan"):
-            log.warning("save runs before scan: an infected upload is saved before it is found; put scan first")
+        # Where `scan` stands in the chain is checked by the scan processor itself, at start.
         external = [p.name for p in self._processors if p.external_effect]
         if external and not ledger.enabled:
             log.warning(
