@@ -140,3 +140,13 @@ def test_the_processors_command_lists_them():
     assert result.returncode == 0, result.stderr
     assert "save  (uploads_consumer.processors.save:save)" in result.stdout
     assert "SAVE_CONTENT_TYPES" in result.stdout
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("AUDIT_ENDPOINT", "x")
+    monkeypatch.setenv("AUDIT_TIMEOUT", "")
+    loaded = load_processor("uc_test_processor_classes:Audit", ENV)
+    assert loaded.instance is not None and loaded.instance.settings.timeout == 5.0
+    monkeypatch.setenv("AUDIT_ENDPOINT", "")
+    with pytest.raises(ConfigError, match="AUDIT_ENDPOINT: is required"):
+        load_processor("uc_test_processor_classes:Audit", ENV)

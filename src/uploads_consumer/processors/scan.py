@@ -37,7 +37,6 @@ from uploads_consumer.processors import (
     Processor,
     ProcessorEnvironment,
     ProcessorSettings,
-    processor_name,
     variable_prefix,
 )
 
@@ -282,7 +281,7 @@ class Scan(Processor):
         clamd not answering is a warning, not exit 2: it may start after us (its database loads for
         a while), and meanwhile uploads are retried, never passed on unscanned.
         """
-        chain = [processor_name(spec) for spec in self.env.chain]
+        chain = list(self.env.chain)
         if self.name in chain and chain.index(self.name) > 0:
             before = chain[: chain.index(self.name)]
             them = "them" if len(before) > 1 else "it"
