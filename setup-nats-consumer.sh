@@ -13,13 +13,16 @@
 #   NATS_CREDS, NATS_NKEY        .creds / nkey seed file
 #   NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY
 #   NATS_STREAM_NAME=FILE_UPLOADS  NATS_SUBJECT=file.uploads  NATS_CONSUMER_NAME=file_processor
-#   ACK_WAIT=30s  MAX_DELIVER=-1  MAX_ACK_PENDING=100  NATS_REPLICAS=1
+#   ACK_WAIT=30s  MAX_ACK_PENDING=100  NATS_REPLICAS=1
+# The consumer is always created with --max-deliver=-1: once a server-side limit is reached the
+# server drops a message silently, so MAX_DELIVER is enforced by the daemon (a dead-letter copy).
+# The stream keeps 7 days of uploads (limits retention, file storage, discard old).
 #
 # Exit status: 0 when the stream and consumer exist afterwards, non-zero otherwise.
 set -euo pipefail
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -37,7 +40,6 @@ stream="${NATS_STREAM_NAME:-FILE_UPLOADS}"
 subject="${NATS_SUBJECT:-file.uploads}"
 consumer="${NATS_CONSUMER_NAME:-file_processor}"
 ack_wait="${ACK_WAIT:-30s}"
-max_deliver="${MAX_DELIVER:--1}"
 max_ack_pending="${MAX_ACK_PENDING:-100}"
 replicas="${NATS_REPLICAS:-1}"
 
@@ -96,20 +98,20 @@ if nats "${conn[@]}" stream info "$stream" >/dev/null 2>&1 </dev/null; then
     echo "found   stream $stream"
 else
     nats "${conn[@]}" stream add "$stream" \
-        --subjects "$subject" --storage file --retention limits --discard old \
+        --subjects "$subject" --storage file --retention limits --discard old --max-age=7d \
         --replicas "$replicas" --defaults </dev/null >/dev/null
     echo "created stream $stream (subject $subject)"
 fi
 
 if nats "${conn[@]}" consumer info "$stream" "$consumer" >/dev/null 2>&1 </dev/null; then
-    # Never changed here: the daemon uses the consumer's own ack_wait and max_deliver.
+    # Never changed here: the daemon reads the consumer's own ack_wait and max_deliver as they are.
     echo "found   consumer $consumer on $stream (left as it is)"
 else
     nats "${conn[@]}" consumer add "$stream" "$consumer" \
         --filter "$subject" \
         --ack explicit --pull --deliver all \
-        "--max-deliver=$max_deliver" "--max-pending=$max_ack_pending" "--wait=$ack_wait" \
+        "--max-deliver=-1" "--max-pending=$max_ack_pending" "--wait=$ack_wait" \
         --replay instant --defaults </dev/null >/dev/null
     echo "created consumer $consumer on $stream (pull, ack explicit, ack wait $ack_wait," \
-         "max deliver $max_deliver, max ack pending $max_ack_pending)"
+         "max ack pending $max_ack_pending; MAX_DELIVER is enforced by the daemon)"
 fi

@@ -1,19 +1,23 @@
-"""Fixtures: real servers on free ports (nats-server, moto's S3 server) and the real daemon process."""
+"""Fixtures: real servers on free ports (nats-server, moto's S3 server, clamd, a webhook receiver) and the real
+daemon process."""
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore.config import Config
+from system import require_tool
+from webhook_receiver import WebhookReceiver
 
 from uploads_consumer.config import VARIABLES, Settings
-from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
+from uploads_consumer.embedded import ClamdServer, DaemonProcess, NatsServer, S3Server, clean_environment, free_port
 
 OUR_VARIABLES = VARIABLES
 
@@ -110,3 +114,31 @@ def start_daemon(daemon_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def clamd() -> Iterator[ClamdServer]:
+    """A real clamd on a private unix socket whose database detects EICAR (about a second to start)."""
+    require_tool("clamd")
+    server = ClamdServer()
+    try:
+        with server:
+            yield server
+    finally:
+        shutil.rmtree(server.base_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+async def webhook_receiver(webhook_secret: str) -> AsyncIterator[WebhookReceiver]:
+    """A webhook receiver on a free loopback port that checks signatures made with `webhook_secret`."""
+    receiver = WebhookReceiver(webhook_secret)
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()

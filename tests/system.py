@@ -13,8 +13,10 @@ import pytest
 # binary → the Debian package that provides it
 PACKAGES = {
     "promtool": "prometheus",
+    "prometheus": "prometheus",
     "clamd": "clamav-daemon",
     "espeak-ng": "espeak-ng",
+    "shellcheck": "shellcheck",
 }
 
 

@@ -20,6 +20,7 @@ from helpers import (
 )
 from nats.js.api import StreamConfig
 
+from uploads_consumer.content_type import sniff
 from uploads_consumer.producer import event_json
 
 TESTS = str(Path(__file__).parent)
@@ -82,7 +83,8 @@ async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(
     settings = settings_for()
     daemon = start_daemon(**plugins(tmp_path, "save,uc_test_plugins:record"))
     await _ready(daemon, nats_server.url)
-    [event] = await publish_uploads(settings, make_files(tmp_path / "in", 1, size=5000))
+    [source] = make_files(tmp_path / "in", 1, size=5000)
+    [event] = await publish_uploads(settings, [source])
     await wait_settled(nats_server.url, 1, daemon=daemon)
     assert daemon.terminate() == 0
     event_id, size, sha, existed = (tmp_path / "record.log").read_text().split()
@@ -90,9 +92,10 @@ async def test_processors_run_in_order_on_verified_plaintext_and_report_outputs(
     [result] = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))[event.event_id]
     assert result["sha256"] == sha and result["processors"] == ["save", "record"]
     assert result["outputs"] == {
-        "saved_path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin"),
-        "recorded": True,
+        "save": {"path": str(downloads / "user@example.com" / event.file_uuid / "file-0.bin")},
+        "record": {"recorded": True},
     }
+    assert result["skipped"] == [] and result["content_type"] == sniff(source, source.name)
     assert list((downloads / ".incoming").iterdir()) == [], "the temporary plaintext is removed"
 
 

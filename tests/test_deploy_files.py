@@ -378,13 +378,14 @@ def test_published_ports_reads_every_syntax(ports, expected):
     assert published_ports({"ports": ports}) == expected
 
 
-def test_compose_has_nats_minio_bucket_init_and_the_consumer():
+def test_compose_has_nats_minio_bucket_init_clamav_and_the_consumer():
     services = compose()["services"]
     # Services in a profile (Prometheus and Grafana: tests/test_monitoring.py) start only when asked for.
     assert {name for name, service in services.items() if not service.get("profiles")} == {
         "nats",
         "minio",
         "minio-init",
+        "clamav",
         "uploads-consumer",
     }
     for name, service in services.items():
@@ -442,7 +443,8 @@ def test_compose_healthchecks_ask_the_ports_the_services_listen_on():
         "/healthz",
     )
     assert services["minio"]["healthcheck"]["test"][:2] == ["CMD", "mc"]
-    for name in ("nats", "minio", "uploads-consumer"):
+    assert services["clamav"]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    for name in ("nats", "minio", "clamav", "uploads-consumer"):
         check = services[name]["healthcheck"]
         assert go_duration(check["timeout"]) < go_duration(check["interval"]) and check["retries"] >= 1, name
 
@@ -516,8 +518,9 @@ def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_va
     consumer = data["services"]["uploads-consumer"]
     assert consumer["build"]["context"] == "."
     assert (ROOT / consumer["build"].get("dockerfile", "Dockerfile")).is_file()
-    assert not set(consumer["environment"]) - VARIABLES, set(consumer["environment"]) - VARIABLES
     env = service_env(consumer)
+    unknown = set(env) - VARIABLES - processor_variables(env.get("PROCESSORS", "save"))
+    assert not unknown, f"not variables of Settings nor of the processors in PROCESSORS: {unknown}"
     settings = Settings(**{k.lower(): v for k, v in env.items()})  # every value validates
     assert settings.s3_bucket_name and settings.master_keys()[0] == bytes(32)
     assert settings.s3_path_style_access, "MinIO needs path-style addressing"
@@ -532,6 +535,41 @@ def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
     consumer = compose()["services"]["uploads-consumer"]
     assert go_duration(consumer["stop_grace_period"]) >= stop_allowance(service_env(consumer))
     assert consumer.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def processor_variables(chain: str) -> set[str]:
+    """The variables the chain's (installed) processors read, as `uploads-consumer processors` lists them."""
+    from uploads_consumer.processors import describe_installed
+
+    names = {s.strip() for s in chain.split(",") if s.strip()}
+    return {v["variable"] for p in describe_installed() if p["name"] in names for v in p.get("variables", [])}
+
+
+def test_compose_clamav_is_a_pinned_release_that_the_consumer_scans_with_before_saving(monkeypatch, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from uploads_consumer.processors import ProcessorEnvironment, load_processor
+    from uploads_consumer.processors.scan import Scan
+
+    data = compose()
+    clamav = data["services"]["clamav"]
+    image, _, tag = clamav["image"].partition(":")
+    assert image == "clamav/clamav" and re.fullmatch(r"\d+\.\d+(\.\d+)?", tag), "an official image, pinned"
+    volume, _, target = clamav["volumes"][0].partition(":")
+    assert target == "/var/lib/clamav" and volume in data["volumes"], "the signature database persists"
+    env = data["services"]["uploads-consumer"]["environment"]
+    chain = [p.strip() for p in interpolate(env["PROCESSORS"]).split(",")]
+    assert chain[0] == "scan" and "save" in chain
+    assert env["SCAN_CLAMD_URL"] == "tcp://clamav:3310"  # the official image's clamd port
+    for name, value in env.items():
+        if name.startswith("SCAN_"):
+            monkeypatch.setenv(name, interpolate(value))
+    environment = ProcessorEnvironment(tmp_path, tuple(chain), 300.0, CollectorRegistry())
+    assert isinstance(load_processor("scan", environment).instance, Scan)  # its settings validate
+    # The webhook example is there for the operator to uncomment.
+    text = (ROOT / "docker-compose.yml").read_text()
+    for variable in ("WEBHOOK_URL", "WEBHOOK_SECRET", "WEBHOOK_FORMAT"):
+        assert f"# {variable}: " in text
 
 
 # --- systemd -----------------------------------------------------------------------------

@@ -327,7 +327,7 @@ class PrometheusServer:
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        binary = Path(require_tool("promtool")).with_name("prometheus")  # the same Debian package
+        binary = Path(require_tool("prometheus"))  # the server, from the same Debian package as promtool
         self.proc = subprocess.Popen(
             [
                 str(binary),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import connect, consumer_info
 from nats.js.api import AckPolicy, DeliverPolicy, ReplayPolicy
+from system import require_tool
 
 from uploads_consumer.embedded import NatsServer, clean_environment
 
@@ -63,9 +64,7 @@ def test_script_is_executable_strict_and_shellcheck_clean():
     assert os.access(SCRIPT, os.X_OK)
     assert "set -euo pipefail" in SCRIPT.read_text()
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed")
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    result = subprocess.run([require_tool("shellcheck"), str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -164,6 +163,8 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
     stream_add = subcommand(recorded[1])
     assert stream_add[2] == "FILE_UPLOADS"
     assert stream_add[stream_add.index("--subjects") + 1] == "file.uploads" and "--defaults" in stream_add
+    for flag in ("--max-age=7d", "--retention", "--discard", "--storage"):
+        assert any(f == flag or f.startswith(flag) for f in stream_add), flag
 
     consumer_add = subcommand(recorded[3])
     assert consumer_add[2:4] == ["FILE_UPLOADS", "file_processor"]
@@ -227,8 +228,10 @@ def test_with_nats_cli_the_daemons_variables_are_honoured(fake_nats):
     assert result.returncode == 0, result.stderr
     consumer_add = subcommand(calls()[3])
     assert consumer_add[2:4] == ["UP", "worker"]
-    for flag in ("--wait=45s", "--max-deliver=20", "--max-pending=64"):
+    for flag in ("--wait=45s", "--max-pending=64"):
         assert flag in consumer_add
+    # MAX_DELIVER is the daemon's to enforce: a server-side limit would drop messages silently.
+    assert "--max-deliver=-1" in consumer_add and "--max-deliver=20" not in consumer_add
     assert consumer_add[consumer_add.index("--filter") + 1] == "up.files"
 
 

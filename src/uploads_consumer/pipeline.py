@@ -213,7 +213,7 @@ class Pipeline:
                 work_dir=job,
                 log=log,
             )
-            ran, skipped = await self._run_chain(ctx, key)
+            ran, skipped = await self._run_chain(ctx, key, log)
         finally:
             plaintext.discard()
             shutil.rmtree(job, ignore_errors=True)
@@ -246,7 +246,7 @@ class Pipeline:
                 shutil.rmtree(job, ignore_errors=True)
             raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
 
-    async def _run_chain(self, ctx: ProcessingContext, key: str) -> tuple[list[str], list[str]]:
+    async def _run_chain(self, ctx: ProcessingContext, key: str, log: Any) -> tuple[list[str], list[str]]:
         if self._allowed_types and not matches_any(ctx.content_type, self._allowed_types):
             raise PermanentError(
                 ErrorClass.TYPE_NOT_ALLOWED,
@@ -267,14 +267,15 @@ class Pipeline:
                     ran.append(processor.name)
                     ctx.log.info("step already done; not repeated", processor=processor.name)
                     continue
-            await self._run_processor(processor, ctx)
+            await self._run_processor(processor, ctx, log)
             if processor.external_effect:
                 await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
             ran.append(processor.name)
         return ran, skipped
 
-    async def _run_processor(self, processor: LoadedProcessor, ctx: ProcessingContext) -> None:
+    async def _run_processor(self, processor: LoadedProcessor, ctx: ProcessingContext, log: Any) -> None:
         ctx.current = processor.name
+        ctx.log = log.bind(processor=processor.name)
         began = time.monotonic()
         outcome = "ok"
         try:

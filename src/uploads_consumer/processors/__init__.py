@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
+from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from uploads_consumer.config import CsvList
@@ -81,7 +81,7 @@ class ProcessorEnvironment:
     download_path: Path
     """DECRYPT_DOWNLOAD_PATH, resolved: where output files belong ({email}/{file_uuid}/ under it)."""
     chain: tuple[str, ...]
-    """The names of the processors in the chain, in order."""
+    """The names of the processors in the chain, in order (`processor_name` of each PROCESSORS entry)."""
     max_retry_delay: float
     """The longest RETRY_BACKOFF delay: a cap for delays a processor asks for (e.g. Retry-After)."""
     registry: CollectorRegistry
@@ -101,6 +101,17 @@ class ProcessorSettings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     content_types: CsvList = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # An exported-but-empty variable means "unset", as for the daemon's own variables.
+        if value == "" and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            if field.is_required():
+                raise ValueError("is required (it is set but empty)")
+            return field.get_default(call_default_factory=True)
+        return value
 
 
 class Processor:
