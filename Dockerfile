@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # uploads-consumer: a small runtime image, built in two stages.
 #   docker build -t uploads-consumer .
-#   docker run --rm -e ENCRYPTION_MASTER_KEY=... -e NATS_URL=nats://nats:4222 uploads-consumer
+#   docker run --rm --stop-timeout 45 -e ENCRYPTION_MASTER_KEY=... -e NATS_URL=nats://nats:4222 uploads-consumer
 #   docker run --rm -e NATS_URL=... uploads-consumer status      # any other command
 
 # --- build: install the package and its dependencies into a virtual environment -----------
@@ -51,7 +51,9 @@ USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('HTTP_PORT') or '8080'), timeout=4)"]
 
-# SIGTERM (docker stop) is a clean stop: in-flight work gets SHUTDOWN_GRACE, then exit 0.
+# SIGTERM (docker stop) is a clean stop: fetching stops, in-flight work gets SHUTDOWN_GRACE, the
+# rest is nak'ed, exit 0; the whole stop takes at most SHUTDOWN_GRACE + 15 s. docker stop's default
+# of 10 s is too short: run with --stop-timeout 45 (SHUTDOWN_GRACE 30s + 15), or docker stop -t 45.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "uploads_consumer"]
 CMD ["run"]

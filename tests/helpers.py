@@ -18,6 +18,18 @@ from nats.js.errors import NotFoundError
 # The backend's interop vectors (written with the JDK's JCE), carried by the repository.
 INTEROP = Path(__file__).resolve().parent / "interop"
 
+# The shutdown contract (docs/contract.md, "10. Shutdown"): a stop takes at most SHUTDOWN_GRACE + 15 s;
+# the deploy files give exactly that before a forced kill.
+STOP_MARGIN = 15.0
+# Measured from the test, a stop also includes delivering the signal and the interpreter's exit,
+# which a loaded 2-core CI machine can stretch by seconds: slack for the harness, not for the daemon.
+STOP_SLACK = 5.0
+
+
+def stop_limit(shutdown_grace: float) -> float:
+    """The longest a test lets `terminate()` take for a daemon with this SHUTDOWN_GRACE."""
+    return shutdown_grace + STOP_MARGIN + STOP_SLACK
+
 
 async def connect(url: str):
     """A short-lived test connection; `url` may list several servers, comma-separated."""

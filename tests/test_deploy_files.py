@@ -1,23 +1,34 @@
 """The deployment files operators use: Dockerfile, docker-compose.yml, the systemd unit, the Kubernetes manifests.
 
-No Docker engine or cluster here: the files are parsed and checked for what makes them work, and
-the pieces that can run here (the image's health check, systemd-analyze) are run for real.
+No Docker engine or cluster here: each file is parsed (YAML, the unit's key/values, the Dockerfile's
+instructions, the shell commands in comments and the README) and checked for what it means — the
+ports it publishes, the images it pulls, the time it gives a stop, the variables it sets — and the
+pieces that can run here are run for real: the image's health check against a live daemon and
+against fake ones, the bucket-init script with a recording `mc`, systemd-analyze.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from helpers import STOP_MARGIN
 
+from uploads_consumer.cli import build_parser
 from uploads_consumer.config import Settings, parse_duration
 from uploads_consumer.embedded import free_port
 
@@ -30,12 +41,119 @@ class DEFAULTS:
 
     http_port = Settings.model_fields["http_port"].default
     shutdown_grace = Settings.model_fields["shutdown_grace"].default
-    fetch_timeout = Settings.model_fields["fetch_timeout"].default
     nats_stream_name = Settings.model_fields["nats_stream_name"].default
     nats_consumer_name = Settings.model_fields["nats_consumer_name"].default
 
 
 GOOD_KEY = "A" * 43 + "="  # base64 of 32 zero bytes
+
+
+def stop_allowance(environment: dict[str, str]) -> float:
+    """What a deploy file must give a stop before a forced kill: SHUTDOWN_GRACE + 15 s (docs/contract.md, 10)."""
+    grace = environment.get("SHUTDOWN_GRACE") or DEFAULTS.shutdown_grace
+    return parse_duration(grace) + STOP_MARGIN
+
+
+def test_stop_allowance_is_the_contract():
+    assert stop_allowance({}) == 45  # the figure the files and the README give for the default grace
+    assert stop_allowance({"SHUTDOWN_GRACE": "2m"}) == 135
+
+
+def is_pinned(image: str) -> bool:
+    """A digest, or a tag naming one release (x.y.z, or MinIO's RELEASE.<timestamp>): never `latest`, `2.10`."""
+    name, at, digest = image.partition("@")
+    if at:
+        return re.fullmatch(r"sha256:[0-9a-f]{64}", digest) is not None
+    _, colon, tag = name.rpartition(":")
+    if not colon or "/" in tag:
+        return False
+    return (
+        re.search(r"(^|[^0-9.])v?\d+\.\d+\.\d+([^0-9.]|$)|^RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ$", tag) is not None
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        ("nats:2.10.22-alpine", True),
+        ("prom/prometheus:v2.53.2", True),
+        ("minio/mc:RELEASE.2024-11-21T17-21-54Z", True),
+        (f"minio/minio@sha256:{'a' * 64}", True),
+        ("nats:latest", False),
+        ("nats", False),
+        ("nats:2.10-alpine", False),
+        ("nats:2-alpine", False),
+        ("registry:5000/nats", False),
+        ("minio/minio:RELEASE.2024", False),
+    ],
+)
+def test_is_pinned(image, pinned):
+    assert is_pinned(image) is pinned
+
+
+# --- commands written in comments and in the README ----------------------------------------
+
+
+def docker_runs(text: str) -> list[list[str]]:
+    """Every `docker run ...` command in shell text (comment markers, continuations and trailing comments dropped)."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    runs = []
+    for line in joined.splitlines():
+        if line.lstrip().startswith("docker run "):
+            runs.append(shlex.split(line, comments=True))
+    return runs
+
+
+def daemon_run(argv: list[str]) -> tuple[dict[str, str], str | None, list[str]] | None:
+    """(its -e variables, its --stop-timeout, the command after the image) of a `docker run` of this image."""
+    env: dict[str, str] = {}
+    stop_timeout = None
+    i = 2
+    while i < len(argv) and argv[i].startswith("-"):
+        option = argv[i]
+        value = None
+        if "=" in option:
+            option, value = option.split("=", 1)
+        elif option not in ("--rm", "-d", "-it", "-i", "-t", "--detach", "--init"):
+            i += 1
+            value = argv[i]
+        if option in ("-e", "--env"):
+            key, _, val = (value or "").partition("=")
+            env[key] = val
+        elif option == "--stop-timeout":
+            stop_timeout = value
+        i += 1
+    if i >= len(argv) or argv[i] != "uploads-consumer":
+        return None
+    return env, stop_timeout, argv[i + 1 :]
+
+
+def check_docker_runs(text: str, where: str) -> int:
+    """Each `docker run` of the daemon gives it the stop allowance and sets only real variables."""
+    daemons = 0
+    for argv in docker_runs(text):
+        parsed = daemon_run(argv)
+        if parsed is None:
+            continue
+        env, stop_timeout, command = parsed
+        assert not set(env) - VARIABLES, f"{where}: not variables of Settings: {set(env) - VARIABLES}"
+        if command in ([], ["run"]):  # the daemon, not a one-off command
+            daemons += 1
+            assert stop_timeout is not None, f"{where}: {shlex.join(argv)} has no --stop-timeout (docker waits 10 s)"
+            assert float(stop_timeout) >= stop_allowance(env), f"{where}: --stop-timeout {stop_timeout}"
+    return daemons
+
+
+def test_docker_run_checks_catch_a_missing_or_short_stop_timeout():
+    assert check_docker_runs("# docker run --rm --stop-timeout 45 -e NATS_URL=x uploads-consumer", "ok") == 1
+    assert check_docker_runs("docker run -e NATS_URL=x uploads-consumer status", "a command") == 0
+    with pytest.raises(AssertionError, match="no --stop-timeout"):
+        check_docker_runs("# docker run --rm -e NATS_URL=x uploads-consumer", "none")
+    with pytest.raises(AssertionError, match="--stop-timeout 45"):
+        check_docker_runs("docker run --stop-timeout 45 -e SHUTDOWN_GRACE=60s uploads-consumer run", "short")
+    with pytest.raises(AssertionError, match="not variables"):
+        check_docker_runs("docker run --stop-timeout 45 -e NATS_ULR=x \\\n  uploads-consumer", "typo")
 
 
 # --- Dockerfile --------------------------------------------------------------------------
@@ -64,9 +182,21 @@ def final_stage() -> list[tuple[str, str]]:
     return instructions[last_from:]
 
 
-def healthcheck_command() -> list[str]:
+def healthcheck() -> tuple[dict[str, str], list[str]]:
+    """The runtime stage's HEALTHCHECK: its --options and its exec-form command."""
     (args,) = [rest for word, rest in final_stage() if word == "HEALTHCHECK"]
-    return json.loads(args[args.index("CMD") + 3 :].strip())
+    options, _, command = args.partition("CMD ")
+    flags = dict(option.removeprefix("--").split("=", 1) for option in options.split())
+    assert command.lstrip().startswith("["), "exec form: no shell needed, the exit code is python's"
+    return flags, json.loads(command)
+
+
+def dockerfile_user() -> tuple[int, int]:
+    users = [rest for word, rest in final_stage() if word == "USER"]
+    assert users, "the runtime stage sets USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and (not gid or gid.isdigit()), "numeric, so Kubernetes' runAsNonRoot can check it"
+    return int(uid), int(gid or uid)
 
 
 def test_dockerfile_is_multi_stage_on_python_3_11_slim():
@@ -77,37 +207,77 @@ def test_dockerfile_is_multi_stage_on_python_3_11_slim():
     assert any(c.startswith("--from=") for c in copies), "the runtime stage copies the build stage's result"
 
 
-def test_dockerfile_runs_the_daemon_as_a_non_root_user():
+def test_dockerfile_runs_the_daemon_as_a_non_root_user_that_receives_sigterm():
     stage = final_stage()
-    users = [rest for word, rest in stage if word == "USER"]
-    assert users, "the runtime stage sets USER"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0")
-    entry = [json.loads(rest) for word, rest in stage if word in ("ENTRYPOINT", "CMD")]
-    argv = [a for part in entry for a in part]
+    uid, gid = dockerfile_user()
+    assert uid != 0 and gid != 0
+    [entrypoint] = [rest for word, rest in stage if word == "ENTRYPOINT"]
+    # Exec form: python is PID 1 and gets docker stop's SIGTERM (a shell form would swallow it).
+    assert entrypoint.startswith("["), entrypoint
+    argv = json.loads(entrypoint) + [a for word, rest in stage if word == "CMD" for a in json.loads(rest)]
     assert argv[:3] == ["python", "-m", "uploads_consumer"]
-    env = " ".join(rest for word, rest in stage if word == "ENV")
-    assert f"HTTP_PORT={DEFAULTS.http_port}" in env
-    assert any(word == "EXPOSE" and rest == str(DEFAULTS.http_port) for word, rest in stage)
+    build_parser().parse_args(argv[3:])  # the default command is one the CLI accepts
+    assert [rest for word, rest in stage if word == "STOPSIGNAL"] in ([], ["SIGTERM"])
+    env = dict(pair.split("=", 1) for word, rest in stage if word == "ENV" for pair in shlex.split(rest) if "=" in pair)
+    assert not {k for k in env if k.isupper() and k not in ("PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")} - (
+        VARIABLES
+    ), env
+    Settings(**{k.lower(): v for k, v in env.items() if k in VARIABLES}, encryption_master_key=GOOD_KEY)
+    assert any(word == "EXPOSE" and rest == env["HTTP_PORT"] for word, rest in stage)
 
 
-def test_dockerfile_healthcheck_uses_python_urllib_on_healthz():
-    command = healthcheck_command()
-    assert command[0] == "python" and "curl" not in " ".join(command)
-    assert "urllib" in command[-1] and "/healthz" in command[-1]
+def test_dockerfile_examples_give_docker_run_the_stop_allowance():
+    assert check_docker_runs((ROOT / "Dockerfile").read_text(), "Dockerfile") >= 1
+
+
+@contextmanager
+def fake_daemon(status: int) -> Iterator[tuple[int, list[str]]]:
+    """An HTTP server answering every GET with `status`; yields its port and the paths asked for."""
+    paths: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            paths.append(self.path)
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], paths
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_healthcheck(port: int) -> subprocess.CompletedProcess:
+    _, command = healthcheck()
+    command[0] = sys.executable
+    return subprocess.run(command, env={**os.environ, "HTTP_PORT": str(port)}, capture_output=True, timeout=30)
+
+
+def test_dockerfile_healthcheck_asks_healthz_on_http_port_and_fails_on_anything_but_200():
+    flags, command = healthcheck()
+    assert command[0] == "python", "the slim image has no curl"
+    assert parse_duration(flags["timeout"]) > 0 and int(flags["retries"]) >= 1
+    with fake_daemon(200) as (port, paths):
+        assert run_healthcheck(port).returncode == 0
+        assert paths == ["/healthz"]
+    with fake_daemon(503) as (port, paths):
+        assert run_healthcheck(port).returncode != 0, "503 (a stuck fetch loop) is unhealthy"
+        assert paths == ["/healthz"]
 
 
 def test_dockerfile_healthcheck_passes_on_a_live_daemon_and_fails_without_one(start_daemon, daemon_env):
-    command = healthcheck_command()
-    command[0] = sys.executable
     daemon = start_daemon()
     daemon.wait_http()
-    ok = subprocess.run(
-        command, env={**os.environ, "HTTP_PORT": daemon_env["HTTP_PORT"]}, capture_output=True, timeout=30
-    )
+    ok = run_healthcheck(int(daemon_env["HTTP_PORT"]))
     assert ok.returncode == 0, ok.stderr
-    down = subprocess.run(command, env={**os.environ, "HTTP_PORT": str(free_port())}, capture_output=True, timeout=30)
-    assert down.returncode != 0
+    assert run_healthcheck(free_port()).returncode != 0
 
 
 def test_dockerignore_keeps_out_git_and_tests_but_not_what_the_build_copies():
@@ -132,17 +302,80 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def interpolate(value: str) -> str:
-    """Compose's ${VAR:-default} and ${VAR:?error}, as if only the required master key were set."""
+def interpolate(value: object, host: dict[str, str] | None = None) -> str:
+    """What compose makes of a value: `$$` → `$`, and ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR from
+    the host's environment — by default one where only the required master key is set."""
+    env = {"ENCRYPTION_MASTER_KEY": GOOD_KEY} if host is None else host
 
     def one(match: re.Match) -> str:
-        name, op, arg = match.group(1), match.group(2), match.group(3)
-        if op == ":?":
-            assert name == "ENCRYPTION_MASTER_KEY", f"{name} is required"
-            return GOOD_KEY
-        return arg or ""
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, arg = match.group(2), match.group(3)
+        value = env.get(name)
+        if op in (":?", "?"):
+            assert value, f"{name} is required: {arg}"
+            return value
+        if op in (":-",):
+            return value or arg
+        if op == "-":
+            return arg if value is None else value
+        return value or ""
 
-    return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", one, str(value))
+    return re.sub(r"\$\$|\$\{([A-Za-z0-9_]+)(?:(:-|:\?|-|\?)([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", one, str(value))
+
+
+def service_env(service: dict, host: dict[str, str] | None = None) -> dict[str, str]:
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {key: interpolate(value, host) for key, value in environment.items()}
+
+
+def published_ports(service: dict) -> list[tuple[str | None, str, str]]:
+    """(host address or None for all interfaces, host port, container port) of each `ports:` entry."""
+    out = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):  # long syntax
+            out.append((entry.get("host_ip"), str(entry.get("published", "")), str(entry["target"])))
+            continue
+        text = interpolate(entry).split("/")[0]
+        address = None
+        if text.startswith("["):  # [::1]:4222:4222
+            address, _, text = text[1:].partition("]:")
+        parts = text.split(":")
+        if address is None and len(parts) == 3:
+            address = parts.pop(0)
+        host_port, container_port = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+        out.append((address, host_port, container_port))
+    return out
+
+
+def go_duration(text: str) -> float:
+    """Compose's durations (Go's syntax): 45s, 1m30s, 1h, 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize(
+    ("ports", "expected"),
+    [
+        (["127.0.0.1:4222:4222"], [("127.0.0.1", "4222", "4222")]),
+        (["4222:4222"], [(None, "4222", "4222")]),
+        (["8080"], [(None, "", "8080")]),
+        (["[::1]:9000:9000/tcp"], [("::1", "9000", "9000")]),
+        (["${BIND:-0.0.0.0}:8222:8222"], [("0.0.0.0", "8222", "8222")]),
+        ([{"target": 80, "published": 8080}], [(None, "8080", "80")]),
+        ([{"target": 80, "published": 8080, "host_ip": "127.0.0.1"}], [("127.0.0.1", "8080", "80")]),
+    ],
+)
+def test_published_ports_reads_every_syntax(ports, expected):
+    assert published_ports({"ports": ports}) == expected
 
 
 def test_compose_has_nats_minio_bucket_init_clamav_and_the_consumer():
@@ -160,24 +393,60 @@ def test_compose_has_nats_minio_bucket_init_clamav_and_the_consumer():
             assert dep in services, f"{name} depends on unknown {dep}"
 
 
-def test_compose_nats_has_jetstream_monitoring_guest_credentials_and_a_volume():
+def test_compose_publishes_every_port_on_loopback_only():
+    """The default credentials (NATS guest/guest, MinIO and Grafana admins) then work from this machine only."""
+    for name, service in compose()["services"].items():
+        assert service.get("network_mode") != "host", f"{name}: host networking publishes everything"
+        for address, host_port, container_port in published_ports(service):
+            assert address in LOOPBACK, f"{name}: port {container_port} is published on {address or 'every interface'}"
+            assert host_port, f"{name}: port {container_port} is published on a random host port"
+
+
+def test_compose_pins_every_image_it_pulls():
+    for name, service in compose()["services"].items():
+        if "build" in service:
+            continue  # built here from ./Dockerfile; `image` only names the result
+        assert is_pinned(service["image"]), f"{name}: pin a release or a digest, not {service['image']!r}"
+
+
+def test_compose_nats_runs_jetstream_with_the_credentials_and_store_the_consumer_uses():
     data = compose()
     nats = data["services"]["nats"]
     cmd = nats["command"]
-    assert "-js" in cmd and cmd[cmd.index("-m") + 1] == "8222"
-    assert cmd[cmd.index("--user") + 1] == "guest" and cmd[cmd.index("--pass") + 1] == "guest"
+    assert "-js" in cmd
     store = cmd[cmd.index("-sd") + 1]
     volume, _, target = nats["volumes"][0].partition(":")
-    assert target == store and volume in data["volumes"]
-    assert "8222/healthz" in " ".join(nats["healthcheck"]["test"])
+    assert target == store and volume in data["volumes"], "JetStream's store survives a restart"
+    url = urlsplit(service_env(data["services"]["uploads-consumer"])["NATS_URL"])
+    assert (url.username, url.password) == (cmd[cmd.index("--user") + 1], cmd[cmd.index("--pass") + 1])
+    assert url.hostname == "nats" and url.port == 4222
+    assert ("127.0.0.1", "4222", "4222") in published_ports(nats)
 
 
-def test_compose_every_long_running_service_has_a_healthcheck():
+def healthcheck_url(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1
+    [url] = re.findall(r"http://[^'\"\s]+", " ".join(test))
+    return url
+
+
+def test_compose_healthchecks_ask_the_ports_the_services_listen_on():
     services = compose()["services"]
+    nats_cmd = services["nats"]["command"]
+    nats_health = urlsplit(healthcheck_url(services["nats"]))
+    assert (nats_health.port, nats_health.path) == (int(nats_cmd[nats_cmd.index("-m") + 1]), "/healthz")
+    consumer = services["uploads-consumer"]
+    health = urlsplit(healthcheck_url(consumer))
+    assert (health.hostname, health.port, health.path) == (
+        "127.0.0.1",
+        int(service_env(consumer)["HTTP_PORT"]),
+        "/healthz",
+    )
+    assert services["minio"]["healthcheck"]["test"][:2] == ["CMD", "mc"]
+    assert services["clamav"]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
     for name in ("nats", "minio", "clamav", "uploads-consumer"):
-        test = services[name]["healthcheck"]["test"]
-        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
-    assert "/healthz" in " ".join(services["uploads-consumer"]["healthcheck"]["test"])
+        check = services[name]["healthcheck"]
+        assert go_duration(check["timeout"]) < go_duration(check["interval"]) and check["retries"] >= 1, name
 
 
 def test_compose_start_order_waits_for_health_and_for_the_bucket():
@@ -189,19 +458,59 @@ def test_compose_start_order_waits_for_health_and_for_the_bucket():
     }
 
 
-def test_compose_bucket_init_creates_the_consumers_bucket_with_mc():
-    services = compose()["services"]
-    init = services["minio-init"]
-    assert init["image"].startswith("minio/mc")
-    script = " ".join(init["command"])
-    assert "mc mb --ignore-existing" in script
-    # $$ reaches the container's shell as $; a single $ would be expanded by compose, from the host.
-    assert re.search(r"(?<!\$)\$(?![${])", script) is None
-    bucket = interpolate(init["environment"]["S3_BUCKET_NAME"])
-    assert bucket == interpolate(services["uploads-consumer"]["environment"]["S3_BUCKET_NAME"])
-    assert interpolate(init["environment"]["MINIO_ROOT_USER"]) == interpolate(
-        services["uploads-consumer"]["environment"]["AWS_ACCESS_KEY_ID"]
+def run_bucket_init(tmp_path: Path, host: dict[str, str], mc_fails: str = "") -> tuple[int, list[list[str]]]:
+    """Run minio-init's entrypoint and command as its container would, with a `mc` that records its arguments."""
+    init = compose()["services"]["minio-init"]
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    (fake / "mc").write_text(
+        '#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$CALLS"; echo >> "$CALLS"\n'
+        f'[ "$1" != "{mc_fails}" ]\n'
     )
+    (fake / "mc").chmod(0o755)
+    argv = [interpolate(a, host) for a in init["entrypoint"] + init["command"]]
+    env = {**service_env(init, host), "PATH": f"{fake}:/usr/bin:/bin", "CALLS": str(calls)}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    recorded = [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+    return result.returncode, recorded
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+@pytest.mark.parametrize(
+    "host",
+    [
+        {"ENCRYPTION_MASTER_KEY": GOOD_KEY},
+        {
+            "ENCRYPTION_MASTER_KEY": GOOD_KEY,
+            "MINIO_ROOT_USER": "ops",
+            "MINIO_ROOT_PASSWORD": "a $ecret with spaces",
+            "S3_BUCKET_NAME": "my-uploads",
+        },
+    ],
+    ids=["defaults", "set"],
+)
+def test_compose_bucket_init_creates_the_consumers_bucket_on_the_minio_service(tmp_path, host):
+    services = compose()["services"]
+    consumer = service_env(services["uploads-consumer"], host)
+    code, calls = run_bucket_init(tmp_path, host)
+    assert code == 0
+    [alias, make_bucket] = calls
+    endpoint = urlsplit(alias[3])
+    assert alias[:3] == ["alias", "set", "local"]
+    assert endpoint.hostname == "minio" and any(
+        c == str(endpoint.port) for _, _, c in published_ports(services["minio"])
+    )
+    assert endpoint.geturl() == consumer["S3_ENDPOINT_URL"]
+    assert alias[4:] == [consumer["AWS_ACCESS_KEY_ID"], consumer["AWS_SECRET_ACCESS_KEY"]], "the consumer's keys"
+    assert make_bucket == ["mb", "--ignore-existing", f"local/{consumer['S3_BUCKET_NAME']}"]
+    assert service_env(services["minio"], host)["MINIO_ROOT_USER"] == alias[4]
+
+
+def test_compose_bucket_init_fails_when_mc_does_so_the_consumer_does_not_start(tmp_path):
+    code, calls = run_bucket_init(tmp_path, {"ENCRYPTION_MASTER_KEY": GOOD_KEY}, mc_fails="alias")
+    assert code != 0 and len(calls) == 1, "no bucket made against an alias that was not set"
 
 
 def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_variables():
@@ -209,18 +518,23 @@ def test_compose_consumer_is_built_from_the_dockerfile_and_configured_by_real_va
     consumer = data["services"]["uploads-consumer"]
     assert consumer["build"]["context"] == "."
     assert (ROOT / consumer["build"].get("dockerfile", "Dockerfile")).is_file()
-    env = consumer["environment"]
-    unknown = set(env) - VARIABLES - processor_variables(interpolate(env.get("PROCESSORS", "save")))
+    env = service_env(consumer)
+    unknown = set(env) - VARIABLES - processor_variables(env.get("PROCESSORS", "save"))
     assert not unknown, f"not variables of Settings nor of the processors in PROCESSORS: {unknown}"
-    assert env["NATS_URL"] == "nats://guest:guest@nats:4222"
-    assert env["S3_ENDPOINT_URL"] == "http://minio:9000"
-    assert env["S3_PATH_STYLE_ACCESS"] == "true"
-    assert env["ENCRYPTION_MASTER_KEY"].startswith("${ENCRYPTION_MASTER_KEY:?")  # required, with a message
-    settings = Settings(**{k.lower(): interpolate(v) for k, v in env.items()})  # every value validates
+    settings = Settings(**{k.lower(): v for k, v in env.items()})  # every value validates
     assert settings.s3_bucket_name and settings.master_keys()[0] == bytes(32)
+    assert settings.s3_path_style_access, "MinIO needs path-style addressing"
+    with pytest.raises(AssertionError, match="ENCRYPTION_MASTER_KEY is required"):
+        service_env(consumer, host={})  # compose refuses to start without the key
     volume, _, target = consumer["volumes"][0].partition(":")
     assert target == str(settings.decrypt_download_path) and volume in data["volumes"]
-    assert parse_duration(consumer["stop_grace_period"]) > settings.shutdown_grace + settings.fetch_timeout
+    assert any(c == str(settings.http_port) for _, _, c in published_ports(consumer))
+
+
+def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
+    consumer = compose()["services"]["uploads-consumer"]
+    assert go_duration(consumer["stop_grace_period"]) >= stop_allowance(service_env(consumer))
+    assert consumer.get("stop_signal", "SIGTERM") == "SIGTERM"
 
 
 def processor_variables(chain: str) -> set[str]:
@@ -289,13 +603,31 @@ def env_example() -> dict[str, str]:
     return out
 
 
+def unit_environment() -> dict[str, str]:
+    """What the service sees: the unit's Environment= defaults, overridden by the EnvironmentFile."""
+    defaults = dict(v.split("=", 1) for v in unit_keys().get("Service.Environment", []))
+    return {**defaults, **env_example()}
+
+
+def systemd_seconds(value: str) -> float:
+    """A systemd time span in seconds, as systemd reads it (`45s`, `1min 30s`, a plain number is seconds)."""
+    if shutil.which("systemd-analyze"):
+        out = subprocess.run(["systemd-analyze", "timespan", value], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        [micros] = re.findall(r"μs: (\d+)", out.stdout)
+        return int(micros) / 1e6
+    return parse_duration(value if not value.isdigit() else f"{value}s")
+
+
 def test_systemd_unit_has_the_operational_settings():
     k = unit_keys()
     one = {key: values[-1] for key, values in k.items()}
     assert one["Service.EnvironmentFile"] == "/etc/uploads-consumer/env"
-    assert one["Service.Restart"] == "on-failure" and parse_duration(one["Service.RestartSec"]) > 0
+    assert one["Service.Restart"] == "on-failure" and systemd_seconds(one["Service.RestartSec"]) > 0
+    assert one["Service.RestartPreventExitStatus"] == "2", "a configuration error is not fixed by restarting"
     assert one["Service.User"] not in ("root", "0") and one["Service.User"]
     assert one["Service.KillSignal"] == "SIGTERM"
+    assert one["Service.KillMode"] in ("mixed", "control-group")
     for key, value in {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
@@ -303,19 +635,23 @@ def test_systemd_unit_has_the_operational_settings():
         "PrivateTmp": "yes",
     }.items():
         assert one[f"Service.{key}"] == value, key
-    assert one["Service.ExecStart"].endswith("uploads-consumer run")
+    argv = shlex.split(one["Service.ExecStart"])
+    assert Path(argv[0]).name == "uploads-consumer"
+    build_parser().parse_args(argv[1:])
+    assert argv[1:] == ["run"]
     assert one["Install.WantedBy"] == "multi-user.target"
 
 
-def test_systemd_stop_timeout_outlasts_the_shutdown_grace_and_the_download_path_is_writable():
+def test_systemd_gives_the_daemon_its_whole_stop_before_sigkill():
+    stop = systemd_seconds(unit_keys()["Service.TimeoutStopSec"][-1])
+    assert stop >= stop_allowance(unit_environment()), f"TimeoutStopSec {stop:g}s"
+
+
+def test_systemd_download_path_is_writable_and_the_rest_read_only():
     k = unit_keys()
-    env = env_example()
-    grace = parse_duration(env.get("SHUTDOWN_GRACE", DEFAULTS.shutdown_grace))
-    fetch = parse_duration(env.get("FETCH_TIMEOUT", DEFAULTS.fetch_timeout))
-    assert parse_duration(k["Service.TimeoutStopSec"][-1]) > grace + fetch
     writable = " ".join(k["Service.ReadWritePaths"]).split()
     defaults = dict(v.split("=", 1) for v in k.get("Service.Environment", []))
-    for path in (env["DECRYPT_DOWNLOAD_PATH"], defaults["DECRYPT_DOWNLOAD_PATH"]):
+    for path in (unit_environment()["DECRYPT_DOWNLOAD_PATH"], defaults["DECRYPT_DOWNLOAD_PATH"]):
         assert any(path == w or path.startswith(w.rstrip("/") + "/") for w in writable), path
 
 
@@ -323,7 +659,7 @@ def test_systemd_env_example_names_only_real_variables_and_marks_the_key_require
     env = env_example()
     assert not set(env) - VARIABLES, set(env) - VARIABLES
     assert "REQUIRED" in env["ENCRYPTION_MASTER_KEY"]
-    values = {k.lower(): v for k, v in env.items() if k != "ENCRYPTION_MASTER_KEY"}
+    values = {k.lower(): v for k, v in unit_environment().items() if k != "ENCRYPTION_MASTER_KEY"}
     Settings(**values)  # everything else is valid as written
     with pytest.raises(ValueError):
         Settings(encryption_master_key=env["ENCRYPTION_MASTER_KEY"])  # the placeholder cannot start by accident
@@ -357,13 +693,21 @@ def manifests() -> dict[str, dict]:
     return out
 
 
+def pod_spec() -> dict:
+    return manifests()["Deployment"]["spec"]["template"]["spec"]
+
+
 def container() -> dict:
-    (c,) = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (c,) = pod_spec()["containers"]
     return c
 
 
 def container_env() -> dict[str, dict]:
     return {e["name"]: e for e in container()["env"]}
+
+
+def container_values() -> dict[str, str]:
+    return {name: e["value"] for name, e in container_env().items() if "value" in e}
 
 
 def test_kubernetes_manifests_parse_and_the_kustomization_lists_existing_files():
@@ -378,49 +722,62 @@ def test_kubernetes_manifests_parse_and_the_kustomization_lists_existing_files()
         assert {d["kind"] for d in yaml.safe_load_all(built.stdout)} >= {"Deployment", "ScaledObject"}
 
 
-def test_kubernetes_probes_point_at_healthz_and_readyz_on_the_http_port():
+def test_kubernetes_probes_and_scrape_point_at_the_http_port_the_env_sets():
     c = container()
-    env = container_env()
-    port = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert port[c[probe]["httpGet"]["port"]] == int(env["HTTP_PORT"]["value"])
+    port = int(container_values().get("HTTP_PORT", DEFAULTS.http_port))
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in expected.items():
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert named.get(get["port"], get["port"]) == port, probe
+    annotations = manifests()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port and annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_kubernetes_grace_period_outlasts_shutdown_grace():
-    spec = manifests()["Deployment"]["spec"]["template"]["spec"]
-    env = container_env()
-    grace = parse_duration(env["SHUTDOWN_GRACE"]["value"])
-    assert spec["terminationGracePeriodSeconds"] > grace + DEFAULTS.fetch_timeout
+def test_kubernetes_gives_the_daemon_its_whole_stop_before_sigkill():
+    assert pod_spec()["terminationGracePeriodSeconds"] >= stop_allowance(container_values())
 
 
-def test_kubernetes_master_key_is_a_file_mounted_from_a_secret():
+def test_kubernetes_settings_load_and_the_master_key_is_a_file_mounted_from_a_secret(tmp_path):
     c = container()
-    spec = manifests()["Deployment"]["spec"]["template"]["spec"]
+    spec = pod_spec()
     env = container_env()
+    assert not set(env) - VARIABLES, set(env) - VARIABLES
     assert "ENCRYPTION_MASTER_KEY" not in env
     key_file = Path(env["ENCRYPTION_MASTER_KEY_FILE"]["value"])
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(key_file.parent)]
+    assert mount.get("readOnly") is True
     (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
     assert volume["secret"]["secretName"]
     assert key_file.name in [item["path"] for item in volume["secret"].get("items", [{"path": key_file.name}])]
-    assert not set(env) - VARIABLES, set(env) - VARIABLES
     for e in env.values():
         if "valueFrom" in e:
             assert "secretKeyRef" in e["valueFrom"]
+    # Every literal value validates, with the key file (and the secrets) as the cluster would provide them.
+    key = tmp_path / "master-key"
+    key.write_text(GOOD_KEY)
+    values = {k.lower(): v for k, v in container_values().items()}
+    values["encryption_master_key_file"] = str(key)
+    Settings(**values)
 
 
-def test_kubernetes_runs_as_non_root():
-    spec = manifests()["Deployment"]["spec"]["template"]["spec"]
+def test_kubernetes_runs_as_the_images_non_root_user_on_a_read_only_root():
+    spec = pod_spec()
     c = container()
+    uid, gid = dockerfile_user()
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] != 0
+    assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsGroup"]) == (uid, gid)
+    assert spec["securityContext"]["fsGroup"] == gid, "the mounted key (mode 0440) is readable by the group"
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    if c["securityContext"].get("readOnlyRootFilesystem"):
-        mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert {"/tmp", container_env()["DECRYPT_DOWNLOAD_PATH"]["value"]} <= mounts
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/tmp", container_values()["DECRYPT_DOWNLOAD_PATH"]} <= mounts, "the only places it writes"
+
+
+def test_kubernetes_image_is_pinned():
+    assert is_pinned(container()["image"]), container()["image"]
 
 
 def test_keda_scales_on_the_durable_consumer_through_the_monitoring_port():
@@ -441,16 +798,32 @@ def test_keda_scales_on_the_durable_consumer_through_the_monitoring_port():
 # --- README ------------------------------------------------------------------------------
 
 
-def test_readme_documents_deployment_and_troubleshooting():
-    readme = (ROOT / "README.md").read_text()
-    assert "docker compose up" in readme and "systemctl" in readme and "ScaledObject" in readme
-    trouble = readme[readme.index("\n## Troubleshooting") :]
+def readme_shell_lines() -> list[str]:
+    lines, inside = [], False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def test_readme_commands_are_ones_the_cli_accepts():
+    commands = []
+    for line in readme_shell_lines():
+        if not re.match(r"\s*(uploads-consumer|nats) ", line):
+            continue
+        words = shlex.split(line.split("|")[0], comments=True)
+        if words[:1] == ["uploads-consumer"]:
+            commands.append(words)
+            build_parser().parse_args(words[1:])  # SystemExit on an unknown command or option
+        if words[:3] == ["nats", "consumer", "info"]:
+            assert words[3:5] == [DEFAULTS.nats_stream_name, DEFAULTS.nats_consumer_name]
+    assert {"status"} <= {c[1] for c in commands} and ["uploads-consumer", "dlq", "list"] in commands
+    trouble = (ROOT / "README.md").read_text().partition("\n## Troubleshooting")[2]
     for heading in ("### Consumer not receiving messages", "### Connection issues", "### Message processing errors"):
         assert heading in trouble
-    for command in (
-        "uploads-consumer status",
-        "nats consumer info FILE_UPLOADS file_processor",
-        "uploads-consumer dlq list",
-        "/readyz",
-    ):
-        assert command in trouble, command
+
+
+def test_readme_docker_run_gives_the_daemon_its_whole_stop():
+    assert check_docker_runs("\n".join(readme_shell_lines()), "README") >= 1
