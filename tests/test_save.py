@@ -392,12 +392,6 @@ def test_save_refuses_a_symlinked_uuid_folder_pointing_outside(tmp_path):
     assert all_files(tmp_path / "out") == [] and link.is_symlink()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotADirectoryError,
-    reason="place_file's `finally: tmp.unlink(missing_ok=True)` raises NotADirectoryError (missing_ok only "
-    "covers FileNotFoundError), which replaces the PermanentError: a transient error, retried until MAX_DELIVER",
-)
 def test_save_refuses_a_file_planted_where_a_folder_belongs(tmp_path):
     email_dir = tmp_path / "out" / "user@example.com"
     email_dir.mkdir(parents=True, mode=0o700)

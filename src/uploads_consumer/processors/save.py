@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import secrets
@@ -124,21 +125,26 @@ def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Pa
             ) from None
         raise RetryableError(f"save: {exc.strerror or exc} ({dest.parent.relative_to(root)})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # A file planted where a folder belongs makes this NotADirectoryError: the reason already
+        # raised (PermanentError above) must be what the caller sees.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            tmp.unlink()
     return dest
 
 
 def place_bytes(root: Path, work_dir: Path, email: str, file_uuid: str, filename: str, data: bytes) -> Path:
     """`place_file` for a small output made in memory (a transcript): written to `work_dir` first."""
-    fd, name = tempfile.mkstemp(dir=work_dir, prefix="out-")
+    name = ""
     try:
+        fd, name = tempfile.mkstemp(dir=work_dir, prefix="out-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return place_file(root, email, file_uuid, filename, Path(name), len(data))
     except OSError as exc:
         raise RetryableError(f"save: {exc.strerror or exc} (work directory)") from None
     finally:
-        Path(name).unlink(missing_ok=True)
+        if name:
+            Path(name).unlink(missing_ok=True)
 
 
 def save_file(ctx: ProcessingContext) -> Path:
