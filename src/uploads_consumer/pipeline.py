@@ -185,8 +185,9 @@ class Pipeline:
                 ahead.discard()
                 if not meta.done():
                     meta.cancel()
-                with contextlib.suppress(BaseException):
-                    await meta  # retrieve its outcome, whatever it was
+                    await asyncio.wait([meta])  # a cancellation of our own still propagates from here
+                if not meta.cancelled():
+                    meta.exception()  # retrieved: an unread metadata error is not "never retrieved"
 
     async def _process(
         self, event: FileUploadEvent, key: str, metadata: EnvelopeMetadata, ahead: Any, log: Any
