@@ -1,0 +1,134 @@
+"""Summarise a py-spy profile (`--format raw`, collapsed stacks): where the samples go.
+
+    python bench/profile_table.py PROFILE [--top 15]
+
+With `py-spy record --threads`, samples are split by thread: the event loop (MainThread) and the
+worker threads (`asyncio.to_thread`: fsync, file moves). For the event loop, three tables, each as a
+share of its samples: functions by self time (the innermost frame), functions by cumulative time
+(anywhere on the stack, counted once per sample), and packages by cumulative time. For the other
+threads, their top functions by self time, as a share of all samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+_TRIM = ("site-packages/", "/src/", "/lib/python3.", "/bench/")
+
+
+def _short_file(path: str) -> str:
+    for marker in _TRIM:
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                path = "stdlib/" + path.split("/", 1)[-1]
+            elif marker == "/bench/":
+                path = "bench/" + path
+    return path
+
+
+def _frame(text: str) -> tuple[str, str]:
+    """(function label, package) of one frame, e.g. ('_resolve_endpoint_ruleset (botocore/client.py)', 'botocore')."""
+    match = _FRAME.match(text.strip())
+    if not match:
+        return text.strip(), text.strip()
+    file = _short_file(match["file"])
+    top = file.split("/", 1)[0]
+    package = "stdlib/" + file.split("/")[1] if top == "stdlib" and "/" in file else top
+    package = package.removesuffix(".py")
+    return f"{match['func']} ({file})", package
+
+
+class Samples:
+    """The stacks of one group of threads. Frames on every stack (the entry point, the loop's run)
+    say nothing and are left out of the cumulative tables."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.stacks: list[tuple[list[tuple[str, str]], int]] = []
+
+    def add(self, frames: list[tuple[str, str]], count: int) -> None:
+        self.total += count
+        self.stacks.append((frames, count))
+
+    def counts(self) -> tuple[Counter[str], Counter[str], Counter[str]]:
+        """(self, cumulative, package cumulative) sample counts."""
+        own: Counter[str] = Counter()
+        cumulative: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            own[frames[-1][0]] += count
+            for label in {label for label, _ in frames}:
+                cumulative[label] += count
+        everywhere = {label for label, n in cumulative.items() if n == self.total}
+        packages: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            for package in {package for label, package in frames if label not in everywhere}:
+                packages[package] += count
+        for label in everywhere:
+            del cumulative[label]
+        return own, cumulative, packages
+
+
+def read_profile(path: Path) -> tuple[Samples, Samples, Counter[str]]:
+    """(event loop thread, other threads, samples per thread name)."""
+    loop, others = Samples(), Samples()
+    threads: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        parts = stack.split(";")
+        thread = "all threads (not split)"
+        if parts[0].startswith("thread ("):  # py-spy --threads: "thread (TID): NAME"
+            thread = parts.pop(0).split(": ", 1)[-1]
+            thread = thread.rstrip("0123456789_") or thread  # asyncio_0, asyncio_1... → asyncio
+        frames = [_frame(f) for f in parts if f and not f.startswith("process ")]
+        if not frames:
+            continue
+        threads[thread] += count
+        (others if thread != "MainThread" and thread.startswith(("asyncio", "Thread")) else loop).add(frames, count)
+    return loop, others, threads
+
+
+def _rows(counter: Counter[str], total: int, top: int) -> list[str]:
+    return [f"| {name} | {100 * n / total:.1f}% |" for name, n in counter.most_common(top)]
+
+
+def tables(path: Path, top: int = 15) -> str:
+    loop, others, threads = read_profile(path)
+    everything = loop.total + others.total
+    if not everything:
+        return f"{path}: no samples"
+    out = [f"{path.name}: {everything} samples", "", "| thread | share of all samples |", "|---|---|"]
+    out += _rows(threads, everything, top)
+    if loop.total:
+        own, cumulative, packages = loop.counts()
+        for title, counter in (
+            ("event loop, self", own),
+            ("event loop, cumulative", cumulative),
+            ("event loop, package (cumulative)", packages),
+        ):
+            out += ["", f"| {title} | share of the loop's samples |", "|---|---|"]
+            out += _rows(counter, loop.total, top)
+    if others.total:
+        out += ["", "| other threads, self | share of all samples |", "|---|---|"]
+        out += _rows(others.counts()[0], everything, min(top, 8))
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", type=Path)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    print(tables(args.profile, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
