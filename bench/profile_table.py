@@ -44,8 +44,8 @@ def _frame(text: str) -> tuple[str, str]:
 
 
 class Samples:
-    """The stacks of one group of threads. Frames on every stack (the entry point, the loop's run)
-    say nothing and are left out of the cumulative tables."""
+    """The stacks of one group of threads. The entry frames, from the script down to the loop's
+    `run` (the common start of the stacks), say nothing and are left out of the cumulative tables."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -63,14 +63,36 @@ class Samples:
             own[frames[-1][0]] += count
             for label in {label for label, _ in frames}:
                 cumulative[label] += count
-        everywhere = {label for label, n in cumulative.items() if n == self.total}
+        everywhere = self._entry_frames()
         packages: Counter[str] = Counter()
         for frames, count in self.stacks:
             for package in {package for label, package in frames if label not in everywhere}:
                 packages[package] += count
         for label in everywhere:
-            del cumulative[label]
+            cumulative.pop(label, None)
         return own, cumulative, packages
+
+    def _entry_frames(self) -> set[str]:
+        roots: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            roots[frames[0][0]] += count
+        if not roots:
+            return set()
+        root = roots.most_common(1)[0][0]
+        prefix: list[str] | None = None
+        for frames, _ in self.stacks:
+            labels = [label for label, _ in frames]
+            if labels[0] != root:
+                continue  # py-spy cuts some deep stacks short; they do not decide the prefix
+            if prefix is None:
+                prefix = labels
+            else:  # only a difference ends the prefix; a stack that stops inside it (loop's own C code) does not
+                n = 0
+                while n < min(len(prefix), len(labels)) and prefix[n] == labels[n]:
+                    n += 1
+                if n < min(len(prefix), len(labels)):
+                    prefix = prefix[:n]
+        return set(prefix or ())
 
 
 def read_profile(path: Path) -> tuple[Samples, Samples, Counter[str]]:
@@ -86,12 +108,13 @@ def read_profile(path: Path) -> tuple[Samples, Samples, Counter[str]]:
         thread = "all threads (not split)"
         if parts[0].startswith("thread ("):  # py-spy --threads: "thread (TID): NAME"
             thread = parts.pop(0).split(": ", 1)[-1]
-            thread = thread.rstrip("0123456789_") or thread  # asyncio_0, asyncio_1... → asyncio
+            if thread != thread.rstrip("0123456789"):  # uvloop_0, uvloop_1... (executor threads) → uvloop_*
+                thread = thread.rstrip("0123456789") + "*"
         frames = [_frame(f) for f in parts if f and not f.startswith("process ")]
         if not frames:
             continue
         threads[thread] += count
-        (others if thread != "MainThread" and thread.startswith(("asyncio", "Thread")) else loop).add(frames, count)
+        (loop if thread in ("MainThread", "all threads (not split)") else others).add(frames, count)
     return loop, others, threads
 
 
