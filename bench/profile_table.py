@@ -5,8 +5,10 @@
 With `py-spy record --threads`, samples are split by thread: the event loop (MainThread) and the
 worker threads (`asyncio.to_thread`: fsync, file moves). For the event loop, three tables, each as a
 share of its samples: functions by self time (the innermost frame), functions by cumulative time
-(anywhere on the stack, counted once per sample), and packages by cumulative time. For the other
-threads, their top functions by self time, as a share of all samples.
+(anywhere on the stack, counted once per sample), packages by cumulative time, and areas: each
+sample goes to the area of its innermost frame that has one (S3 GET, NATS, save, decrypt, logging,
+metrics, validation, our own code), else to the event loop itself. For the other threads, their top
+functions by self time, as a share of all samples.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 _TRIM = ("site-packages/", "/src/", "/lib/python3.", "/bench/")
+# (area, what a frame's "function (file)" label contains): the first match, innermost frame first.
+AREAS = (
+    ("S3 GET: signing, HTTP (storage.py, aiohttp, botocore)", ("uploads_consumer/storage.py", "SignedGetter.")),
+    ("S3 GET through aiobotocore", ("aiobotocore/",)),
+    ("NATS client (nats-py)", ("(nats/",)),
+    ("save processor, on the loop (thread hand-off)", ("uploads_consumer/processors/",)),
+    ("decrypt, plaintext file", ("uploads_consumer/envelope.py", "PlaintextFile.")),
+    ("logging (structlog)", ("(structlog/",)),
+    ("metrics (prometheus_client)", ("(prometheus_client/",)),
+    ("validation (pydantic)", ("(pydantic",)),
+    ("our own code: consumer, pipeline, dedupe, events", ("(uploads_consumer/", "floor_consumer.py")),
+)
+LOOP_ITSELF = "the event loop itself (uvloop, asyncio, sockets)"
 
 
 def _short_file(path: str) -> str:
@@ -54,6 +69,15 @@ class Samples:
     def add(self, frames: list[tuple[str, str]], count: int) -> None:
         self.total += count
         self.stacks.append((frames, count))
+
+    def areas(self) -> Counter[str]:
+        entry = self._entry_frames()
+        counts: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            labels = [label for label, _ in reversed(frames) if label not in entry]
+            area = next((a for label in labels for a, marks in AREAS if any(m in label for m in marks)), LOOP_ITSELF)
+            counts[area] += count
+        return counts
 
     def counts(self) -> tuple[Counter[str], Counter[str], Counter[str]]:
         """(self, cumulative, package cumulative) sample counts."""
@@ -107,7 +131,7 @@ def read_profile(path: Path) -> tuple[Samples, Samples, Counter[str]]:
         parts = stack.split(";")
         thread = "all threads (not split)"
         if parts[0].startswith("thread ("):  # py-spy --threads: "thread (TID): NAME"
-            thread = parts.pop(0).split(": ", 1)[-1]
+            thread = parts.pop(0).partition(": ")[2] or "(unnamed)"
             if thread != thread.rstrip("0123456789"):  # uvloop_0, uvloop_1... (executor threads) → uvloop_*
                 thread = thread.rstrip("0123456789") + "*"
         frames = [_frame(f) for f in parts if f and not f.startswith("process ")]
@@ -135,6 +159,7 @@ def tables(path: Path, top: int = 15) -> str:
             ("event loop, self", own),
             ("event loop, cumulative", cumulative),
             ("event loop, package (cumulative)", packages),
+            ("event loop, by area", loop.areas()),
         ):
             out += ["", f"| {title} | share of the loop's samples |", "|---|---|"]
             out += _rows(counter, loop.total, top)
