@@ -1,7 +1,7 @@
 """S3 access: aioboto3 for credentials, endpoints and signing; the GETs over one long-lived aiohttp session.
 
 A GET through botocore's whole request pipeline (endpoint rules, event hooks, serialising, parsing,
-retry handler) costs more CPU than the rest of an upload's work together. So the hot path keeps
+retry handler) took about half of the event loop's CPU per upload. So the hot path keeps
 what only botocore knows — the credential chain (refreshable credentials included), the endpoint
 and addressing for a bucket (resolved once per bucket, by presigning a probe), and SigV4 — and sends
 the signed GET itself, with the same retries and error mapping. Anything it does not handle (a
