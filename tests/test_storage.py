@@ -4,6 +4,7 @@ credentials (wrong, refreshable, session tokens) checked for real by moto with I
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import json
@@ -237,6 +238,17 @@ async def test_https_endpoints_are_trusted_as_botocore_trusts_them(settings_for,
             with pytest.raises(PermanentError, match="NoSuchKey"):
                 await store.read_small("uploads", "k", 1024)
         assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("bucket", ["uploads--use1-az4--x-s3", "arn:aws:s3:us-east-1:123456789012:accesspoint/uploads"])
+async def test_directory_buckets_and_arns_are_left_to_botocore(settings_for, bucket):
+    async with (
+        S3ErrorServer(404, "NoSuchKey") as server,
+        ObjectStore(settings_for(S3_ENDPOINT_URL=server.url)) as store,
+    ):
+        with contextlib.suppress(PermanentError, RetryableError):
+            await store.read_small(bucket, "k", 1024)
+    assert not any(r.get("User-Agent", "").startswith("uploads-consumer/") for r in server.requests)
 
 
 # ---- credentials, checked for real: moto with IAM authentication on ------------------------------

@@ -376,6 +376,8 @@ class ObjectStore:
             return self._endpoints[bucket]
         if self._credentials is None:
             return None  # botocore raises NoCredentialsError; let it, on its own path
+        if bucket.startswith("arn:") or bucket.endswith("--x-s3"):
+            return None  # access points, Outposts, multi-region (SigV4A), directory buckets: botocore's own
         url = await self._prober.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": _PROBE_KEY}, ExpiresIn=60
         )
