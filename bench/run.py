@@ -1,7 +1,11 @@
-"""Side-by-side benchmark: the seed's consumer (baseline), the S3 ceiling, and our daemon, in one run.
+"""Side-by-side benchmark: the seed's consumer (baseline), our daemon, the bare floor and the S3 ceiling, in one run.
 
     python bench/run.py                    # 600 × 4 KiB uploads, one 256 MiB upload, 20 ms S3 latency
     python bench/run.py --small 200 --large-mib 64 --latency 0.02
+    python bench/run.py --rounds 3 --profile /tmp/ours.txt   # medians of 3 interleaved rounds; py-spy profiles
+
+The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
+our daemon's CPU per upload and throughput are reported as ratios to it.
 
 Real servers: nats-server, moto's S3 server behind a latency-injecting TCP proxy (20 ms added to
 every request, as a real object store is far away). Each consumer runs as its own process on a
@@ -16,6 +20,8 @@ import argparse
 import asyncio
 import base64
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,9 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aioboto3
 import boto3
-from botocore.config import Config
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from uploads_consumer.config import Settings
@@ -35,10 +39,15 @@ from uploads_consumer.producer import publish_event, upload_file
 from uploads_consumer.provision import provision
 from uploads_consumer.storage import ObjectStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor_consumer import SignedGetter  # the bench folder is not a package
+from profile_table import tables
+
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROFILE: str | None = None
+PROFILED = ("ours", "floor")  # with --profile: ours into FILE, the floor into FILE.floor
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Run:
     cpu_seconds: float
     peak_rss: int
     count: int
+    loop_cpu_seconds: float = 0.0  # of cpu_seconds, the main thread's (the event loop's)
 
     @property
     def per_second(self) -> float:
@@ -56,10 +66,16 @@ class Run:
     def cpu_ms_per_upload(self) -> float:
         return 1000 * self.cpu_seconds / self.count
 
+    @property
+    def loop_cpu_ms_per_upload(self) -> float:
+        return 1000 * self.loop_cpu_seconds / self.count
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """utime + stime of the process (all its threads), or of one of its threads."""
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def peak_rss(pid: int) -> int:
@@ -107,14 +123,16 @@ async def publish_uploads(settings: Settings, files: list[Path], concurrency: in
     await nc.close()
 
 
-async def measure_consumer(url: str, count: int, pid: int, proc: subprocess.Popen, timeout: float) -> Run:
+async def measure_consumer(
+    url: str, count: int, pid: int, proc: subprocess.Popen, timeout: float, on_first_delivery=None
+) -> Run:
     """From the consumer's first delivery to its last acknowledgement."""
     import nats
 
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=5)
     deadline = time.monotonic() + timeout
-    t0 = c0 = None
+    t0 = c0 = l0 = None
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -122,10 +140,12 @@ async def measure_consumer(url: str, count: int, pid: int, proc: subprocess.Pope
             info = await js.consumer_info("FILE_UPLOADS", "file_processor")
             now = time.monotonic()
             if t0 is None and info.delivered.stream_seq > 0:
-                t0, c0 = now, cpu_seconds(pid)
+                t0, c0, l0 = now, cpu_seconds(pid), cpu_seconds(pid, pid)
+                if on_first_delivery is not None:
+                    on_first_delivery()
             if info.ack_floor.stream_seq >= count and info.num_ack_pending == 0:
-                assert t0 is not None and c0 is not None
-                return Run(now - t0, cpu_seconds(pid) - c0, peak_rss(pid), count)
+                assert t0 is not None and c0 is not None and l0 is not None
+                return Run(now - t0, cpu_seconds(pid) - c0, peak_rss(pid), count, cpu_seconds(pid, pid) - l0)
             await asyncio.sleep(0.01)
         raise RuntimeError(f"not done within {timeout}s: {info}")
     finally:
@@ -141,9 +161,10 @@ def run_consumer(
     files: list[Path],
     master_key: str,
     timeout: float,
+    round_no: int = 1,
 ) -> Run:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:30].strip("-")
-    bucket = f"bench-{slug}-{len(files)}-{os.getpid()}"
+    bucket = f"bench-{slug}-{len(files)}-{os.getpid()}-r{round_no}"
     boto3.client(
         "s3",
         endpoint_url=s3.url,
@@ -152,6 +173,10 @@ def run_consumer(
         region_name="us-east-1",
     ).create_bucket(Bucket=bucket)
     name = slug
+    profile = None
+    if PROFILE and name in PROFILED and round_no == 1:
+        profile = PROFILE if name == "ours" else f"{PROFILE}.{name}"
+    name = f"{slug}-r{round_no}"
     with NatsServer(work / f"nats-{name}-{len(files)}") as nats_server:
         env = {
             **clean_environment(),
@@ -168,10 +193,12 @@ def run_consumer(
         env["S3_ENDPOINT_URL"] = proxy.url  # the consumer reads through the latency proxy
         daemon = DaemonProcess(env, work / f"{name}-{len(files)}.log", command=command)
         daemon.start()
-        spy = None
-        if PROFILE and name == "ours":  # sampling from outside: the daemon's CPU figures stay its own
-            spy = subprocess.Popen(
-                [
+        spy: list[subprocess.Popen] = []
+
+        def start_profile() -> None:
+            # Sampled from outside, from first delivery to last ack: the CPU figures stay the consumer's own.
+            if profile is not None:
+                spy_command = [
                     "py-spy",
                     "record",
                     "--pid",
@@ -180,19 +207,18 @@ def run_consumer(
                     "raw",
                     "--rate",
                     "250",
-                    "--nonblocking",
-                    "--duration",
-                    "12",
-                    "-o",
-                    PROFILE,
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+                    "--threads",
+                ]
+                spy.append(subprocess.Popen([*spy_command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL))
+
         try:
-            run = asyncio.run(measure_consumer(nats_server.url, len(files), daemon.proc.pid, daemon.proc, timeout))
+            run = asyncio.run(
+                measure_consumer(nats_server.url, len(files), daemon.proc.pid, daemon.proc, timeout, start_profile)
+            )
         finally:
-            if spy is not None:
-                spy.wait(60)
+            for p in spy:  # py-spy writes its file on SIGINT
+                p.send_signal(signal.SIGINT)
+                p.wait(60)
             daemon.terminate(60)
         saved = [
             p for p in (work / f"out-{name}-{len(files)}").rglob("*") if p.is_file() and ".incoming" not in p.parts
@@ -203,33 +229,36 @@ def run_consumer(
 
 
 async def measure_ceiling(s3: S3Server, proxy: LatencyProxy, seconds: float = 4.0, concurrency: int = 64) -> float:
-    """GETs per second of a 4 KiB object through the proxy at high concurrency."""
-    boto3.client(
+    """GETs per second of a 4 KiB object through the proxy at high concurrency.
+
+    The client is the floor's (a signed GET over aiohttp), the lightest there is, so that its own CPU,
+    which it shares with the S3 server on this machine, lowers the ceiling as little as possible.
+    """
+    direct = boto3.client(
         "s3",
         endpoint_url=s3.url,
         aws_access_key_id=s3.access_key,
         aws_secret_access_key=s3.secret_key,
         region_name="us-east-1",
-    ).create_bucket(Bucket="bench-ceiling")
-    session = aioboto3.Session(
-        aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key, region_name="us-east-1"
     )
-    config = Config(max_pool_connections=concurrency, s3={"addressing_style": "path"})
-    async with session.client("s3", endpoint_url=proxy.url, config=config) as client:
-        await client.put_object(Bucket="bench-ceiling", Key="k", Body=os.urandom(4096))
-        done = 0
-        stop_at = time.monotonic() + seconds
+    direct.create_bucket(Bucket="bench-ceiling")
+    direct.put_object(Bucket="bench-ceiling", Key="k", Body=os.urandom(4096))
+    client = SignedGetter(proxy.url, "us-east-1", s3.access_key, s3.secret_key)
+    done = 0
+    stop_at = time.monotonic() + seconds
 
-        async def worker() -> None:
-            nonlocal done
-            while time.monotonic() < stop_at:
-                response = await client.get_object(Bucket="bench-ceiling", Key="k")
-                await response["Body"].read()
-                done += 1
+    async def worker() -> None:
+        nonlocal done
+        while time.monotonic() < stop_at:
+            await client.get("bench-ceiling", "k")
+            done += 1
 
+    try:
         began = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done / (time.monotonic() - began)
+    finally:
+        await client.session.close()
 
 
 def measure_crypto(size: int = 256 * MiB, chunk: int = MiB) -> tuple[float, float]:
@@ -269,6 +298,16 @@ def make_files(folder: Path, count: int, size: int) -> list[Path]:
     return files
 
 
+def median_run(runs: list[Run]) -> Run:
+    return Run(
+        statistics.median(r.seconds for r in runs),
+        statistics.median(r.cpu_seconds for r in runs),
+        int(statistics.median(r.peak_rss for r in runs)),
+        runs[0].count,
+        statistics.median(r.loop_cpu_seconds for r in runs),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", type=int, default=600, help="number of small uploads (default 600)")
@@ -285,18 +324,34 @@ def main() -> int:
     parser.add_argument(
         "--compare-loops", action="store_true", help="also run ours on asyncio's own event loop (default: uvloop)"
     )
-    parser.add_argument("--profile", metavar="FILE", help="record our daemon with py-spy (collapsed stacks) into FILE")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record our daemon with py-spy (collapsed stacks) into FILE, the floor into FILE.floor (first round)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the small uploads this many times per consumer, interleaved; report medians (default 1)",
+    )
     args = parser.parse_args()
 
     master_key = base64.b64encode(os.urandom(32)).decode()
-    consumers = {"baseline": [sys.executable, str(HERE / "baseline_consumer.py")], "ours": None}
+    consumers = {
+        "baseline": [sys.executable, str(HERE / "baseline_consumer.py")],
+        "ours": None,
+        "floor": [sys.executable, str(HERE / "floor_consumer.py")],
+    }
     if args.compare_loops:
         consumers["ours-asyncio"] = ["env", "UPLOADS_CONSUMER_LOOP=asyncio", sys.executable, "-m", "uploads_consumer"]
     for variant in args.variant:  # e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32
         consumers[f"ours {variant}"] = ["env", *variant.split(","), sys.executable, "-m", "uploads_consumer"]
     global PROFILE
     PROFILE = args.profile
-    results: dict[str, dict[str, Run]] = {name: {} for name in consumers}
+    rounds: dict[str, list[Run]] = {name: [] for name in consumers}
+    large_runs: dict[str, Run] = {}
+    ceilings: list[float] = []
     with tempfile.TemporaryDirectory(prefix="uploads-bench-") as tmp:
         work = Path(tmp)
         small = make_files(work / "small", args.small, args.small_size)
@@ -304,58 +359,87 @@ def main() -> int:
         with S3Server(log_path=work / "s3.log") as s3:
             proxy = LatencyProxy(s3.port, args.latency)
             try:
-                ceiling = asyncio.run(measure_ceiling(s3, proxy)) / 2
-                print(
-                    f"ceiling: {ceiling:.0f} uploads/s (S3 GETs/s through the proxy at concurrency 64, / 2)", flush=True
-                )
-                for name, command in consumers.items():
-                    results[name]["small"] = run_consumer(
-                        name, command, s3, proxy, work, small, master_key, timeout=900
+                for round_no in range(1, args.rounds + 1):
+                    ceilings.append(asyncio.run(measure_ceiling(s3, proxy)) / 2)
+                    print(
+                        f"round {round_no}: ceiling {ceilings[-1]:.0f} uploads/s "
+                        "(S3 GETs/s through the proxy at concurrency 64, / 2)",
+                        flush=True,
                     )
-                    print(f"{name}: {results[name]['small'].per_second:.1f} uploads/s", flush=True)
-                for name, command in list(consumers.items())[:2]:  # the large upload: baseline and ours only
-                    if large:
-                        results[name]["large"] = run_consumer(
-                            name, command, s3, proxy, work, large, master_key, timeout=900
+                    for name, command in consumers.items():
+                        run = run_consumer(
+                            name, command, s3, proxy, work, small, master_key, timeout=900, round_no=round_no
                         )
-                        print(f"{name}: {args.large_mib} MiB in {results[name]['large'].seconds:.1f}s", flush=True)
+                        rounds[name].append(run)
+                        print(
+                            f"round {round_no}: {name}: {run.per_second:.1f} uploads/s, "
+                            f"{run.cpu_ms_per_upload:.2f} CPU ms/upload ({run.loop_cpu_ms_per_upload:.2f} on the loop)",
+                            flush=True,
+                        )
+                for name in ("baseline", "ours"):  # the large upload: baseline and ours only
+                    if large:
+                        large_runs[name] = run_consumer(  # round 0: not profiled
+                            name, consumers[name], s3, proxy, work, large, master_key, timeout=900, round_no=0
+                        )
+                        print(f"{name}: {args.large_mib} MiB in {large_runs[name].seconds:.1f}s", flush=True)
             finally:
                 proxy.stop()
     streaming, one_shot = measure_crypto()
 
-    b, o = results["baseline"], results["ours"]
+    results = {name: median_run(runs) for name, runs in rounds.items()}
+    ceiling = statistics.median(ceilings)
+    b, o, f = results["baseline"], results["ours"], results["floor"]
     print()
     print(
-        f"{args.small} uploads of {args.small_size} B, S3 latency {args.latency * 1000:.0f} ms per request, {os.cpu_count()} cores"
+        f"{args.small} uploads of {args.small_size} B, S3 latency {args.latency * 1000:.0f} ms per request, "
+        f"{os.cpu_count()} cores" + (f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
     )
     print(
-        f"| consumer | uploads/s | CPU ms/upload | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
+        f"| consumer | uploads/s | CPU ms/upload | of which event loop | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
     )
-    print("|---|---|---|---|---|---|")
-    labels = {"baseline": "baseline (seed)", "ours": "ours (defaults)"}
+    print("|---|---|---|---|---|---|---|")
+    labels = {"baseline": "baseline (seed)", "ours": "ours (defaults)", "floor": "floor (bare, no guarantees)"}
     for name, r in results.items():
-        big = r.get("large")
+        big = large_runs.get(name)
         print(
-            f"| {labels.get(name, name)} | {r['small'].per_second:.1f} | {r['small'].cpu_ms_per_upload:.2f} | {r['small'].peak_rss / MiB:.0f} MiB | "
+            f"| {labels.get(name, name)} | {r.per_second:.1f} | {r.cpu_ms_per_upload:.2f} | {r.loop_cpu_ms_per_upload:.2f} | {r.peak_rss / MiB:.0f} MiB | "
             f"{f'{big.seconds:.1f} s' if big else '-'} | {f'{big.peak_rss / MiB:.0f} MiB' if big else '-'} |"
         )
-    print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | |")
+    print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | | |")
     print()
+    cpu_ratios = [
+        r.cpu_ms_per_upload / fl.cpu_ms_per_upload for r, fl in zip(rounds["ours"], rounds["floor"], strict=True)
+    ]
+    speed_ratios = [r.per_second / fl.per_second for r, fl in zip(rounds["ours"], rounds["floor"], strict=True)]
+    each = " (per round: " if args.rounds > 1 else ""
     print(
-        f"throughput: ours / baseline = {o['small'].per_second / b['small'].per_second:.1f}× (target ≥ 6×); "
-        f"ours / ceiling = {100 * o['small'].per_second / ceiling:.0f}% (target ≥ 60%)"
+        f"CPU per upload: ours / floor = {statistics.median(cpu_ratios):.2f}× (target ≤ 1.5×)"
+        + (each + ", ".join(f"{x:.2f}×" for x in cpu_ratios) + ")" if each else "")
     )
     print(
-        f"CPU per upload: ours / baseline = {o['small'].cpu_ms_per_upload / b['small'].cpu_ms_per_upload:.2f}× (target ≤ 1.2×)"
+        f"throughput: ours / floor = {100 * statistics.median(speed_ratios):.0f}% (target ≥ 90%)"
+        + (each + ", ".join(f"{100 * x:.0f}%" for x in speed_ratios) + ")" if each else "")
     )
-    if "large" in o:
+    if "ours" in large_runs:
         print(
-            f"peak RSS on the {args.large_mib} MiB upload: ours {o['large'].peak_rss / MiB:.0f} MiB (target ≤ 160 MiB), "
-            f"baseline {b['large'].peak_rss / MiB:.0f} MiB"
+            f"peak RSS on the {args.large_mib} MiB upload: ours {large_runs['ours'].peak_rss / MiB:.0f} MiB "
+            f"(target ≤ 160 MiB), baseline {large_runs['baseline'].peak_rss / MiB:.0f} MiB"
         )
+    print(
+        f"ours / baseline: throughput {o.per_second / b.per_second:.1f}×, CPU per upload "
+        f"{o.cpu_ms_per_upload / b.cpu_ms_per_upload:.2f}×; ours / ceiling {100 * o.per_second / ceiling:.0f}%, "
+        f"floor / ceiling {100 * f.per_second / ceiling:.0f}%"
+    )
     print(
         f"AES-256-GCM decrypt in-process: streaming {streaming:.0f} MB/s (target ≥ 1000), one-shot {one_shot:.0f} MB/s"
     )
+    if PROFILE:
+        for name in PROFILED:
+            path = Path(PROFILE if name == "ours" else f"{PROFILE}.{name}")
+            if path.exists():
+                print()
+                print(f"profile of {name} (py-spy, from first delivery to last ack):")
+                print(tables(path))
     return 0
 
 
