@@ -19,6 +19,7 @@ from helpers import (
     wait_settled,
 )
 from nats.js.api import StreamConfig
+from secure_support import publish_upload
 
 from uploads_consumer.content_type import sniff
 from uploads_consumer.producer import event_json
@@ -185,10 +186,14 @@ async def test_envelope_and_storage_failures_get_their_error_classes(
     settings = settings_for()
     daemon = start_daemon(MAX_FILE_SIZE="4KiB")
     await _ready(daemon, nats_server.url)
-    big, small = await publish_uploads(
-        settings, [*make_files(tmp_path / "a", 1, size=5000), *make_files(tmp_path / "b", 1, size=100)]
+    [big] = await publish_uploads(settings, make_files(tmp_path / "a", 1, size=5000))
+    # The object goes before its event is published: a running daemon may take the event at once.
+    small = await publish_upload(
+        settings,
+        make_files(tmp_path / "b", 1, size=100)[0],
+        "user@example.com",
+        before_publish=lambda event: s3_client.delete_object(Bucket=bucket, Key=event.s3_data_key),
     )
-    s3_client.delete_object(Bucket=bucket, Key=small.s3_data_key)
     other_bucket = small.model_copy(
         update={"bucket_name": "someone-elses-bucket", "event_id": "00000000-0000-4000-8000-000000000001"}
     )
