@@ -378,3 +378,18 @@ async def test_metadata_over_max_file_size_is_too_large_before_the_object_is_rea
     assert copy.headers["Uploads-Error-Class"] == "too_large"
     assert "metadata says the object is 1028 bytes" in copy.headers["Uploads-Error"]
     assert daemon.terminate() == 0
+
+
+async def test_a_configured_bucket_that_does_not_exist_is_retried_loudly_not_dead_lettered(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    daemon = start_daemon(S3_ALLOWED_BUCKETS="bucket-nobody-created", RETRY_BACKOFF="300ms")
+    await wait_ready(daemon, nats_server.url)
+    [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1), publish=False)
+    await publish_raw(
+        nats_server.url, SUBJECT, [event_json(event.model_copy(update={"bucket_name": "bucket-nobody-created"}))]
+    )
+    await until(lambda: metric(daemon, "nacked") >= 2, 30, "retries", daemon)
+    assert await dead_letters(nats_server.url) == [], "a misconfiguration is not the upload's fault"
+    assert "bucket 'bucket-nobody-created' does not exist" in daemon.log_text()
+    assert daemon.terminate() == 0

@@ -51,6 +51,7 @@ MAX_BACKOFF = 20.0
 MAX_ERROR_BODY = 64 * 1024
 MAX_ENDPOINTS = 256  # buckets remembered; the daemon only ever reads its allowed ones
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_LOG = logging.getLogger("uploads_consumer.storage")
 # What botocore's standard retry mode retries, besides connection errors and timeouts.
 _RETRY_STATUS = {500, 502, 503, 504}
 _RETRY_CODES = {
@@ -187,11 +188,22 @@ class ObjectSink(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
 
-def map_s3_error(exc: BaseException, what: str) -> Exception:
-    """Any S3 failure → PermanentError(not_found) or RetryableError, with a one-line reason."""
+def map_s3_error(exc: BaseException, what: str, configured_bucket: str | None = None) -> Exception:
+    """Any S3 failure → PermanentError(not_found) or RetryableError, with a one-line reason.
+
+    `configured_bucket`: the bucket, when the operator named it (S3_BUCKET_NAME, S3_ALLOWED_BUCKETS).
+    Its absence is then a misconfiguration, not the event's fault: retried, and said loudly.
+    """
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code == "NoSuchBucket" and configured_bucket is not None:
+            reason = (
+                f"{what}: bucket {configured_bucket!r} does not exist, though S3_BUCKET_NAME/S3_ALLOWED_BUCKETS "
+                "name it; check the bucket and S3_ENDPOINT_URL (retrying)"
+            )
+            _LOG.error(reason)
+            return RetryableError(reason)
         if code in _NOT_FOUND:
             return PermanentError(ErrorClass.NOT_FOUND, f"{what}: {code}")
         return RetryableError(f"{what}: S3 error {code} {err.get('Message', '')}".strip())
@@ -298,7 +310,7 @@ class ObjectStore:
         except UploadsError:
             raise
         except Exception as exc:
-            raise map_s3_error(exc, where) from exc
+            raise map_s3_error(exc, where, self._configured(bucket)) from exc
         finally:
             body.close()
 
@@ -367,7 +379,10 @@ class ObjectStore:
         except UploadsError:
             raise
         except Exception as exc:
-            raise map_s3_error(exc, what) from exc
+            raise map_s3_error(exc, what, self._configured(bucket)) from exc
+
+    def _configured(self, bucket: str) -> str | None:
+        return bucket if bucket in self._settings.allowed_buckets else None
 
     async def _endpoint(self, bucket: str) -> _Endpoint | None:
         """The bucket's endpoint, resolved once by botocore itself: a presigned probe URL carries the
