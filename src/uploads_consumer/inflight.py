@@ -51,11 +51,13 @@ class InFlight:
         """How many more messages may be asked for."""
         return self.limit - len(self._held)
 
-    async def wait_for_room(self, timeout: float) -> None:
-        self._changed.clear()
-        if self.room() <= 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+    async def wait_for_room(self, enough: int, timeout: float) -> None:
+        """Until `enough` more messages may be asked for, or none is held (at most `timeout`)."""
+        self._changed.clear()  # before the check: a release in between is not missed
+        if self.room() >= enough or not self._held:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     def hold(self, msg: Msg, handle: Callable[[Held], Coroutine[Any, Any, None]]) -> bool:
         """Hold a delivered message and start `handle` for it. False if its sequence is already held:
@@ -85,6 +87,9 @@ class InFlight:
         """Wait for a processing slot; False (and no slot) if the daemon starts stopping first."""
         if stopping.is_set():
             return False
+        if not self._slots.locked():  # a free slot: taken at once, with nothing to race
+            await self._slots.acquire()
+            return True
         slot = asyncio.ensure_future(self._slots.acquire())
         stop = asyncio.ensure_future(stopping.wait())
         try:

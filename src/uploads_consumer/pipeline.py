@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from uploads_consumer.config import Settings
-from uploads_consumer.content_type import sniff
+from uploads_consumer.content_type import HEAD_BYTES, content_type
 from uploads_consumer.dedupe import Deduplicator, key_for
 from uploads_consumer.envelope import (
     MAX_METADATA_BYTES,
@@ -63,9 +65,17 @@ class PlaintextFile:
     that every byte reached the file (a full disk or a quota cuts writes short).
     """
 
-    def __init__(self, work_dir: Path, dek: bytes, metadata: EnvelopeMetadata, metrics: Metrics) -> None:
-        fd, name = tempfile.mkstemp(dir=work_dir, prefix="plain-", suffix=".part")  # mode 0600
-        self.path = Path(name)
+    def __init__(
+        self, work_dir: Path, dek: bytes, metadata: EnvelopeMetadata, metrics: Metrics, name: str | None = None
+    ) -> None:
+        if name is None:
+            fd, path = tempfile.mkstemp(dir=work_dir, prefix="plain-", suffix=".part")  # mode 0600
+        else:  # a fresh name in a private folder of our own
+            path = str(work_dir / name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.path = Path(path)
+        self.head = b""
+        """The first plaintext bytes (content_type.HEAD_BYTES), kept for sniffing the type."""
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._dek = dek
         self._metadata = metadata
@@ -89,10 +99,13 @@ class PlaintextFile:
         self._decryptor = ObjectDecryptor(self._dek)
         self._digest = hashlib.sha256()
         self._written = 0
+        self.head = b""
 
     def write(self, chunk: bytes) -> None:
         plain = self._decryptor.feed(chunk)
         if plain:
+            if len(self.head) < HEAD_BYTES:
+                self.head += bytes(plain[: HEAD_BYTES - len(self.head)])
             self._digest.update(plain)
             self._write_all(plain)
 
@@ -125,6 +138,16 @@ class PlaintextFile:
         self.path.unlink(missing_ok=True)
 
 
+def _remove_job(job: Path) -> None:
+    """Remove a job's folder: usually empty by now (one rmdir), else with what processors left in it."""
+    try:
+        os.rmdir(job)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(job, ignore_errors=True)
+
+
 class Pipeline:
     """Everything between "this is a new event" and "settle it", reusable by the daemon and the CLI."""
 
@@ -152,6 +175,8 @@ class Pipeline:
         self.download_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.work_dir = self.download_path / WORK_DIR_NAME
         self.work_dir.mkdir(exist_ok=True, mode=0o700)
+        self._job_prefix = secrets.token_hex(6)
+        self._jobs = itertools.count(1)
         self._remove_stale_work()
 
     def _remove_stale_work(self) -> None:
@@ -209,7 +234,7 @@ class Pipeline:
                 plaintext_path=plaintext.path,
                 size=size,
                 sha256=sha256,
-                content_type=sniff(plaintext.path, metadata.clean_filename),
+                content_type=content_type(plaintext.head, metadata.clean_filename),
                 download_path=self.download_path,
                 work_dir=job,
                 log=log,
@@ -217,7 +242,7 @@ class Pipeline:
             ran, skipped = await self._run_chain(ctx, key, log)
         finally:
             plaintext.discard()
-            shutil.rmtree(job, ignore_errors=True)
+            _remove_job(job)
         result = {
             "event_id": event.event_id,
             "file_uuid": event.file_uuid,
@@ -237,14 +262,20 @@ class Pipeline:
         return Processed(result)
 
     def _start_job(self, dek: bytes, metadata: EnvelopeMetadata) -> tuple[Path, PlaintextFile]:
-        """A private folder for this message's files, with the (empty) plaintext file in it."""
-        job: Path | None = None
+        """A private folder for this message's files, with the (empty) plaintext file in it.
+
+        Named from a per-process random prefix and a counter: unique among replicas sharing the
+        folder, and cheaper than asking `tempfile` for fresh randomness twice per upload.
+        """
+        job = self.work_dir / f"job-{self._job_prefix}-{next(self._jobs)}"
         try:
-            job = Path(tempfile.mkdtemp(dir=self.work_dir, prefix="job-"))
-            return job, PlaintextFile(job, dek, metadata, self._metrics)
+            os.mkdir(job, 0o700)
         except OSError as exc:  # the work folder itself: full disk, permissions
-            if job is not None:
-                shutil.rmtree(job, ignore_errors=True)
+            raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
+        try:
+            return job, PlaintextFile(job, dek, metadata, self._metrics, name="plaintext")
+        except OSError as exc:
+            _remove_job(job)
             raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
 
     async def _run_chain(self, ctx: ProcessingContext, key: str, log: Any) -> tuple[list[str], list[str]]:

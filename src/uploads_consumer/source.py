@@ -146,15 +146,18 @@ class PullSource:
     # -- pulling
 
     async def run(
-        self, room: Callable[[], int], wait_for_room: Callable[[float], Awaitable[None]], stopping: asyncio.Event
+        self, room: Callable[[], int], wait_for_room: Callable[[int, float], Awaitable[None]], stopping: asyncio.Event
     ) -> None:
         """Ask for messages while there is room, until stopping."""
         s = self._settings
+        # Ask again once half a batch of room is free (or nothing is held): a pull per freed slot
+        # would cost a round trip per message.
+        enough = max(1, min(s.fetch_batch, s.max_in_flight) // 2)
         while not stopping.is_set():
             self.tick = time.monotonic()
             free = room()
-            if free <= 0:
-                await wait_for_room(s.fetch_timeout)
+            if free <= 0 or (free < enough and free < s.max_in_flight):
+                await wait_for_room(enough, s.fetch_timeout)
                 continue
             try:
                 if not self.bound:
