@@ -329,17 +329,21 @@ async def test_stale_plaintext_left_by_a_killed_process_is_removed_at_start(down
     import os
 
     work = downloads / ".incoming"
-    stale, fresh = work / "job-old", work / "job-new"
+    stale, fresh = work / "job-old", work / "job-new"  # processors' work folders
     stale.mkdir(parents=True)
     fresh.mkdir()
-    (stale / "plain-1.part").write_bytes(b"secret plaintext")
-    (fresh / "plain-2.part").write_bytes(b"being written by another replica")
-    for path in (stale, stale / "plain-1.part"):
+    (stale / "audio.wav").write_bytes(b"secret audio")
+    (fresh / "audio.wav").write_bytes(b"being written by another replica")
+    stale_plain, fresh_plain = work / "plain-old.part", work / "plain-new.part"  # plaintext being decrypted
+    stale_plain.write_bytes(b"secret plaintext")
+    fresh_plain.write_bytes(b"being written by another replica")
+    for path in (stale, stale / "audio.wav", stale_plain):
         os.utime(path, (time.time() - 7 * 3600,) * 2)
     daemon = start_daemon()
     await _ready(daemon, nats_server.url)
     assert daemon.terminate() == 0
     assert not stale.exists() and fresh.exists()
+    assert not stale_plain.exists() and fresh_plain.exists()
 
 
 async def test_liveness_holds_while_waiting_for_nats_however_long(settings_for):

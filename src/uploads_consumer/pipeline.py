@@ -183,6 +183,10 @@ class Pipeline:
         """Work left by a process that was killed. A live job touches its folder's files every second
         or so; one untouched for STALE_AFTER is nobody's (replicas may share the folder)."""
         cutoff = time.time() - STALE_AFTER
+        for path in self.work_dir.glob("plain-*.part"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
         for path in self.work_dir.glob("job-*"):
             with contextlib.suppress(OSError):
                 newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
@@ -225,6 +229,7 @@ class Pipeline:
             )
         dek = self._keyring.unwrap(metadata.kek)
         job, plaintext = self._start_job(dek, metadata)
+        ctx: ProcessingContext | None = None
         try:
             await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
             size, sha256 = plaintext.verify()
@@ -242,7 +247,8 @@ class Pipeline:
             ran, skipped = await self._run_chain(ctx, key, log)
         finally:
             plaintext.discard()
-            _remove_job(job)
+            if ctx is not None and ctx.work_dir_made:
+                _remove_job(job)
         result = {
             "event_id": event.event_id,
             "file_uuid": event.file_uuid,
@@ -262,21 +268,18 @@ class Pipeline:
         return Processed(result)
 
     def _start_job(self, dek: bytes, metadata: EnvelopeMetadata) -> tuple[Path, PlaintextFile]:
-        """A private folder for this message's files, with the (empty) plaintext file in it.
+        """The (empty) plaintext file for this message, and the path of its work folder.
 
-        Named from a per-process random prefix and a counter: unique among replicas sharing the
-        folder, and cheaper than asking `tempfile` for fresh randomness twice per upload.
+        The folder is made only if a processor asks for it (`ctx.work_dir`): most chains never do.
+        Names come from a per-process random prefix and a counter: unique among replicas sharing
+        the folder, and cheaper than asking `tempfile` for fresh randomness for every upload.
         """
-        job = self.work_dir / f"job-{self._job_prefix}-{next(self._jobs)}"
+        name = f"{self._job_prefix}-{next(self._jobs)}"
         try:
-            os.mkdir(job, 0o700)
+            plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics, name=f"plain-{name}.part")
         except OSError as exc:  # the work folder itself: full disk, permissions
             raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
-        try:
-            return job, PlaintextFile(job, dek, metadata, self._metrics, name="plaintext")
-        except OSError as exc:
-            _remove_job(job)
-            raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
+        return self.work_dir / f"job-{name}", plaintext
 
     async def _run_chain(self, ctx: ProcessingContext, key: str, log: Any) -> tuple[list[str], list[str]]:
         if self._allowed_types and not matches_any(ctx.content_type, self._allowed_types):

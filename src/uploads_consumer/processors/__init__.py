@@ -23,7 +23,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,28 +43,57 @@ ENTRY_POINT_GROUP = "uploads_consumer.processors"
 ALL_TYPES = ("*/*",)
 
 
-@dataclass
 class ProcessingContext:
     """What a processor sees for one upload.
 
     `plaintext_path` is verified plaintext: read it, never modify or move it. `work_dir` is a
-    private folder for this message, removed after the chain; files a processor leaves there for
-    later ones go in `files` (e.g. `files["audio"]`, the WAV that `transcode` made). `outputs`
-    holds what earlier processors reported, by processor name; `report()` adds to the current one's.
+    private folder for this message (mode 0700, made when first asked for, removed after the
+    chain); files a processor leaves there for later ones go in `files` (e.g. `files["audio"]`,
+    the WAV that `transcode` made). `outputs` holds what earlier processors reported, by processor
+    name; `report()` adds to the current one's.
     """
 
-    event: FileUploadEvent
-    metadata: EnvelopeMetadata
-    plaintext_path: Path
-    size: int
-    sha256: str
-    content_type: str
-    download_path: Path
-    work_dir: Path
-    log: Any
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
-    current: str = ""
+    def __init__(
+        self,
+        *,
+        event: FileUploadEvent,
+        metadata: EnvelopeMetadata,
+        plaintext_path: Path,
+        size: int,
+        sha256: str,
+        content_type: str,
+        download_path: Path,
+        work_dir: Path,
+        log: Any,
+        outputs: dict[str, dict[str, Any]] | None = None,
+        files: dict[str, Path] | None = None,
+        current: str = "",
+    ) -> None:
+        self.event = event
+        self.metadata = metadata
+        self.plaintext_path = plaintext_path
+        self.size = size
+        self.sha256 = sha256
+        self.content_type = content_type
+        self.download_path = download_path
+        self._work_dir = work_dir
+        self._work_dir_made = False
+        self.log = log
+        self.outputs: dict[str, dict[str, Any]] = outputs if outputs is not None else {}
+        self.files: dict[str, Path] = files if files is not None else {}
+        self.current = current
+
+    @property
+    def work_dir(self) -> Path:
+        # Made on first use: most chains never need one, and a folder per upload costs syscalls.
+        if not self._work_dir_made:
+            self._work_dir.mkdir(mode=0o700, exist_ok=True)
+            self._work_dir_made = True
+        return self._work_dir
+
+    @property
+    def work_dir_made(self) -> bool:
+        return self._work_dir_made
 
     def report(self, key: str, value: Any) -> None:
         """Record an output of the running processor; it appears in the result event under its name."""
