@@ -104,17 +104,17 @@ def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Pa
     Each component is reduced to one safe path component; nothing is written outside `root`;
     a reader sees the old file or the whole new one. Blocking: call it in a worker thread.
     Raises RetryableError (disk full, permissions) or PermanentError (a name the file system refuses).
+    `root` is taken as it is (the pipeline resolves DECRYPT_DOWNLOAD_PATH once, at start).
     """
-    root = root.resolve()
     dest = target_path(root, email, file_uuid, filename)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         _ensure_private_dir(dest.parent, root)
         _link_or_copy(source, tmp, size)
-        if dest.is_symlink():
-            dest.unlink()  # replace the link itself, never write through it
-        os.replace(tmp, dest)  # atomic: a reader sees the old file or the whole new one
+        # Atomic: a reader sees the old file or the whole new one. A symlink planted at `dest` is
+        # itself replaced (rename never follows it), so nothing is ever written through it.
+        os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except PermanentError:
         raise
