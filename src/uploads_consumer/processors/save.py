@@ -77,9 +77,11 @@ def _link_or_copy(src: Path, dst: Path, size: int) -> None:
         shutil.copyfile(src, dst, follow_symlinks=False)
     fd = os.open(dst, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        os.fchmod(fd, FILE_MODE)
+        st = os.fstat(fd)
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:  # a copy (a link keeps the private file's 0600)
+            os.fchmod(fd, FILE_MODE)
         os.fsync(fd)
-        written = os.fstat(fd).st_size
+        written = st.st_size
     finally:
         os.close(fd)
     if written != size:
@@ -108,6 +110,7 @@ def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Pa
     """
     dest = target_path(root, email, file_uuid, filename)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    placed = False
     try:
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         _ensure_private_dir(dest.parent, root)
@@ -115,6 +118,7 @@ def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Pa
         # Atomic: a reader sees the old file or the whole new one. A symlink planted at `dest` is
         # itself replaced (rename never follows it), so nothing is ever written through it.
         os.replace(tmp, dest)
+        placed = True
         _fsync_dir(dest.parent)
     except PermanentError:
         raise
@@ -125,10 +129,11 @@ def place_file(root: Path, email: str, file_uuid: str, filename: str, source: Pa
             ) from None
         raise RetryableError(f"save: {exc.strerror or exc} ({dest.parent.relative_to(root)})") from None
     finally:
-        # A file planted where a folder belongs makes this NotADirectoryError: the reason already
-        # raised (PermanentError above) must be what the caller sees.
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            tmp.unlink()
+        if not placed:
+            # A file planted where a folder belongs makes this NotADirectoryError: the reason
+            # already raised (PermanentError above) must be what the caller sees.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                tmp.unlink()
     return dest
 
 
