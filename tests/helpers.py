@@ -137,3 +137,12 @@ async def provision_now(settings) -> None:
         await provision(nc.jetstream(timeout=10), settings)
     finally:
         await nc.close()
+
+
+async def wait_ready(daemon, timeout: float = 60) -> None:
+    """The daemon has started its processors, provisioned and bound to its consumer (readyz 200)."""
+    daemon.wait_http(timeout)
+    deadline = time.monotonic() + timeout
+    while daemon.http_get("/readyz")[0] != 200:
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        await asyncio.sleep(0.05)
