@@ -10,7 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 from aiohttp import web
-from helpers import publish_uploads, read_stream, wait_ready, wait_settled
+from helpers import consumer_info, publish_uploads, read_stream, wait_ready, wait_settled
 from prometheus_client import CollectorRegistry
 from speech import GO_FORWARD, TURN_LEFT, context, encode, heard, model_path, speech_mp3, synthesise
 
@@ -526,3 +526,24 @@ def configuration_error(log: str) -> str:
     *before, last = log.strip().splitlines()
     assert all(json.loads(line)["level"] in ("debug", "info") for line in before), before
     return last
+
+
+async def test_a_shutdown_during_a_long_transcription_hands_the_message_back_without_waiting_for_the_model(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    speech = synthesise(" ".join([GO_FORWARD, TURN_LEFT] * 40), tmp_path / "in", "long.wav")  # about 2 minutes
+    daemon = start_daemon(**voice(SHUTDOWN_GRACE="1s"))
+    await wait_ready(daemon)
+    await publish_uploads(settings_for(), [speech])
+    deadline = time.monotonic() + 60
+    while daemon.metric("uploads_consumer_processor_outcomes_total", 'outcome="ok",processor="transcode"') < 1:
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # the model is in the middle of a window now
+    began = time.monotonic()
+    assert daemon.terminate() == 0
+    assert time.monotonic() - began < 10, "exit waits for the grace, not for the model"
+    assert await read_stream(nats_server.url, "TRANSCRIPTIONS") == []
+    info = await consumer_info(nats_server.url)
+    assert info.ack_floor.stream_seq == 0 and info.num_ack_pending + info.num_pending >= 1, "handed back, not acked"
+    assert "transcribed" not in daemon.log_text()

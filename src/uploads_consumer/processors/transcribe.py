@@ -56,7 +56,8 @@ class TranscribeSettings(ProcessorSettings):
         default="faster-whisper", description="faster-whisper (local) or openai (an HTTP API)"
     )
     model: str = Field(
-        default="", description="faster-whisper: a CTranslate2 model directory, or a name (tiny.en, small, large-v3)"
+        default="",
+        description="faster-whisper (required): a CTranslate2 model directory, or a name (tiny.en, small, large-v3)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="faster-whisper: auto, cpu or cuda")
     compute_type: str = Field(default="default", description="faster-whisper: int8, float16, float32, … (CTranslate2)")
@@ -64,8 +65,10 @@ class TranscribeSettings(ProcessorSettings):
     beam_size: int = Field(default=5, ge=1, le=20, description="faster-whisper: beam search width")
     vad: bool = Field(default=True, description="faster-whisper: skip non-speech (Silero VAD)")
     concurrency: int = Field(default=1, ge=1, le=64, description="transcriptions at once in this process")
-    cpu_threads: int = Field(default=0, ge=0, le=256, description="faster-whisper: threads per transcription (0: 4)")
-    api_url: str = Field(default="", description="openai: base URL, e.g. https://api.openai.com/v1")
+    cpu_threads: int = Field(
+        default=0, ge=0, le=256, description="faster-whisper: threads per transcription (0: 4, or OMP_NUM_THREADS)"
+    )
+    api_url: str = Field(default="", description="openai (required): base URL, e.g. https://api.openai.com/v1")
     api_key: SecretStr | None = Field(default=None, description="openai: bearer token")
     api_model: str = Field(default="whisper-1", description="openai: the model the server should use")
     api_timeout: Duration = Field(default=600.0, description="openai: longest request; longer is transient")

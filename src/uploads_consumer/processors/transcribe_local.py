@@ -1,21 +1,23 @@
 """The `faster-whisper` backend of `transcribe`: Whisper on CTranslate2, in this process.
 
-The model is loaded once, at start. Inference runs in a pool of TRANSCRIBE_CONCURRENCY worker
-threads (CTranslate2 releases the GIL), never on the event loop; while it runs, the daemon keeps
-sending progress for the message, so audio of any length stays alive. A transcription that is
-cancelled (shutdown) stops at its next segment.
+The model is loaded once, at start. Each transcription runs in a thread of its own (CTranslate2
+releases the GIL), never on the event loop; the processor lets TRANSCRIBE_CONCURRENCY run at once.
+While one runs, the daemon keeps sending progress for the message, so audio of any length stays
+alive. A cancelled transcription (shutdown) is abandoned: its thread stops at the next segment,
+and it is a daemon thread, so the process never waits for a model in the middle of a window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe, one_line
 from uploads_consumer.observability import get_logger
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from uploads_consumer.processors.transcribe import TranscribeSettings
 
 log = get_logger("uploads_consumer.processors.transcribe")
+T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -45,6 +48,31 @@ def model_reference(value: str) -> tuple[str, bool]:
             raise ConfigError("TRANSCRIBE_MODEL", "the directory holds no CTranslate2 model (model.bin)")
         return str(path.resolve()), True
     return value, False  # tiny.en, large-v3, or a Hugging Face repository id: faster-whisper fetches it
+
+
+async def in_daemon_thread(work: Callable[[], T], name: str) -> T:
+    """Run `work` in a new daemon thread and wait for it. Cancelling the wait abandons the thread
+    (unlike asyncio.to_thread, whose pool the interpreter joins at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], object]) -> None:
+        if not future.done():  # not cancelled meanwhile
+            outcome()
+
+    def run() -> None:
+        report: Callable[[], object]
+        try:
+            report = functools.partial(future.set_result, work())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            report = functools.partial(future.set_exception, exc)
+        try:
+            loop.call_soon_threadsafe(settle, report)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
 
 
 def _variable_for(problem: str) -> str:
@@ -73,7 +101,6 @@ class FasterWhisper:
     def __init__(self, settings: TranscribeSettings) -> None:
         self.settings = settings
         self._model: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="transcribe")
         self._running: set[threading.Event] = set()
 
     async def start(self) -> None:
@@ -93,7 +120,7 @@ class FasterWhisper:
         reference, local = model_reference(s.model)
         began = time.monotonic()
         try:
-            self._model = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, reference)
+            self._model = await in_daemon_thread(lambda: self._load(reference), "transcribe-load")
         except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading is a configuration problem
             problem = describe(exc).replace(s.model, "the model").replace(reference, "the model")
             raise ConfigError(_variable_for(problem), f"cannot load the model: {problem}") from None
@@ -131,7 +158,7 @@ class FasterWhisper:
         stop = threading.Event()
         self._running.add(stop)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._transcribe, audio, filename, stop)
+            return await in_daemon_thread(lambda: self._transcribe(audio, filename, stop), "transcribe")
         except asyncio.CancelledError:
             stop.set()  # the thread cannot be killed; it stops at its next segment
             raise
@@ -179,4 +206,3 @@ class FasterWhisper:
     async def close(self) -> None:
         for stop in self._running:
             stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
