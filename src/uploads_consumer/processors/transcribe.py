@@ -66,7 +66,10 @@ class TranscribeSettings(ProcessorSettings):
     vad: bool = Field(default=True, description="faster-whisper: skip non-speech (Silero VAD)")
     concurrency: int = Field(default=1, ge=1, le=64, description="transcriptions at once in this process")
     cpu_threads: int = Field(
-        default=0, ge=0, le=256, description="faster-whisper: threads per transcription (0: 4, or OMP_NUM_THREADS)"
+        default=0,
+        ge=0,
+        le=256,
+        description="faster-whisper: threads per transcription (0: usable cores / concurrency, at most 4)",
     )
     api_url: str = Field(default="", description="openai (required): base URL, e.g. https://api.openai.com/v1")
     api_key: SecretStr | None = Field(default=None, description="openai: bearer token")

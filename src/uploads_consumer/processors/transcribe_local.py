@@ -3,8 +3,9 @@
 The model is loaded once, at start. Each transcription runs in a thread of its own (CTranslate2
 releases the GIL), never on the event loop; the processor lets TRANSCRIBE_CONCURRENCY run at once.
 While one runs, the daemon keeps sending progress for the message, so audio of any length stays
-alive. A cancelled transcription (shutdown) is abandoned: its thread stops at the next segment,
-and it is a daemon thread, so the process never waits for a model in the middle of a window.
+alive. A cancelled transcription (shutdown) stops at its next segment, at the end of the 30-second
+window the model is working on; the process waits for that before it exits, because ending it
+under a running model crashes it (SIGSEGV in the C++ runtime's teardown).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -50,9 +52,10 @@ def model_reference(value: str) -> tuple[str, bool]:
     return value, False  # tiny.en, large-v3, or a Hugging Face repository id: faster-whisper fetches it
 
 
-async def in_daemon_thread(work: Callable[[], T], name: str) -> T:
-    """Run `work` in a new daemon thread and wait for it. Cancelling the wait abandons the thread
-    (unlike asyncio.to_thread, whose pool the interpreter joins at exit)."""
+async def in_thread(work: Callable[[], T], name: str) -> T:
+    """Run `work` in a new thread and wait for it; a cancelled wait leaves the thread to finish on
+    its own (told to stop by its caller). Threads of its own, not asyncio.to_thread's pool, which
+    also serves short file operations that must not queue behind a transcription."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -71,8 +74,36 @@ async def in_daemon_thread(work: Callable[[], T], name: str) -> T:
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=run, name=name).start()
     return await future
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity, and a cgroup v2 quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def threads_per_transcription(configured: int, concurrency: int) -> int:
+    """TRANSCRIBE_CPU_THREADS, or (0) the usable cores shared by the concurrent transcriptions, at
+    most 4 (CTranslate2's own default). More threads than cores is far worse than fewer: OpenMP's
+    threads spin while they wait for each other."""
+    return configured or min(4, max(1, usable_cores() // concurrency))
+
+
+def _settle(future: asyncio.Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)
 
 
 def _variable_for(problem: str) -> str:
@@ -101,7 +132,9 @@ class FasterWhisper:
     def __init__(self, settings: TranscribeSettings) -> None:
         self.settings = settings
         self._model: Any = None
+        self.threads = threads_per_transcription(settings.cpu_threads, settings.concurrency)
         self._running: set[threading.Event] = set()
+        self._forever = threading.Event()  # never set: what the model's thread waits on
 
     async def start(self) -> None:
         s = self.settings
@@ -120,7 +153,7 @@ class FasterWhisper:
         reference, local = model_reference(s.model)
         began = time.monotonic()
         try:
-            self._model = await in_daemon_thread(lambda: self._load(reference), "transcribe-load")
+            self._model = await self._load_in_a_lasting_thread(reference)
         except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading is a configuration problem
             problem = describe(exc).replace(s.model, "the model").replace(reference, "the model")
             raise ConfigError(_variable_for(problem), f"cannot load the model: {problem}") from None
@@ -139,8 +172,32 @@ class FasterWhisper:
             compute_type=inner.compute_type,
             multilingual=inner.is_multilingual,
             concurrency=s.concurrency,
+            cpu_threads=self.threads,
             took_s=round(time.monotonic() - began, 2),
         )
+
+    async def _load_in_a_lasting_thread(self, reference: str) -> Any:
+        """Load the model off the event loop, in a thread that lives until close().
+
+        CTranslate2's OpenMP runtime (the libgomp its wheel bundles) keeps state of the thread that
+        built the model: once that thread has ended, about one transcription in two took three to
+        four times the CPU (measured with tiny.en, 98 s of speech, temperature 0: 10 s → 38 s),
+        never while it lived. So the loading thread stays, idle, for as long as the process lives.
+        """
+        loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[Any] = loop.create_future()
+
+        def keep() -> None:
+            try:
+                model = self._load(reference)
+            except BaseException as exc:  # noqa: BLE001 - handed to start()
+                loop.call_soon_threadsafe(functools.partial(_settle, loaded, exception=exc))
+                return
+            loop.call_soon_threadsafe(functools.partial(_settle, loaded, result=model))
+            self._forever.wait()
+
+        threading.Thread(target=keep, name="transcribe-model", daemon=True).start()
+        return await loaded
 
     def _load(self, reference: str) -> Any:
         from faster_whisper import WhisperModel
@@ -150,7 +207,7 @@ class FasterWhisper:
             reference,
             device=s.device,
             compute_type=s.compute_type,
-            cpu_threads=s.cpu_threads,
+            cpu_threads=self.threads,
             num_workers=s.concurrency,
         )
 
@@ -158,9 +215,9 @@ class FasterWhisper:
         stop = threading.Event()
         self._running.add(stop)
         try:
-            return await in_daemon_thread(lambda: self._transcribe(audio, filename, stop), "transcribe")
+            return await in_thread(lambda: self._transcribe(audio, filename, stop), "transcribe")
         except asyncio.CancelledError:
-            stop.set()  # the thread cannot be killed; it stops at its next segment
+            stop.set()  # a thread cannot be killed: it stops at its next segment
             raise
         finally:
             self._running.discard(stop)
@@ -204,5 +261,7 @@ class FasterWhisper:
             ) from None
 
     async def close(self) -> None:
+        # The model's thread is not ended: a transcription told to stop may still be in its window,
+        # and ending that thread under it would take the OpenMP runtime away.
         for stop in self._running:
             stop.set()
