@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+import wave
 from pathlib import Path
 
 import nats
@@ -23,6 +25,7 @@ from speech import (
     synthesise,
     varied_sentences,
 )
+from system import require_tool
 
 from uploads_consumer.embedded import free_port
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
@@ -565,3 +568,42 @@ async def test_a_shutdown_during_a_long_transcription_hands_the_message_back_wit
     info = await consumer_info(nats_server.url)
     assert info.ack_floor.stream_seq == 0 and info.num_ack_pending + info.num_pending >= 1, "handed back, not acked"
     assert "transcribed" not in daemon.log_text()
+
+
+# ---- long audio in pieces ------------------------------------------------------------------------------------
+
+
+def two_phrases_with_a_pause(folder: Path) -> Path:
+    """GO_FORWARD, two seconds of silence, TURN_LEFT: as 16 kHz mono 16-bit WAV, what transcode makes."""
+    espeak = require_tool("espeak-ng")
+    folder.mkdir(parents=True, exist_ok=True)
+    spoken = folder / "spoken.wav"
+    ssml = f"<speak>{GO_FORWARD}. <break time='2000ms'/> {TURN_LEFT}.</speak>"
+    subprocess.run([espeak, "-m", "-w", str(spoken), ssml], check=True, capture_output=True)
+    return encode(spoken, folder / "pcm.wav", "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le")
+
+
+def test_long_audio_is_cut_in_its_quietest_moment(tmp_path):
+    from uploads_consumer.processors.transcribe_local import pcm_samples, piece_bounds
+
+    samples = pcm_samples(two_phrases_with_a_pause(tmp_path))
+    seconds = len(samples) / 16_000
+    (first, second) = piece_bounds(samples, piece=seconds - 1.5)  # the pause lies in the search window
+    assert first[0] == 0 and first[1] == second[0] and second[1] == len(samples)
+    cut = samples[first[1] - 800 : first[1] + 800]
+    assert abs(cut.astype(int)).max() < 300, "cut in the silence between the phrases"
+    assert piece_bounds(samples, piece=seconds + 1) == [(0, len(samples))]
+
+
+async def test_audio_recognised_in_pieces_keeps_every_phrase_and_its_time(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    wav = two_phrases_with_a_pause(tmp_path)
+    with wave.open(str(wav)) as w:
+        seconds = w.getnframes() / w.getframerate()
+    processor._backend.piece_seconds = seconds - 1.5
+    transcript = await processor._backend.transcribe(wav, "two.wav", "audio/wav")
+    await processor.close()
+    assert heard(transcript.text, GO_FORWARD) and heard(transcript.text, TURN_LEFT), transcript.text
+    turn = [s for s in transcript.segments if heard(s.text, TURN_LEFT)]
+    assert turn and turn[0].start > 2.0, "the second piece's times are counted from the start of the file"
+    assert transcript.duration == pytest.approx(seconds, abs=0.01)

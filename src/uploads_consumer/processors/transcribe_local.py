@@ -6,6 +6,12 @@ While one runs, the daemon keeps sending progress for the message, so audio of a
 alive. A cancelled transcription (shutdown) stops at its next segment, at the end of the 30-second
 window the model is working on; the process waits for that before it exits, because ending it
 under a running model crashes it (SIGSEGV in the C++ runtime's teardown).
+
+Memory: faster-whisper computes the features of all the audio it is given at once, several
+hundred bytes per sample (measured: 10 minutes of speech raised the peak RSS by 450 MB). Long
+audio is therefore recognised in pieces of PIECE_SECONDS, each cut at the quietest tenth of a
+second just before its end, so that no word is split; the transcode's WAV is read through a
+memory map, a piece at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ if TYPE_CHECKING:
 
 log = get_logger("uploads_consumer.processors.transcribe")
 T = TypeVar("T")
+
+PIECE_SECONDS = 300.0
+QUIET_SEARCH_SECONDS = 10.0  # where, before a piece's end, the cut looks for the quietest moment
+QUIET_FRAME = SAMPLE_RATE // 10
 
 
 class Stopped(Exception):
@@ -116,16 +126,43 @@ def _variable_for(problem: str) -> str:
 
 
 def pcm_samples(path: Path) -> np.ndarray[Any, Any] | None:
-    """A 16 kHz mono 16-bit WAV (what `transcode` makes) as float32 samples, read through a memory
-    map: one array of 4 bytes a sample, no decoding. None for anything else."""
+    """A 16 kHz mono 16-bit WAV (what `transcode` makes) as its 16-bit samples, mapped from the file
+    (nothing read until used). None for anything else."""
     import numpy as np
 
     wav = read_pcm_wav(path)
     if wav is None or (wav.sample_rate, wav.channels, wav.bits) != (SAMPLE_RATE, 1, 16):
         return None
-    pcm = np.memmap(path, dtype="<i2", mode="r", offset=wav.data_offset, shape=(wav.frames,))
-    samples: np.ndarray[Any, Any] = np.multiply(pcm, 1 / 32768, dtype=np.float32)
+    return np.memmap(path, dtype="<i2", mode="r", offset=wav.data_offset, shape=(wav.frames,))
+
+
+def as_float(samples: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """What the model takes: float32 in [-1, 1)."""
+    import numpy as np
+
+    if samples.dtype == np.int16:
+        converted: np.ndarray[Any, Any] = np.multiply(samples, 1 / 32768, dtype=np.float32)
+        return converted
     return samples
+
+
+def piece_bounds(samples: np.ndarray[Any, Any], piece: float = PIECE_SECONDS) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of at most `piece` seconds covering `samples`, each cut (but the
+    last) in the middle of the quietest tenth of a second of the QUIET_SEARCH_SECONDS before its limit."""
+    import numpy as np
+
+    size = int(piece * SAMPLE_RATE)
+    search = min(int(QUIET_SEARCH_SECONDS * SAMPLE_RATE), size // 2) // QUIET_FRAME * QUIET_FRAME
+    bounds, start, total = [], 0, len(samples)
+    while total - start > size:
+        limit = start + size
+        window = as_float(np.asarray(samples[limit - search : limit])).reshape(-1, QUIET_FRAME)
+        quietest = int(np.argmin(np.square(window).mean(axis=1)))
+        cut = limit - search + quietest * QUIET_FRAME + QUIET_FRAME // 2
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, total))
+    return bounds
 
 
 class FasterWhisper:
@@ -135,6 +172,7 @@ class FasterWhisper:
         self.threads = threads_per_transcription(settings.cpu_threads, settings.concurrency)
         self._running: set[threading.Event] = set()
         self._forever = threading.Event()  # never set: what the model's thread waits on
+        self.piece_seconds = PIECE_SECONDS
 
     async def start(self) -> None:
         s = self.settings
@@ -177,12 +215,12 @@ class FasterWhisper:
         )
 
     async def _load_in_a_lasting_thread(self, reference: str) -> Any:
-        """Load the model off the event loop, in a thread that lives until close().
+        """Load the model off the event loop, in a thread that lives as long as the process.
 
         CTranslate2's OpenMP runtime (the libgomp its wheel bundles) keeps state of the thread that
         built the model: once that thread has ended, about one transcription in two took three to
         four times the CPU (measured with tiny.en, 98 s of speech, temperature 0: 10 s → 38 s),
-        never while it lived. So the loading thread stays, idle, for as long as the process lives.
+        never while it lived. So the loading thread stays, idle, until the process ends.
         """
         loop = asyncio.get_running_loop()
         loaded: asyncio.Future[Any] = loop.create_future()
@@ -225,23 +263,29 @@ class FasterWhisper:
     def _transcribe(self, audio: Path, filename: str, stop: threading.Event) -> Transcript:
         samples = self._decode(audio, filename)
         s = self.settings
+        language = s.language or None
+        segments: list[Segment] = []
+        if not len(samples):  # decodable, but not one sample of audio
+            return Transcript("", s.language, 0.0, ())
         try:
-            pieces, info = self._model.transcribe(
-                samples, language=s.language or None, beam_size=s.beam_size, vad_filter=s.vad
-            )
-            segments = []
-            for piece in pieces:  # a generator: the work happens as it is consumed
-                if stop.is_set():
-                    raise Stopped()
-                text = piece.text.strip()
-                if text:
-                    segments.append(Segment(float(piece.start), float(piece.end), text))
+            for start, end in piece_bounds(samples, self.piece_seconds):
+                offset = start / SAMPLE_RATE
+                pieces, info = self._model.transcribe(
+                    as_float(samples[start:end]), language=language, beam_size=s.beam_size, vad_filter=s.vad
+                )
+                for piece in pieces:  # a generator: the work happens as it is consumed
+                    if stop.is_set():
+                        raise Stopped()
+                    text = piece.text.strip()
+                    if text:
+                        segments.append(Segment(offset + float(piece.start), offset + float(piece.end), text))
+                language = language or info.language  # detected on the first piece, kept for the others
         except (Stopped, PermanentError):
             raise
         except Exception as exc:
             raise RetryableError(f"transcribe: {describe(exc)}") from exc
         text = " ".join(segment.text for segment in segments)
-        return Transcript(text, info.language or "", float(info.duration), tuple(segments))
+        return Transcript(text, language or "", len(samples) / SAMPLE_RATE, tuple(segments))
 
     def _decode(self, audio: Path, filename: str) -> Any:
         samples = pcm_samples(audio)
