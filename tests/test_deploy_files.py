@@ -226,6 +226,12 @@ def test_dockerfile_runs_the_daemon_as_a_non_root_user_that_receives_sigterm():
     assert any(word == "EXPOSE" and rest == env["HTTP_PORT"] for word, rest in stage)
 
 
+def test_dockerfile_runtime_stage_has_the_system_libraries_the_package_loads():
+    # python-magic dlopens libmagic at import; the slim image lacks it.
+    runs = " ".join(rest for word, rest in final_stage() if word == "RUN")
+    assert "apt-get install" in runs and "libmagic1" in shlex.split(runs), runs
+
+
 def test_dockerfile_examples_give_docker_run_the_stop_allowance():
     assert check_docker_runs((ROOT / "Dockerfile").read_text(), "Dockerfile") >= 1
 

