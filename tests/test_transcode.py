@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import wave
 from pathlib import Path
 
@@ -200,6 +202,53 @@ async def test_a_video_without_audio_is_unsupported_media(tmp_path, monkeypatch)
         await transcode(await transcoder(monkeypatch), silent, tmp_path / "work")
     assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
     assert caught.value.reason == "transcode: silent-film.mp4 has no audio stream"
+
+
+# ---- ffmpeg parses untrusted media: it gets no secrets and no network ------------------------------
+
+
+async def test_ffmpeg_runs_with_no_secret_in_its_environment(tmp_path, monkeypatch):
+    seen = tmp_path / "ffmpeg-environment"
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(f'#!/bin/sh\nenv > {seen}\nexec {ffmpeg()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("ENCRYPTION_MASTER_KEY", "bWFzdGVyLWtleS10aGF0LW11c3Qtbm90LWxlYWsAAAA=")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-that-must-not-leak")
+    processor = await transcoder(monkeypatch, TRANSCODE_FFMPEG=str(wrapper))
+    await transcode(processor, speech_mp3(GO_FORWARD, tmp_path), tmp_path / "work")
+    names = {line.split("=", 1)[0] for line in seen.read_text().splitlines() if "=" in line}
+    assert "PATH" in names
+    assert not names & {"ENCRYPTION_MASTER_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "NATS_URL"}, names
+    assert "must-not-leak" not in seen.read_text()
+
+
+async def test_a_playlist_in_disguise_cannot_make_ffmpeg_fetch_a_url(tmp_path, monkeypatch):
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # An HLS playlist, named so that ffmpeg probes it as one (the daemon names plaintext *.part, which
+        # ffmpeg would not; the whitelist must hold on its own).
+        playlist = tmp_path / "memo.m3u8"
+        url = f"http://127.0.0.1:{server.server_address[1]}/exfiltrate"
+        playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{url}/segment.ts\n#EXT-X-ENDLIST\n")
+        with pytest.raises(PermanentError) as caught:
+            await transcode(await transcoder(monkeypatch), playlist, tmp_path / "work")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
+    assert asked == [], "ffmpeg reached out to the network"
 
 
 # ---- ffmpeg stuck, killed, gone ---------------------------------------------------------------------
