@@ -50,3 +50,25 @@ def test_readme_anchors_exist():
     }
     for anchor in re.findall(r"\]\(#([^)]+)\)", text):
         assert anchor in headings, anchor
+
+
+def cited_tests(text: str) -> list[tuple[str, str]]:
+    """(file, test) for every `test_x.py::test_y` and following `::test_z` a document cites."""
+    cited, current = [], None
+    for cell in re.findall(r"`([^`]+)`", text):
+        if m := re.fullmatch(r"(test_\w+\.py)(?:::(\w+))?", cell):
+            current, name = m.group(1), m.group(2)
+        elif m := re.fullmatch(r"::(\w+)", cell):
+            name = m.group(1)
+        else:
+            continue
+        if name and current:
+            cited.append((current, name))
+    return cited
+
+
+def test_every_test_security_md_cites_exists():
+    cited = cited_tests((ROOT / "SECURITY.md").read_text())
+    assert len(cited) > 40
+    missing = [(f, t) for f, t in cited if f"def {t}(" not in (ROOT / "tests" / f).read_text()]
+    assert missing == []

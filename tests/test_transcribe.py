@@ -196,6 +196,18 @@ async def test_without_transcode_the_plaintext_itself_is_decoded_and_recognised(
     assert Path(out["txt_path"]).read_text().strip() == out["text"]
 
 
+async def test_transcripts_of_a_hostile_file_name_stay_in_the_uploads_folder(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    ctx = context(speech_mp3(GO_FORWARD, tmp_path), tmp_path / "work", name="../../../escape.mp3")
+    ctx.current = "transcribe"
+    await processor.run(ctx)
+    await processor.close()
+    folder = (ctx.download_path / ctx.event.email / ctx.event.file_uuid).resolve()
+    paths = [Path(ctx.outputs["transcribe"][key]) for key in ("txt_path", "srt_path", "json_path")]
+    assert all(p.resolve().parent == folder and p.is_file() for p in paths), paths
+    assert not any(tmp_path.glob("escape*")) and not any(tmp_path.parent.glob("escape*"))
+
+
 async def test_plaintext_that_is_not_audio_is_unsupported_media(tmp_path, monkeypatch):
     processor = await local_transcriber(monkeypatch)
     bogus = tmp_path / "plain.part"
