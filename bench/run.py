@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from uploads_consumer.config import Settings
@@ -165,13 +164,7 @@ def run_consumer(
 ) -> Run:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:30].strip("-")
     bucket = f"bench-{slug}-{len(files)}-{os.getpid()}-r{round_no}"
-    boto3.client(
-        "s3",
-        endpoint_url=s3.url,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    s3.client().create_bucket(Bucket=bucket)
     name = slug
     profile = None
     if PROFILE and name in PROFILED and round_no == 1:
@@ -234,13 +227,7 @@ async def measure_ceiling(s3: S3Server, proxy: LatencyProxy, seconds: float = 4.
     The client is the floor's (a signed GET over aiohttp), the lightest there is, so that its own CPU,
     which it shares with the S3 server on this machine, lowers the ceiling as little as possible.
     """
-    direct = boto3.client(
-        "s3",
-        endpoint_url=s3.url,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        region_name="us-east-1",
-    )
+    direct = s3.client()
     direct.create_bucket(Bucket="bench-ceiling")
     direct.put_object(Bucket="bench-ceiling", Key="k", Body=os.urandom(4096))
     client = SignedGetter(proxy.url, "us-east-1", s3.access_key, s3.secret_key)

@@ -31,8 +31,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
-
 from uploads_consumer.config import Settings
 from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment
 from uploads_consumer.envelope import MasterKeyRing
@@ -197,13 +195,7 @@ def run_daemon(
 ) -> Run:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
     bucket = f"bench-voice-{hashlib.sha256(slug.encode()).hexdigest()[:12]}-{os.getpid()}"  # 63 characters at most
-    boto3.client(
-        "s3",
-        endpoint_url=s3.url,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    s3.client().create_bucket(Bucket=bucket)
     with NatsServer(work / f"nats-{slug}") as nats_server:
         env = {
             **{k: v for k, v in clean_environment().items() if not k.startswith(("TRANSCODE_", "TRANSCRIBE_"))},

@@ -8,7 +8,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from uploads_consumer.errors import ConfigError
@@ -69,8 +77,16 @@ def decode_master_key(encoded: str) -> bytes:
     return key
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_positive)]
 CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
 
 
@@ -102,9 +118,9 @@ class Settings(BaseSettings):
     nats_replicas: int = Field(default=1, ge=1, le=5)
 
     fetch_batch: int = Field(default=10, ge=1, le=1000)
-    fetch_timeout: Duration = 5.0
+    fetch_timeout: PositiveDuration = 5.0
     max_in_flight: int = Field(default=16, ge=1, le=4096)
-    ack_wait: Duration = 30.0
+    ack_wait: PositiveDuration = 30.0
     max_deliver: int = -1
     max_ack_pending: int = Field(default=100, ge=1)
     retry_backoff: Annotated[tuple[float, ...], NoDecode, BeforeValidator(parse_durations)] = (
@@ -143,13 +159,6 @@ class Settings(BaseSettings):
         if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket"):
             field = cls.model_fields[info.field_name]
             return field.default
-        return value
-
-    @field_validator("fetch_timeout", "ack_wait")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
         return value
 
     @field_validator("retry_backoff")

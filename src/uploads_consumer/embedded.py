@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
 
 
 class MissingExtra(RuntimeError):
@@ -179,6 +179,18 @@ class S3Server(_Process):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server (boto3 comes with moto)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
 
     def env(self) -> dict[str, str]:
         """The S3 part of the daemon's environment for this server."""

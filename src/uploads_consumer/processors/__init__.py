@@ -125,9 +125,11 @@ class ProcessorSettings(BaseSettings):
 
     Every processor has `content_types` ({NAME}_CONTENT_TYPES): MIME globs it runs on; empty means
     the processor's own default. Subclass it and add fields (pydantic types, validators) as needed.
+    A variable set but empty counts as unset, except for the fields named in `empty_is_a_value`.
     """
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    empty_is_a_value: ClassVar[frozenset[str]] = frozenset()
 
     content_types: CsvList = ()
 
@@ -135,7 +137,7 @@ class ProcessorSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
         # An exported-but-empty variable means "unset", as for the daemon's own variables.
-        if value == "" and info.field_name is not None:
+        if value == "" and info.field_name is not None and info.field_name not in cls.empty_is_a_value:
             field = cls.model_fields[info.field_name]
             if field.is_required():
                 raise ValueError("is required (it is set but empty)")

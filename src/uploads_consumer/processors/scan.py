@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from uploads_consumer.config import Duration, Size
+from uploads_consumer.config import PositiveDuration, PositiveSize
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
@@ -239,8 +239,8 @@ class ScanSettings(ProcessorSettings):
     clamd_url: str = Field(
         default="unix:///var/run/clamav/clamd.ctl", description="tcp://host:3310 or unix:///path/to/clamd.ctl"
     )
-    timeout: Duration = Field(default="2m", validate_default=True, description="for one scan, sending included")
-    max_size: Size = Field(
+    timeout: PositiveDuration = Field(default="2m", validate_default=True, description="for one scan, sending included")
+    max_size: PositiveSize = Field(
         default="25MiB",
         validate_default=True,
         description="larger files are dead-lettered too_large, not sent; at most clamd's StreamMaxLength and MaxFileSize",
@@ -251,13 +251,6 @@ class ScanSettings(ProcessorSettings):
     def _address(cls, value: str) -> str:
         parse_clamd_url(value)
         return value.strip()
-
-    @field_validator("timeout", "max_size")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
 
 
 class Scan(Processor):

@@ -23,11 +23,10 @@ import wave
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from uploads_consumer.config import Duration
+from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import ProcessingContext, Processor, ProcessorEnvironment, ProcessorSettings
@@ -57,19 +56,7 @@ class TranscodeSettings(ProcessorSettings):
         default=None, description="the ffmpeg binary (default: the one imageio-ffmpeg bundles, else ffmpeg on PATH)"
     )
     normalize: bool = Field(default=True, description="EBU R128 loudness normalisation (loudnorm)")
-    timeout: Duration = Field(default=600.0, description="longest ffmpeg run for one file; longer is transient")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: Any, info: Any) -> Any:
-        return cls.model_fields[info.field_name].default if value == "" else value
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
+    timeout: PositiveDuration = Field(default=600.0, description="longest ffmpeg run for one file; longer is transient")
 
 
 @dataclass(frozen=True)

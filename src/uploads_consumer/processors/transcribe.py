@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from uploads_consumer.config import Duration
+from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError
 from uploads_consumer.events import FileUploadEvent
 from uploads_consumer.observability import PREFIX
@@ -74,18 +74,13 @@ class TranscribeSettings(ProcessorSettings):
     api_url: str = Field(default="", description="openai (required): base URL, e.g. https://api.openai.com/v1")
     api_key: SecretStr | None = Field(default=None, description="openai: bearer token")
     api_model: str = Field(default="whisper-1", description="openai: the model the server should use")
-    api_timeout: Duration = Field(default=600.0, description="openai: longest request; longer is transient")
+    api_timeout: PositiveDuration = Field(default=600.0, description="openai: longest request; longer is transient")
     result_subject: str = Field(
         default="audio.transcription.result", description="where the result message goes; empty: not published"
     )
     result_stream_name: str = Field(default="TRANSCRIPTIONS", description="the stream that stores result messages")
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: Any, info: Any) -> Any:
-        if value == "" and info.field_name != "result_subject":
-            return cls.model_fields[info.field_name].default
-        return value
+    empty_is_a_value = frozenset({"result_subject"})  # TRANSCRIBE_RESULT_SUBJECT= turns publishing off
 
     @field_validator("compute_type")
     @classmethod
@@ -109,13 +104,6 @@ class TranscribeSettings(ProcessorSettings):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("must be an http:// or https:// URL, e.g. https://api.openai.com/v1")
         return value.rstrip("/")
-
-    @field_validator("api_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
 
     @field_validator("result_subject")
     @classmethod

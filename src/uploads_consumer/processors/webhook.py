@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from uploads_consumer import __version__
-from uploads_consumer.config import Duration
+from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
@@ -132,7 +132,9 @@ class WebhookSettings(ProcessorSettings):
     format: Literal["standard", "slack", "discord"] = Field(
         default="standard", description="standard (Standard Webhooks, signed), slack or discord"
     )
-    timeout: Duration = Field(default="10s", validate_default=True, description="for one attempt, connecting included")
+    timeout: PositiveDuration = Field(
+        default="10s", validate_default=True, description="for one attempt, connecting included"
+    )
     secret: SecretStr | None = Field(
         default=None,
         description="whsec_ + base64 of 24-64 random bytes; several comma-separated sign with each (rotation); "
@@ -152,13 +154,6 @@ class WebhookSettings(ProcessorSettings):
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// URL with a host")
         return SecretStr(text)
-
-    @field_validator("timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be greater than zero")
-        return value
 
     @field_validator("secret")
     @classmethod
