@@ -10,9 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from system import require_tool
 from webhook_receiver import WebhookReceiver
 
@@ -37,14 +35,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 
 @pytest.fixture
 def s3_client(s3_server: S3Server):
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server.url,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}),
-    )
+    return s3_server.client()
 
 
 @pytest.fixture

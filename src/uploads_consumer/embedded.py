@@ -181,8 +181,9 @@ class S3Server(_Process):
                 time.sleep(0.1)
 
     def client(self) -> Any:
-        """A boto3 S3 client for this server (boto3 comes with moto)."""
+        """A boto3 S3 client for this server, path-style (boto3 comes with moto)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
@@ -190,6 +191,7 @@ class S3Server(_Process):
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
         )
 
     def env(self) -> dict[str, str]:
