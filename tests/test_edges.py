@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -259,6 +260,32 @@ async def test_a_full_disk_never_yields_an_acked_truncated_file(
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # the operator frees space
     await wait_settled(nats_server.url, 1, daemon=daemon, timeout=60)
     saved = small_disk / "user@example.com" / event.file_uuid / source.name
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert daemon.terminate() == 0
+
+
+async def test_a_file_size_limit_cutting_writes_short_never_yields_an_acked_truncated_file(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    """The same edge without root: RLIMIT_FSIZE makes the write that crosses it short, then EFBIG
+    (Python ignores SIGXFSZ), as a full disk or a network file system can."""
+    daemon = start_daemon(RETRY_BACKOFF="300ms")
+    await wait_ready(daemon, nats_server.url)
+    _, hard = resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE)
+    size = 3 * 1024 * 1024
+    # Inside the last chunk: that write is cut short and no later write would fail on its own.
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (size - 1000, hard))
+    [source] = make_files(tmp_path / "in", 1, size=size)
+    [event] = await publish_uploads(settings_for(), [source])
+    await until(lambda: metric(daemon, "nacked") >= 2, 30, "retries at the file size limit", daemon)
+    assert metric(daemon, "acked") == 0
+    assert await read_stream(nats_server.url, "FILE_PROCESSED") == []
+    assert await dead_letters(nats_server.url) == []
+    downloads = Path(daemon.env["DECRYPT_DOWNLOAD_PATH"])
+    assert not any(downloads.rglob(source.name))
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))  # the operator lifts the limit
+    await wait_settled(nats_server.url, 1, daemon=daemon, timeout=60)
+    saved = downloads / "user@example.com" / event.file_uuid / source.name
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == hashlib.sha256(source.read_bytes()).hexdigest()
     assert daemon.terminate() == 0
 
