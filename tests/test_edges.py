@@ -394,6 +394,21 @@ async def test_processors_do_not_see_the_daemons_settings(tmp_path, settings_for
     assert not {"settings", "env", "keyring"} & set(attributes)
 
 
+async def test_a_result_over_the_servers_max_payload_is_dead_lettered_not_retried_for_ever(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:verbose"), RETRY_BACKOFF="200ms")
+    await wait_ready(daemon, nats_server.url)
+    await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
+    await wait_settled(nats_server.url, 1, daemon=daemon)
+    [copy] = await dead_letters(nats_server.url)
+    assert copy.headers["Uploads-Error-Class"] == "too_large"
+    reason = copy.headers["Uploads-Error"]
+    assert "file.processed" in reason and "max_payload" in reason, reason
+    assert metric(daemon, "nacked") == 0, "a message the server can never take is not retried"
+    assert daemon.terminate() == 0
+
+
 async def test_metadata_over_max_file_size_is_too_large_before_the_object_is_read(
     tmp_path, settings_for, start_daemon, nats_server
 ):

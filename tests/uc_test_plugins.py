@@ -80,3 +80,8 @@ def not_async(ctx) -> None:
 async def peek(ctx) -> None:
     """Reports which attributes the context offers (a processor must not see the daemon's settings)."""
     ctx.report("attributes", sorted(a for a in vars(ctx) if not a.startswith("_")))
+
+
+async def verbose(ctx) -> None:
+    """Reports an output larger than a NATS message may be (1 MiB by default): the result event cannot go."""
+    ctx.report("text", "word " * (300 * 1024))

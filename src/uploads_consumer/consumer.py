@@ -254,9 +254,18 @@ class UploadConsumer:
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """JetStream publish that waits for the stream's acknowledgement (for the pipeline and processors)."""
-        js = self.session.js
-        if js is None:
+        js, nc = self.session.js, self.session.nc
+        if js is None or nc is None:
             raise RetryableError(f"publishing to {subject}: not connected to NATS")
+        # A message over the server's max_payload can never be stored, however often it is retried
+        # (and one whose headers push it over would cost the connection): the upload ends here.
+        size = len(body) + len("NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+        if size > nc.max_payload:
+            raise PermanentError(
+                ErrorClass.TOO_LARGE,
+                f"the message for {subject} is {size} bytes, over the NATS server's max_payload of "
+                f"{nc.max_payload}: raise max_payload in the server's configuration, then replay it",
+            )
         try:
             await js.publish(subject, body, headers=headers, timeout=10)
         except Exception as exc:
