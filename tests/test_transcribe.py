@@ -10,6 +10,7 @@ import wave
 from pathlib import Path
 
 import nats
+import numpy as np
 import pytest
 from aiohttp import web
 from helpers import consumer_info, publish_uploads, read_stream, wait_ready, wait_settled
@@ -32,6 +33,7 @@ from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
 from uploads_consumer.processors import ProcessorEnvironment, load_processor, load_settings_for
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
 from uploads_consumer.processors.transcribe_api import language_code, parse_verbose_json, retry_after
+from uploads_consumer.processors.transcribe_local import pcm_samples
 
 TESTS = str(Path(__file__).parent)
 MESSAGE_FIELDS = [
@@ -185,7 +187,7 @@ async def local_transcriber(monkeypatch, **variables: str) -> Transcribe:
     return loaded.instance
 
 
-async def test_without_transcode_the_plaintext_itself_is_decoded_and_recognised(tmp_path, monkeypatch):
+async def test_without_transcode_the_plaintext_is_decoded_to_a_wav_on_disk_and_recognised(tmp_path, monkeypatch):
     processor = await local_transcriber(monkeypatch)
     ctx = context(speech_mp3(GO_FORWARD, tmp_path), tmp_path / "work")
     ctx.current = "transcribe"
@@ -194,6 +196,10 @@ async def test_without_transcode_the_plaintext_itself_is_decoded_and_recognised(
     out = ctx.outputs["transcribe"]
     assert heard(out["text"], GO_FORWARD), out["text"]
     assert Path(out["txt_path"]).read_text().strip() == out["text"]
+    # Bounded memory: what the model read was a 16 kHz WAV in the work folder, mapped a piece at a
+    # time, not the MP3 decoded whole into memory.
+    samples = pcm_samples(tmp_path / "work" / "transcribe.wav")
+    assert isinstance(samples, np.memmap) and 1.2 < len(samples) / 16_000 < 2.5
 
 
 async def test_transcripts_of_a_hostile_file_name_stay_in_the_uploads_folder(tmp_path, monkeypatch):
@@ -218,6 +224,15 @@ async def test_plaintext_that_is_not_audio_is_unsupported_media(tmp_path, monkey
     await processor.close()
     assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
     assert "memo.m4a" in caught.value.reason and str(bogus) not in caught.value.reason
+
+
+async def test_faster_whisper_without_any_ffmpeg_is_refused_at_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "missing"))  # imageio-ffmpeg's own override
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        await local_transcriber(monkeypatch)
+    assert caught.value.variable == "TRANSCRIBE_BACKEND"
+    assert "uploads-consumer[media]" in caught.value.reason
 
 
 async def test_a_language_an_english_only_model_does_not_know_is_refused_at_start(monkeypatch):

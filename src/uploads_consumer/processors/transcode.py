@@ -23,6 +23,7 @@ import wave
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
@@ -239,11 +240,20 @@ async def _collect(stream: asyncio.StreamReader, run: FfmpegRun, tail: deque[str
         tail.append(pending.decode("utf-8", "replace"))
 
 
-async def run_ffmpeg(binary: str, args: list[str], deadline: float, timeout: float, stdout: bool = False) -> FfmpegRun:
+async def run_ffmpeg(
+    binary: str,
+    args: list[str],
+    deadline: float,
+    timeout: float,
+    stdout: bool = False,
+    who: str = "transcode",
+    timeout_variable: str = "TRANSCODE_TIMEOUT",
+) -> FfmpegRun:
     """Run ffmpeg until it exits or the loop time `deadline` passes; killed when cancelled or late.
 
     Its stderr (and its stdout too when `stdout`, for `-version` and `-h`) is collected in a bounded way.
-    Raises RetryableError when it cannot be started, is killed by a signal, or runs out of time.
+    Raises RetryableError when it cannot be started, is killed by a signal, or runs out of time; its
+    reason starts with `who` (the processor that ran it) and names `timeout_variable`.
     """
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -256,7 +266,7 @@ async def run_ffmpeg(binary: str, args: list[str], deadline: float, timeout: flo
             start_new_session=True,  # a Ctrl-C on the terminal is the daemon's to handle, not ffmpeg's
         )
     except OSError as exc:
-        raise RetryableError(f"transcode: cannot run ffmpeg: {exc.strerror or exc}") from None
+        raise RetryableError(f"{who}: cannot run ffmpeg: {exc.strerror or exc}") from None
     run = FfmpegRun()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:
@@ -266,14 +276,14 @@ async def run_ffmpeg(binary: str, args: list[str], deadline: float, timeout: flo
             await _collect(output, run, tail)
             run.returncode = await proc.wait()
     except TimeoutError:
-        raise RetryableError(f"transcode: ffmpeg did not finish within TRANSCODE_TIMEOUT ({timeout:g}s)") from None
+        raise RetryableError(f"{who}: ffmpeg did not finish within {timeout_variable} ({timeout:g}s)") from None
     finally:
         if proc.returncode is None:  # cancelled (shutdown) or late: never leave it running
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
     if run.returncode < 0:
-        raise RetryableError(f"transcode: ffmpeg was killed by {signal.Signals(-run.returncode).name}")
+        raise RetryableError(f"{who}: ffmpeg was killed by {signal.Signals(-run.returncode).name}")
     run.tail = list(tail)
     return run
 
@@ -378,28 +388,53 @@ class Transcode(Processor):
         ctx.report("normalized", normalized)
 
     async def _convert(self, ctx: ProcessingContext, target: Path) -> tuple[InputAudio, bool]:
-        timeout = self.settings.timeout
-        deadline = asyncio.get_running_loop().time() + timeout
-        name = ctx.metadata.clean_filename
-        run = await run_ffmpeg(
-            self.ffmpeg, ffmpeg_arguments(ctx.plaintext_path, target, self.normalize), deadline, timeout
+        return await to_wav(
+            self.ffmpeg,
+            ctx.plaintext_path,
+            target,
+            ctx.metadata.clean_filename,
+            self.normalize,
+            self.settings.timeout,
+            ctx.log,
         )
-        normalized = self.normalize
-        if self.normalize and run.audio is not None and not run.says(*RESOURCE_ERRORS):
-            if run.returncode != 0:
-                problem: str | None = f"ffmpeg failed with it ({run.reason(ctx.plaintext_path, name)})"
-            else:
-                problem = normalisation_problem(run.levels())
-            if problem is not None:
-                ctx.log.warning("transcode: loudness normalisation dropped for this file", reason=problem)
-                run = await run_ffmpeg(
-                    self.ffmpeg, ffmpeg_arguments(ctx.plaintext_path, target, False), deadline, timeout
-                )
-                normalized = False
-        if run.returncode == 0:
-            return run.audio or InputAudio(), normalized
-        if run.says(*RESOURCE_ERRORS):
-            raise RetryableError(f"transcode: {run.reason(ctx.plaintext_path, name)}")
-        if run.opened and run.audio is None:
-            raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"transcode: {name} has no audio stream")
-        raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"transcode: ffmpeg: {run.reason(ctx.plaintext_path, name)}")
+
+
+async def to_wav(
+    ffmpeg: str,
+    source: Path,
+    target: Path,
+    name: str,
+    normalize: bool,
+    timeout: float,
+    logger: Any,
+    who: str = "transcode",
+    timeout_variable: str = "TRANSCODE_TIMEOUT",
+) -> tuple[InputAudio, bool]:
+    """`source` (an upload called `name`) → 16 kHz mono 16-bit WAV at `target`; returns the input's
+    description and whether it was normalised. Undecodable input is `unsupported_media`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+
+    async def run_it(normalizing: bool) -> FfmpegRun:
+        args = ffmpeg_arguments(source, target, normalizing)
+        return await run_ffmpeg(ffmpeg, args, deadline, timeout, who=who, timeout_variable=timeout_variable)
+
+    run = await run_it(normalize)
+    normalized = normalize
+    if normalize and run.audio is not None and not run.says(*RESOURCE_ERRORS):
+        if run.returncode != 0:
+            problem: str | None = f"ffmpeg failed with it ({run.reason(source, name)})"
+        else:
+            problem = normalisation_problem(run.levels())
+        if problem is not None:
+            logger.warning("transcode: loudness normalisation dropped for this file", reason=problem)
+            run = await run_it(False)
+            normalized = False
+    if run.returncode == 0:
+        return run.audio or InputAudio(), normalized
+    if run.says(*RESOURCE_ERRORS):
+        raise RetryableError(f"{who}: {run.reason(source, name)}")
+    if run.opened and run.audio is None:
+        raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"{who}: {name} has no audio stream")
+    raise PermanentError(
+        ErrorClass.UNSUPPORTED_MEDIA, f"{who}: ffmpeg cannot decode {name}: {run.reason(source, name)}"
+    )

@@ -31,8 +31,9 @@ from uploads_consumer.events import FileUploadEvent
 from uploads_consumer.observability import PREFIX
 from uploads_consumer.processors import ProcessingContext, Processor, ProcessorEnvironment, ProcessorSettings
 from uploads_consumer.processors.save import place_bytes
-from uploads_consumer.processors.transcode import read_pcm_wav
+from uploads_consumer.processors.transcode import find_ffmpeg, read_pcm_wav, to_wav
 
+DECODE_TIMEOUT = 600.0  # longest ffmpeg run turning an upload `transcode` did not convert into a WAV
 MAX_OUTPUT_TEXT = 10_000  # characters of the transcript in the result event; the files hold all of it
 _SUBJECT = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
 _STREAM = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -223,6 +224,7 @@ class Transcribe(Processor):
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._audio_seconds = Counter(PREFIX + "audio_seconds", "Seconds of audio transcribed.", registry=env.registry)
         self._backend: Backend
+        self._ffmpeg: str | None = None  # faster-whisper: decodes what `transcode` did not convert
         if self.settings.backend == "openai":
             from uploads_consumer.processors.transcribe_api import WhisperApi
 
@@ -233,6 +235,15 @@ class Transcribe(Processor):
             self._backend = FasterWhisper(self.settings)
 
     async def start(self) -> None:
+        if self.settings.backend == "faster-whisper":
+            try:
+                self._ffmpeg = find_ffmpeg(None)
+            except ConfigError:
+                raise ConfigError(
+                    "TRANSCRIBE_BACKEND",
+                    "faster-whisper needs an ffmpeg to decode uploads on disk (not whole in memory): "
+                    "pip install 'uploads-consumer[media]', or put ffmpeg on PATH",
+                ) from None
         await self._backend.start()
 
     async def close(self) -> None:
@@ -249,6 +260,14 @@ class Transcribe(Processor):
         if is_empty_audio(audio, transcoded):
             transcript = Transcript("", self.settings.language, 0.0, ())
         else:
+            if not transcoded and self._ffmpeg is not None:
+                # A WAV on disk is read a piece at a time; decoding the upload in memory would hold all
+                # of its audio at once (230 MB an hour).
+                wav = ctx.work_dir / "transcribe.wav"
+                await to_wav(
+                    self._ffmpeg, audio, wav, name, False, DECODE_TIMEOUT, ctx.log, "transcribe", "its time limit"
+                )
+                audio, transcoded = wav, True
             filename, content_type = (f"{name}.wav", "audio/wav") if transcoded else (name, ctx.content_type)
             async with self._slots:
                 began = time.monotonic()
