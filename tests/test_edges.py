@@ -338,6 +338,26 @@ async def test_stop_with_nats_unreachable_takes_at_most_the_grace_plus_the_margi
     assert took < 2 + 15 + 5, f"took {took:.1f}s"
 
 
+async def test_an_upload_published_as_the_daemon_stops_is_not_left_to_its_ack_wait(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    """Nothing in flight, a pull request waiting at the server: an upload published as the daemon
+    stops. The daemon closes its inbox first (what was already on its way is still handed back),
+    so the server delivers nothing to a departing process: the next daemon has it at once."""
+    daemon = start_daemon(ACK_WAIT="600s", FETCH_TIMEOUT="4s")
+    await wait_ready(daemon, nats_server.url)
+    [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1), publish=False)
+    await asyncio.sleep(0.5)  # the pull loop has its request waiting at the server
+    daemon.proc.terminate()
+    await until(lambda: "shutdown requested" in daemon.log_text(), 10, "the stop", daemon)
+    await publish_raw(nats_server.url, SUBJECT, [event_json(event)])
+    assert daemon.proc.wait(30) == 0
+    # Left unsettled, it would come back after the 600 s ACK_WAIT; handed back, the next daemon has it now.
+    second = start_daemon("second.log", ACK_WAIT="600s")
+    await wait_settled(nats_server.url, 1, daemon=second, timeout=30)
+    assert second.terminate() == 0
+
+
 async def test_a_second_sigterm_cuts_the_grace_short_and_hands_the_work_back(
     tmp_path, settings_for, start_daemon, nats_server
 ):

@@ -145,8 +145,8 @@ async def test_sigterm_mid_work_with_slow_s3_exits_in_time_and_a_second_daemon_f
         assert daemon.terminate(timeout=stop_limit(2) + 30) == 0
         took = time.monotonic() - began
     assert took < stop_limit(2), f"the contract: SHUTDOWN_GRACE (2s) + {STOP_MARGIN:g}s at most; took {took:.1f}s"
-    info = await consumer_info(nats_server.url)
-    assert info.num_ack_pending == 0, "every message it held was acked or nak'ed before exit, none left to time out"
+    # A nak'ed message still counts in the consumer's num_ack_pending until it is delivered again, so
+    # that number proves nothing here; the second daemon finishing well inside the 600 s ACK_WAIT does.
     assert len(saved_files(downloads)) < 40
     second = start_daemon("second.log", ACK_WAIT="600s")
     await wait_settled(nats_server.url, 40, daemon=second, timeout=180)

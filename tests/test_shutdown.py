@@ -73,8 +73,9 @@ async def test_sigterm_finishes_in_flight_work_exits_0_and_leaves_nothing_unsett
     in_grace = list(itertools.dropwhile(lambda e: e["event"] != "waiting for in-flight work", after_stop))
     if in_grace:
         assert sum(e["event"] == "processed" for e in in_grace) >= in_grace[0]["count"], log[-3000:]
+    # (The consumer's num_ack_pending would prove nothing: a nak'ed message counts in it until it is
+    # delivered again.)
     info = await consumer_info(nats_server.url)
-    assert info.num_ack_pending == 0, "every message it held was settled before exit"
     assert info.ack_floor.stream_seq >= done
 
     # A second daemon finishes the rest: nothing waited out ACK_WAIT (600 s).

@@ -37,7 +37,8 @@ log = get_logger("uploads_consumer.consumer")
 
 # After SHUTDOWN_GRACE, what stopping may still take (see docs/contract.md, "Shutdown"):
 PULL_EXIT_TIMEOUT = 1.0  # the pull loop notices the stop
-SETTLE_TIMEOUT = 8.0  # handing back (nak) or settling what was cut short
+INBOX_CLOSE_TIMEOUT = 1.0  # the inbox is closed, with what was already on its way handled
+SETTLE_TIMEOUT = 7.0  # handing back (nak) or settling what was cut short
 # + session.DRAIN_TIMEOUT (flush and close the connection), + PROCESSOR_CLOSE_TIMEOUT
 PROCESSOR_CLOSE_TIMEOUT = 1.0
 STOP_MARGIN = 15.0
@@ -151,6 +152,7 @@ class UploadConsumer:
             await self._stopping.wait()
             await asyncio.wait([self._pull_task], timeout=PULL_EXIT_TIMEOUT)
             self._pull_task.cancel()
+            await source.stop_deliveries(INBOX_CLOSE_TIMEOUT)
             await self.inflight.finish(s.shutdown_grace, self._hurry, SETTLE_TIMEOUT)
         finally:
             for task in side:

@@ -186,6 +186,21 @@ class PullSource:
         await nc.publish(subject, body, reply=f"{self._prefix}.{self._request}")
         self._sent_at = time.monotonic()
 
+    async def stop_deliveries(self, timeout: float) -> None:
+        """Nothing more is delivered to us: the inbox's interest is removed, and what the server sent
+        before it knew (up to a round trip's worth) is still handed to `deliver`.
+
+        A pull request of ours may still be open at the server; without an inbox it delivers nothing
+        more, so a message handed back (nak) afterwards goes to another replica, not back to us.
+        """
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None:
+            try:
+                await asyncio.wait_for(inbox.drain(), timeout)  # type: ignore[no-untyped-call]
+            except Exception as exc:  # noqa: BLE001 - disconnected: the server dropped our requests with it
+                log.debug("closing the inbox", error=describe(exc))
+        self._answered.set()
+
     async def wait_quiet(self, limit: float) -> None:
         """Until no request of ours is out (so nothing more can be delivered to us), at most `limit` s.
 
@@ -212,7 +227,7 @@ class PullSource:
     async def _on_inbox(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers and not msg.data else None
         if status is None:
-            if msg.reply:
+            if msg.reply:  # (a delivery carries the stream's subject, not the request it answers)
                 self._received += 1
                 if self._received >= self._asked:
                     self._answered.set()
