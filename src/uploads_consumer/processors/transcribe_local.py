@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe, one_line
+from uploads_consumer.errors import ConfigError, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors.transcode import SAMPLE_RATE, read_pcm_wav
 from uploads_consumer.processors.transcribe import Segment, Transcript
@@ -289,21 +289,12 @@ class FasterWhisper:
         return Transcript(text, language or "", len(samples) / SAMPLE_RATE, tuple(segments))
 
     def _decode(self, audio: Path, filename: str) -> Any:
+        # `transcribe` always hands over a 16 kHz mono WAV on disk (transcode's, or one it made with
+        # ffmpeg), mapped here and read a piece at a time: nothing is decoded whole into memory.
         samples = pcm_samples(audio)
-        if samples is not None:
-            return samples
-        import av
-        from faster_whisper.audio import decode_audio
-
-        try:
-            return decode_audio(str(audio), sampling_rate=SAMPLE_RATE)
-        except IndexError:  # PyAV: no audio stream to decode
-            raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"transcribe: {filename} has no audio stream") from None
-        except av.error.FFmpegError as exc:
-            reason = one_line(str(exc).replace(str(audio), filename), 240)
-            raise PermanentError(
-                ErrorClass.UNSUPPORTED_MEDIA, f"transcribe: cannot decode {filename}: {reason}"
-            ) from None
+        if samples is None:
+            raise RetryableError(f"transcribe: the audio made from {filename} is not a 16 kHz mono 16-bit WAV")
+        return samples
 
     async def close(self) -> None:
         # The model's thread is not ended: a transcription told to stop may still be in its window,
