@@ -265,7 +265,15 @@ class Transcribe(Processor):
                 # of its audio at once (230 MB an hour).
                 wav = ctx.work_dir / "transcribe.wav"
                 await to_wav(
-                    self._ffmpeg, audio, wav, name, False, DECODE_TIMEOUT, ctx.log, "transcribe", "its time limit"
+                    self._ffmpeg,
+                    audio,
+                    wav,
+                    name,
+                    normalize=False,
+                    timeout=DECODE_TIMEOUT,
+                    logger=ctx.log,
+                    who="transcribe",
+                    timeout_variable="its time limit",
                 )
                 audio, transcoded = wav, True
             filename, content_type = (f"{name}.wav", "audio/wav") if transcoded else (name, ctx.content_type)
