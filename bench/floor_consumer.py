@@ -5,6 +5,12 @@ one keep-alive aiohttp session, the data key unwrapped and the object decrypted 
 written (no fsync), and a plain `msg.ack()` (no confirmation). No idempotency check, no result event,
 no retries, no dead letters, no size limits. Path-style addressing on S3_ENDPOINT_URL; configured by
 the daemon's environment variables. Not part of the product: the benchmark's floor only.
+
+With `--same-work` it also does the two per-file jobs the daemon cannot skip and that are not plumbing:
+it sniffs the content type with the daemon's own libmagic call, and places the file as the daemon's
+`save` does (hard link from a private file, `fsync` of the file and its folder, in a worker thread).
+The daemon's CPU over this floor's is then what its plumbing costs (NATS round trips, streaming,
+the pipeline), the per-file work taken out.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import base64
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -52,7 +59,26 @@ class SignedGetter:
             return body
 
 
-async def handle(msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path) -> None:
+async def the_daemons_work(out_root: Path, event: dict, name: str, plaintext: bytes, job: int) -> None:
+    """Sniff the type and place the file with the daemon's own functions, each step where the daemon
+    does it: sniff and write the private file on the loop, place it in a worker thread."""
+    from uploads_consumer.content_type import HEAD_BYTES, content_type  # only with --same-work
+    from uploads_consumer.processors.save import place_file
+
+    content_type(plaintext[:HEAD_BYTES], name)
+    private = out_root / ".incoming" / f"plain-floor-{os.getpid()}-{job}.part"
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, plaintext)
+    finally:
+        os.close(fd)
+    try:
+        await asyncio.to_thread(place_file, out_root, event["email"], event["file_uuid"], name, private, len(plaintext))
+    finally:
+        private.unlink()
+
+
+async def handle(msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path, same_work: bool, job: int) -> None:
     try:
         event = json.loads(msg.data)
         if isinstance(event, str):
@@ -65,17 +91,25 @@ async def handle(msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path) -> 
         kek = base64.b64decode(metadata["kek"])
         dek = master.decrypt(kek[:12], kek[12:], None)
         plaintext = AESGCM(dek).decrypt(encrypted[:12], encrypted[12:], None)
-        target = (
-            out_root / event["email"] / event["file_uuid"] / metadata["original_filename"].removesuffix(".encrypted")
-        )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(plaintext)
+        name = metadata["original_filename"].removesuffix(".encrypted")
+        if same_work:
+            await the_daemons_work(out_root, event, name, plaintext, job)
+        else:
+            target = out_root / event["email"] / event["file_uuid"] / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(plaintext)
         await msg.ack()
     except Exception as exc:  # noqa: BLE001 - no guarantees: left unacknowledged, redelivered after ack_wait
         print(f"failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 async def main() -> None:
+    same_work = "--same-work" in sys.argv[1:]
+    if same_work:  # imported and libmagic loaded before the first delivery, as the daemon does
+        import uploads_consumer.processors.save  # noqa: F401 - imported now, not in the measured window
+        from uploads_consumer.content_type import sniffing_problem
+
+        sniffing_problem()
     master = AESGCM(base64.b64decode(os.environ["ENCRYPTION_MASTER_KEY"]))
     s3 = SignedGetter(
         os.environ["S3_ENDPOINT_URL"],
@@ -84,11 +118,14 @@ async def main() -> None:
         os.environ["AWS_SECRET_ACCESS_KEY"],
     )
     out_root = Path(os.environ.get("DECRYPT_DOWNLOAD_PATH", "./downloads"))
+    if same_work:
+        (out_root / ".incoming").mkdir(parents=True, exist_ok=True)
     nc = await nats.connect(os.environ.get("NATS_URL", "nats://localhost:4222"))
     sub = await nc.jetstream().pull_subscribe("file.uploads", durable="file_processor", stream="FILE_UPLOADS")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     tasks: set[asyncio.Task[None]] = set()
+    jobs = 0
     while not stop.is_set():
         if len(tasks) >= IN_FLIGHT:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -98,7 +135,8 @@ async def main() -> None:
         except nats.errors.TimeoutError:
             continue
         for msg in msgs:
-            task = asyncio.create_task(handle(msg, s3, master, out_root))
+            jobs += 1
+            task = asyncio.create_task(handle(msg, s3, master, out_root, same_work, jobs))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     if tasks:

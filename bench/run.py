@@ -3,6 +3,7 @@
     python bench/run.py                    # 600 × 4 KiB uploads, one 256 MiB upload, 20 ms S3 latency
     python bench/run.py --small 200 --large-mib 64 --latency 0.02
     python bench/run.py --rounds 3 --profile /tmp/ours.txt   # medians of 3 interleaved rounds; py-spy profiles
+    python bench/run.py --same-work        # also the floor doing the daemon's per-file work (sniff, durable save)
 
 The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
 our daemon's CPU per upload and throughput are reported as ratios to it.
@@ -309,6 +310,12 @@ def main() -> int:
         help="also run ours with these settings, e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32 (repeatable)",
     )
     parser.add_argument(
+        "--same-work",
+        action="store_true",
+        help="also run the floor doing the daemon's per-file work (libmagic sniff, durable save): "
+        "ours over it is what the plumbing costs",
+    )
+    parser.add_argument(
         "--compare-loops", action="store_true", help="also run ours on asyncio's own event loop (default: uvloop)"
     )
     parser.add_argument(
@@ -330,6 +337,8 @@ def main() -> int:
         "ours": None,
         "floor": [sys.executable, str(HERE / "floor_consumer.py")],
     }
+    if args.same_work:
+        consumers["floor+work"] = [sys.executable, str(HERE / "floor_consumer.py"), "--same-work"]
     if args.compare_loops:
         consumers["ours-asyncio"] = ["env", "UPLOADS_CONSUMER_LOOP=asyncio", sys.executable, "-m", "uploads_consumer"]
     for variant in args.variant:  # e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32
@@ -385,7 +394,12 @@ def main() -> int:
         f"| consumer | uploads/s | CPU ms/upload | of which event loop | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
     )
     print("|---|---|---|---|---|---|---|")
-    labels = {"baseline": "baseline (seed)", "ours": "ours (defaults)", "floor": "floor (bare, no guarantees)"}
+    labels = {
+        "baseline": "baseline (seed)",
+        "ours": "ours (defaults)",
+        "floor": "floor (bare, no guarantees)",
+        "floor+work": "floor + sniff + durable save",
+    }
     for name, r in results.items():
         big = large_runs.get(name)
         print(
@@ -407,6 +421,25 @@ def main() -> int:
         f"throughput: ours / floor = {100 * statistics.median(speed_ratios):.0f}% (target ≥ 90%)"
         + (each + ", ".join(f"{100 * x:.0f}%" for x in speed_ratios) + ")" if each else "")
     )
+    if "floor+work" in rounds:
+        work_ratios = [
+            r.cpu_ms_per_upload / fw.cpu_ms_per_upload
+            for r, fw in zip(rounds["ours"], rounds["floor+work"], strict=True)
+        ]
+        work_alone = [
+            fw.cpu_ms_per_upload / fl.cpu_ms_per_upload
+            for fw, fl in zip(rounds["floor+work"], rounds["floor"], strict=True)
+        ]
+        print(
+            f"CPU per upload: (floor + sniff + durable save) / floor = {statistics.median(work_alone):.2f}×: "
+            "the per-file work alone, no NATS guarantee yet"
+            + (each + ", ".join(f"{x:.2f}×" for x in work_alone) + ")" if each else "")
+        )
+        print(
+            f"CPU per upload: ours / (floor + sniff + durable save) = {statistics.median(work_ratios):.2f}×: "
+            "the plumbing, the per-file work taken out"
+            + (each + ", ".join(f"{x:.2f}×" for x in work_ratios) + ")" if each else "")
+        )
     if "ours" in large_runs:
         print(
             f"peak RSS on the {args.large_mib} MiB upload: ours {large_runs['ours'].peak_rss / MiB:.0f} MiB "
