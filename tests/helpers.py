@@ -58,6 +58,26 @@ async def consumer_info(url: str, stream: str = "FILE_UPLOADS", consumer: str = 
         await nc.close()
 
 
+async def until(check: Any, timeout: float, what: str, daemon: Any = None, interval: float = 0.1) -> Any:
+    """Poll `check()` (plain or async) until it returns something truthy, and return that. Fails at once
+    if the daemon exits meanwhile, and after `timeout` seconds, each time with the daemon's log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if daemon is not None and daemon.proc.poll() is not None:
+            raise AssertionError(
+                f"daemon exited with {daemon.proc.returncode} while waiting for {what}:\n{daemon.log_text()[-3000:]}"
+            )
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = daemon.log_text()[-3000:] if daemon is not None else ""
+            raise AssertionError(f"not within {timeout}s: {what}\n{tail}")
+        await asyncio.sleep(interval)
+
+
 async def wait_settled(
     url: str,
     delivered_at_least: int,

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import until
 
 # ---- PKI ---------------------------------------------------------------------------------------
 
@@ -359,28 +360,9 @@ def cli(env: dict[str, str], *args: str, timeout: float = 30):
     )
 
 
-async def wait_until(check, what: str, daemon=None, timeout: float = 30, interval: float = 0.1):
-    """Poll `check()` until it returns something truthy; fail with the daemon's log tail if it never does."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if daemon is not None and daemon.proc.poll() is not None:
-            raise AssertionError(
-                f"daemon exited with {daemon.proc.returncode} while waiting for {what}:\n{daemon.log_text()[-3000:]}"
-            )
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = daemon.log_text()[-3000:] if daemon is not None else ""
-            raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        await asyncio.sleep(interval)
-
-
 async def wait_ready(daemon, timeout: float = 30) -> None:
     daemon.wait_http()
-    await wait_until(lambda: daemon.http_get("/readyz")[0] == 200, "/readyz 200", daemon, timeout)
+    await until(lambda: daemon.http_get("/readyz")[0] == 200, timeout, "/readyz 200", daemon)
 
 
 def acked(daemon) -> float:

@@ -27,6 +27,7 @@ from helpers import (
     publish_uploads,
     read_stream,
     results_by_event,
+    until,
     wait_ready,
     wait_settled,
 )
@@ -49,24 +50,6 @@ async def make_consumer(url: str, **config: object) -> None:
         )
     finally:
         await nc.close()
-
-
-async def until(check, timeout: float, what: str, daemon=None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if daemon is not None and daemon.proc.poll() is not None:
-            raise AssertionError(
-                f"daemon exited with {daemon.proc.returncode} waiting for {what}:\n{daemon.log_text()[-3000:]}"
-            )
-        assert time.monotonic() < deadline, (
-            f"not within {timeout}s: {what}\n{daemon.log_text()[-3000:] if daemon else ''}"
-        )
-        await asyncio.sleep(0.1)
 
 
 def metric(daemon, outcome: str) -> float:

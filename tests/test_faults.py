@@ -21,6 +21,7 @@ from helpers import (
     publish_uploads,
     read_stream,
     stop_limit,
+    until,
     wait_settled,
 )
 
@@ -36,14 +37,6 @@ def saved_files(downloads: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if d != ".incoming"]
         found += [Path(folder) / n for n in names if not n.endswith(".part")]
     return found
-
-
-async def until(condition, timeout: float, what: str, daemon=None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{daemon.log_text()[-3000:]}" if daemon else ""))
-        await asyncio.sleep(0.05)
 
 
 async def assert_end_state(url: str, downloads: Path, events: list, sources: dict[str, Path]) -> None:

@@ -10,7 +10,8 @@ import os
 import signal
 from pathlib import Path
 
-from secure_support import acked, cli, publish_upload, users_block, wait_ready, wait_until, write_config
+from helpers import until
+from secure_support import acked, cli, publish_upload, users_block, wait_ready, write_config
 
 from uploads_consumer.connection import connect_once, redact_url
 from uploads_consumer.embedded import NatsServer, free_port
@@ -65,8 +66,9 @@ async def test_no_secret_is_shown_at_debug_through_failures(
         daemon.wait_http()
         refused = [cli(cli_env, "status"), cli(cli_env, "status", "--json")]
         assert all(r.returncode == 1 and "refused the credentials" in r.stdout for r in refused)
-        await wait_until(
+        await until(
             lambda: server.log_path.read_text().count("authentication error") >= 5,
+            30,
             "the daemon's password to be refused a few times",
             daemon,
         )
@@ -104,8 +106,9 @@ async def test_no_secret_is_shown_at_debug_through_failures(
         finally:
             await nc.close()
 
-        await wait_until(
+        await until(
             lambda: acked(daemon) == 1 and _dead_lettered(daemon) == 4,
+            30,
             "one upload processed and four dead-lettered",
             daemon,
         )
@@ -146,7 +149,7 @@ async def test_the_daemon_reads_the_master_key_from_a_file(
     original = tmp_path / "in.bin"
     original.write_bytes(os.urandom(4096))
     event = await publish_upload(settings_for(), original)  # encrypted with the same key, given directly
-    await wait_until(lambda: acked(daemon) == 1, "the upload to be acknowledged", daemon)
+    await until(lambda: acked(daemon) == 1, 30, "the upload to be acknowledged", daemon)
     assert (downloads / event.email / event.file_uuid / "in.bin").read_bytes() == original.read_bytes()
     assert daemon.terminate() == 0
     assert master_key not in daemon.log_text()

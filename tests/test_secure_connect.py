@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from helpers import until
 from secure_support import (
     METHODS,
     acked,
@@ -18,7 +19,6 @@ from secure_support import (
     start_secure_server,
     users_block,
     wait_ready,
-    wait_until,
     write_config,
 )
 
@@ -53,7 +53,7 @@ async def test_the_daemon_connects_provisions_and_processes_an_upload(
     original.parent.mkdir()
     original.write_bytes(os.urandom(5000))
     event = await publish_upload(settings_for(**setup.env), original)
-    await wait_until(lambda: acked(daemon) == 1, "the upload to be acknowledged", daemon)
+    await until(lambda: acked(daemon) == 1, 30, "the upload to be acknowledged", daemon)
     saved = downloads / event.email / event.file_uuid / "report.pdf"
     assert saved.read_bytes() == original.read_bytes()
 
@@ -126,7 +126,7 @@ async def test_a_connection_that_cannot_succeed_is_said_in_one_line_once(failure
     config, env = _failing_setup(failure, tmp_path / "secure", port)
     server = NatsServer(tmp_path / "nats", port=port, extra_args=["-c", str(config)])
     with server:
-        await wait_until(lambda: _refused(server.log_path.read_text(), failure) >= _probes(failure), "the probe")
+        await until(lambda: _refused(server.log_path.read_text(), failure) >= _probes(failure), 30, "the probe")
         refused = _refused(server.log_path.read_text(), failure)
         status = cli({**daemon_env, **env}, "status")  # a `status` that kept retrying would time out here
         assert status.returncode == 1
@@ -135,15 +135,18 @@ async def test_a_connection_that_cannot_succeed_is_said_in_one_line_once(failure
         words, allowed = FAILURES[failure]
         assert lines[0].startswith("uploads-consumer: cannot reach NATS at ") and words in lines[0]
         # Then the answer, not a retry loop: at most two attempts per server (connect_once); one, today.
-        await wait_until(lambda: _refused(server.log_path.read_text(), failure) > refused, "the refusal logged")
+        await until(lambda: _refused(server.log_path.read_text(), failure) > refused, 30, "the refusal logged")
         assert _refused(server.log_path.read_text(), failure) - refused <= 2, "`status` retried"
 
         daemon = start_daemon(**env)
         daemon.wait_http()
 
         # The daemon keeps trying (the server sees the attempts) but says so once, and is not ready.
-        await wait_until(
-            lambda: _daemon_attempts(server.log_path.read_text(), failure) >= 3, "three attempts by the daemon", daemon
+        await until(
+            lambda: _daemon_attempts(server.log_path.read_text(), failure) >= 3,
+            30,
+            "three attempts by the daemon",
+            daemon,
         )
         assert daemon.http_get("/readyz")[0] == 503
         assert daemon.http_get("/healthz")[0] == 200
