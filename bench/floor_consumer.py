@@ -8,7 +8,7 @@ the daemon's environment variables. Not part of the product: the benchmark's flo
 
 With `--same-work` it also does the two per-file jobs the daemon cannot skip and that are not plumbing:
 it sniffs the content type with the daemon's own libmagic call, and places the file as the daemon's
-`save` does (hard link from a private file; `fsync` of the file, its folder and any folder made for it).
+`save` does (hard link from a private file, `fsync` of the file and its folder, in a worker thread).
 The daemon's CPU over this floor's is then what its plumbing costs (NATS round trips, streaming,
 the pipeline), the per-file work taken out.
 """
@@ -61,10 +61,9 @@ class SignedGetter:
 
 async def the_daemons_work(out_root: Path, event: dict, name: str, plaintext: bytes, job: int) -> None:
     """Sniff the type and place the file with the daemon's own functions, each step where the daemon
-    does it: sniff and write the private file on the loop, place it as `save` does (metadata calls on
-    the loop, the fsyncs and the rename in one worker-thread call)."""
+    does it: sniff and write the private file on the loop, place it in a worker thread."""
     from uploads_consumer.content_type import HEAD_BYTES, content_type  # only with --same-work
-    from uploads_consumer.processors.save import place_file_async
+    from uploads_consumer.processors.save import place_file
 
     content_type(plaintext[:HEAD_BYTES], name)
     private = out_root / ".incoming" / f"plain-floor-{os.getpid()}-{job}.part"
@@ -74,7 +73,7 @@ async def the_daemons_work(out_root: Path, event: dict, name: str, plaintext: by
     finally:
         os.close(fd)
     try:
-        await place_file_async(out_root, event["email"], event["file_uuid"], name, private, len(plaintext))
+        await asyncio.to_thread(place_file, out_root, event["email"], event["file_uuid"], name, private, len(plaintext))
     finally:
         private.unlink()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import json
@@ -24,9 +23,9 @@ from uploads_consumer.processors.save import (
     MAX_COMPONENT_BYTES,
     place_bytes,
     place_file,
-    place_file_async,
     safe_component,
     save,
+    save_file,
 )
 
 BASIC_BODY = (INTEROP / "messages" / "basic.bin").read_bytes()
@@ -123,7 +122,7 @@ def test_safe_component_leaves_a_name_at_the_limit_alone():
     assert safe_component(name) == name
 
 
-# ---- save: place_file and place_file_async -----------------------------------------------------------------------------------
+# ---- save_file ---------------------------------------------------------------------------------------
 
 
 def make_event(email: str | None = None, body: bytes = BASIC_BODY) -> FileUploadEvent:
@@ -186,37 +185,16 @@ def copy_only(monkeypatch):
     monkeypatch.setattr(os, "link", no_link)
 
 
-@pytest.fixture(params=["worker thread", "event loop"])
-def place_via(request):
-    """`place_file` as `place_bytes` runs it (all of it in a worker thread), or `place_file_async` as
-    the daemon's `save` runs it (metadata calls on the loop, the waits for the disk in one thread
-    call): every promise below is kept both ways."""
-    if request.param == "worker thread":
-        return place_file
-    return lambda *args: asyncio.run(place_file_async(*args))
-
-
-@pytest.fixture
-def save_via(place_via):
-    def run(ctx: ProcessingContext) -> Path:
-        event = ctx.event
-        return place_via(
-            ctx.download_path, event.email, event.file_uuid, ctx.metadata.clean_filename, ctx.plaintext_path, ctx.size
-        )
-
-    return run
-
-
-def test_save_writes_email_uuid_clean_name(tmp_path, save_via):
-    dest = save_via(make_ctx(tmp_path, b"hello"))
+def test_save_writes_email_uuid_clean_name(tmp_path):
+    dest = save_file(make_ctx(tmp_path, b"hello"))
     expected = (tmp_path / "out" / "user@example.com" / UUID / "audio.mp3").resolve()
     assert dest == expected
     assert expected.read_bytes() == b"hello"
 
 
-def test_save_keeps_the_backend_layout_for_unicode_names(tmp_path, save_via):
+def test_save_keeps_the_backend_layout_for_unicode_names(tmp_path):
     ctx = make_ctx(tmp_path, event=make_event(body=UNICODE_BODY), metadata=make_metadata(raw=UNICODE_METADATA))
-    dest = save_via(ctx)
+    dest = save_file(ctx)
     assert dest.relative_to((tmp_path / "out").resolve()).parts == (
         "maria+test@example.com",
         "1624ff24-6418-44db-ad46-e7afb5f25946",
@@ -225,26 +203,26 @@ def test_save_keeps_the_backend_layout_for_unicode_names(tmp_path, save_via):
 
 
 @pytest.mark.parametrize("mode", ["link", "copy"])
-def test_saved_file_is_private(tmp_path, mode, request, save_via):
+def test_saved_file_is_private(tmp_path, mode, request):
     if mode == "copy":
         request.getfixturevalue("copy_only")
-    dest = save_via(make_ctx(tmp_path))
+    dest = save_file(make_ctx(tmp_path))
     assert stat.S_IMODE(dest.stat().st_mode) == 0o600
 
 
-def test_saved_folders_are_private(tmp_path, save_via):
-    dest = save_via(make_ctx(tmp_path))
+def test_saved_folders_are_private(tmp_path):
+    dest = save_file(make_ctx(tmp_path))
     assert stat.S_IMODE(dest.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(dest.parent.parent.stat().st_mode) == 0o700
 
 
-def test_save_replaces_the_destination_by_renaming_a_new_file_over_it(tmp_path, save_via):
+def test_save_replaces_the_destination_by_renaming_a_new_file_over_it(tmp_path):
     """The old file's inode is not written to: a reader holding it open keeps all of it, and the
     name points at a different, complete inode afterwards. Writing in place keeps the inode."""
-    first = save_via(make_ctx(tmp_path, b"old contents", name="one.bin"))
+    first = save_file(make_ctx(tmp_path, b"old contents", name="one.bin"))
     old_inode = os.lstat(first).st_ino
     with open(first, "rb") as reader:
-        second = save_via(make_ctx(tmp_path, b"new contents, longer", name="two.bin"))
+        second = save_file(make_ctx(tmp_path, b"new contents, longer", name="two.bin"))
         assert second == first
         assert os.fstat(reader.fileno()).st_ino == old_inode
         assert reader.read() == b"old contents"
@@ -253,7 +231,7 @@ def test_save_replaces_the_destination_by_renaming_a_new_file_over_it(tmp_path, 
 
 
 @pytest.mark.parametrize("mode", ["link", "copy"])
-def test_a_concurrent_reader_only_ever_sees_a_whole_file(tmp_path, mode, request, place_via):
+def test_a_concurrent_reader_only_ever_sees_a_whole_file(tmp_path, mode, request):
     """Replace a large file again and again while another thread reads it in a tight loop: every
     read must be exactly the old or exactly the new contents, never a prefix, a mix or nothing."""
     if mode == "copy":
@@ -267,7 +245,7 @@ def test_a_concurrent_reader_only_ever_sees_a_whole_file(tmp_path, mode, request
         src.write_bytes(data)
         sources.append(src)
     root = tmp_path / "out"
-    dest = place_via(root, "user@example.com", UUID, "big.bin", sources[0], len(versions[0]))
+    dest = place_file(root, "user@example.com", UUID, "big.bin", sources[0], len(versions[0]))
 
     stop = threading.Event()
     reads: list[int] = []
@@ -300,7 +278,7 @@ def test_a_concurrent_reader_only_ever_sees_a_whole_file(tmp_path, mode, request
         while (rounds < 60 or len(reads) < 20) and rounds < 5000 and not bad:
             rounds += 1
             i = rounds % len(versions)
-            place_via(root, "user@example.com", UUID, "big.bin", sources[i], len(versions[i]))
+            place_file(root, "user@example.com", UUID, "big.bin", sources[i], len(versions[i]))
     finally:
         stop.set()
         for thread in threads:
@@ -312,17 +290,17 @@ def test_a_concurrent_reader_only_ever_sees_a_whole_file(tmp_path, mode, request
         assert src.read_bytes() == data, "the sources were never written to"
 
 
-def test_save_replaces_a_symlink_at_the_destination_and_leaves_its_target_alone(tmp_path, save_via):
+def test_save_replaces_a_symlink_at_the_destination_and_leaves_its_target_alone(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     victim = outside / "victim.txt"
     victim.write_bytes(b"untouched")
     before = os.stat(victim)
-    dest = save_via(make_ctx(tmp_path, b"first"))
+    dest = save_file(make_ctx(tmp_path, b"first"))
     dest.unlink()
     dest.symlink_to(victim)
 
-    saved = save_via(make_ctx(tmp_path, b"second", name="again.bin"))
+    saved = save_file(make_ctx(tmp_path, b"second", name="again.bin"))
 
     assert saved == dest
     assert stat.S_ISREG(os.lstat(dest).st_mode), "the link itself was replaced by a regular file"
@@ -333,44 +311,44 @@ def test_save_replaces_a_symlink_at_the_destination_and_leaves_its_target_alone(
     assert sorted(outside.iterdir()) == [victim]
 
 
-def test_save_replaces_a_dangling_symlink_at_the_destination_without_creating_its_target(tmp_path, save_via):
+def test_save_replaces_a_dangling_symlink_at_the_destination_without_creating_its_target(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    dest = save_via(make_ctx(tmp_path, b"first"))
+    dest = save_file(make_ctx(tmp_path, b"first"))
     dest.unlink()
     dest.symlink_to(outside / "planted.txt")
 
-    save_via(make_ctx(tmp_path, b"second", name="again.bin"))
+    save_file(make_ctx(tmp_path, b"second", name="again.bin"))
 
     assert stat.S_ISREG(os.lstat(dest).st_mode)
     assert dest.read_bytes() == b"second"
     assert list(outside.iterdir()) == [], "nothing was created through the link"
 
 
-def test_save_leaves_no_part_file_behind(tmp_path, save_via):
-    save_via(make_ctx(tmp_path, name="a.bin"))
-    save_via(make_ctx(tmp_path, name="b.bin"))
+def test_save_leaves_no_part_file_behind(tmp_path):
+    save_file(make_ctx(tmp_path, name="a.bin"))
+    save_file(make_ctx(tmp_path, name="b.bin"))
     names = [p.name for p in all_files(tmp_path / "out")]
     assert names == ["audio.mp3"]
 
 
-def test_save_leaves_the_plaintext_in_place(tmp_path, save_via):
+def test_save_leaves_the_plaintext_in_place(tmp_path):
     ctx = make_ctx(tmp_path, b"keep me")
-    save_via(ctx)
+    save_file(ctx)
     assert ctx.plaintext_path.read_bytes() == b"keep me"
 
 
-def test_save_never_writes_outside_the_root_for_a_traversal_email(tmp_path, save_via):
+def test_save_never_writes_outside_the_root_for_a_traversal_email(tmp_path):
     root = (tmp_path / "out").resolve()
-    dest = save_via(make_ctx(tmp_path, event=make_event(email="../../etc")))
+    dest = save_file(make_ctx(tmp_path, event=make_event(email="../../etc")))
     assert dest.resolve().is_relative_to(root)
     assert dest.parent.parent.parent == root
     assert outside_the_work_folder(tmp_path) == [dest]
 
 
-def test_save_never_writes_outside_the_root_for_a_traversal_filename(tmp_path, save_via):
+def test_save_never_writes_outside_the_root_for_a_traversal_filename(tmp_path):
     root = (tmp_path / "out").resolve()
-    dest = save_via(make_ctx(tmp_path, metadata=make_metadata("../x")))
+    dest = save_file(make_ctx(tmp_path, metadata=make_metadata("../x")))
     assert dest.parent == root / "user@example.com" / UUID
     assert outside_the_work_folder(tmp_path) == [dest]
 
@@ -384,7 +362,7 @@ def plant_outside(tmp_path: Path) -> tuple[Path, dict[Path, bytes]]:
     return outside, {p: p.read_bytes() for p in all_files(outside)}
 
 
-def test_save_refuses_a_symlinked_email_folder_pointing_outside(tmp_path, save_via):
+def test_save_refuses_a_symlinked_email_folder_pointing_outside(tmp_path):
     outside, before = plant_outside(tmp_path)
     root = tmp_path / "out"
     root.mkdir(mode=0o700)
@@ -392,14 +370,14 @@ def test_save_refuses_a_symlinked_email_folder_pointing_outside(tmp_path, save_v
     link.symlink_to(outside, target_is_directory=True)
 
     with pytest.raises(PermanentError) as info:
-        save_via(make_ctx(tmp_path))
+        save_file(make_ctx(tmp_path))
 
     assert info.value.error_class is ErrorClass.PROCESSOR_FAILED
     assert {p: p.read_bytes() for p in all_files(outside)} == before, "nothing outside was written or added"
     assert all_files(root) == [] and link.is_symlink()
 
 
-def test_save_refuses_a_symlinked_uuid_folder_pointing_outside(tmp_path, save_via):
+def test_save_refuses_a_symlinked_uuid_folder_pointing_outside(tmp_path):
     outside, before = plant_outside(tmp_path)
     email_dir = tmp_path / "out" / "user@example.com"
     email_dir.mkdir(parents=True, mode=0o700)
@@ -407,27 +385,25 @@ def test_save_refuses_a_symlinked_uuid_folder_pointing_outside(tmp_path, save_vi
     link.symlink_to(outside, target_is_directory=True)
 
     with pytest.raises(PermanentError) as info:
-        save_via(make_ctx(tmp_path))
+        save_file(make_ctx(tmp_path))
 
     assert info.value.error_class is ErrorClass.PROCESSOR_FAILED
     assert {p: p.read_bytes() for p in all_files(outside)} == before, "nothing outside was written or added"
     assert all_files(tmp_path / "out") == [] and link.is_symlink()
 
 
-def test_save_refuses_a_file_planted_where_a_folder_belongs(tmp_path, save_via):
+def test_save_refuses_a_file_planted_where_a_folder_belongs(tmp_path):
     email_dir = tmp_path / "out" / "user@example.com"
     email_dir.mkdir(parents=True, mode=0o700)
     (email_dir / UUID).write_bytes(b"not a folder")
 
     with pytest.raises(PermanentError):
-        save_via(make_ctx(tmp_path))
+        save_file(make_ctx(tmp_path))
 
     assert (email_dir / UUID).read_bytes() == b"not a folder"
 
 
-def test_the_file_is_durable_before_its_rename_and_every_folder_that_gained_an_entry_after(
-    tmp_path, monkeypatch, place_via
-):
+def test_the_file_is_durable_before_its_rename_and_every_folder_that_gained_an_entry_after(tmp_path, monkeypatch):
     """fsync of the file, then the rename, then fsync of its folder and of each folder made for it (a
     new folder's own entry is durable only once its parent is synced); a later file in the same
     folder syncs that folder alone."""
@@ -449,7 +425,7 @@ def test_the_file_is_durable_before_its_rename_and_every_folder_that_gained_an_e
     src = tmp_path / "src.bin"
     src.write_bytes(b"data")
 
-    dest = place_via(root, "user@example.com", UUID, "a.bin", src, 4)
+    dest = place_file(root, "user@example.com", UUID, "a.bin", src, 4)
 
     folder = dest.parent
     assert calls[1:] == [
@@ -460,40 +436,18 @@ def test_the_file_is_durable_before_its_rename_and_every_folder_that_gained_an_e
     ]
     assert calls[0][0] == "fsync" and Path(calls[0][1]).parent == folder and calls[0][1].endswith(".part")
     calls.clear()
-    second = place_via(root, "user@example.com", UUID, "b.bin", src, 4)
+    second = place_file(root, "user@example.com", UUID, "b.bin", src, 4)
     assert [c[0] for c in calls] == ["fsync", "replace", "fsync"] and calls[2] == ("fsync", str(folder))
     assert second.read_bytes() == b"data"
 
 
-def test_a_save_cut_short_by_shutdown_still_ends_whole_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    """Cancelling `place_file_async` while its worker waits for the disk must not close the worker's
-    files under it: the worker finishes (the file is placed whole) and cleans up after itself."""
-    real_fsync = os.fsync
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_fsync(fd):
-        entered.set()
-        assert release.wait(10)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+def test_a_download_folder_removed_while_running_is_made_again(tmp_path):
     root = tmp_path / "out"
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"whole")
-    open_before = len(os.listdir("/proc/self/fd"))
-
-    async def cancel_it() -> None:
-        task = asyncio.ensure_future(place_file_async(root, "user@example.com", UUID, "a.bin", src, 5))
-        await asyncio.to_thread(entered.wait, 10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        release.set()
-
-    asyncio.run(cancel_it())  # asyncio.run waits for the loop's worker threads before it returns
-    assert [p.name for p in all_files(root)] == ["a.bin"]
-    assert (root / "user@example.com" / UUID / "a.bin").read_bytes() == b"whole"
-    assert len(os.listdir("/proc/self/fd")) == open_before, "every file descriptor closed"
+    first = save_file(make_ctx(tmp_path, b"one", name="a.bin"))
+    shutil.rmtree(root)
+    again = save_file(make_ctx(tmp_path, b"two", name="b.bin"))
+    assert again == first and again.read_bytes() == b"two"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
 # ---- place_file: the size check, place_bytes -----------------------------------------------------
@@ -501,7 +455,7 @@ def test_a_save_cut_short_by_shutdown_still_ends_whole_and_leaves_nothing_behind
 
 @pytest.mark.parametrize("mode", ["link", "copy"])
 @pytest.mark.parametrize("actual", [0, 999, 1001])
-def test_place_file_refuses_a_file_that_is_not_the_declared_size(tmp_path, mode, actual, request, place_via):
+def test_place_file_refuses_a_file_that_is_not_the_declared_size(tmp_path, mode, actual, request):
     """A copy cut short (a full disk, a quota; here: a source of the wrong size) is never renamed
     into place: RetryableError, no destination, no temporary file, an existing file kept."""
     if mode == "copy":
@@ -509,25 +463,23 @@ def test_place_file_refuses_a_file_that_is_not_the_declared_size(tmp_path, mode,
     root = tmp_path / "out"
     good = tmp_path / "good.bin"
     good.write_bytes(b"g" * 10)
-    dest = place_via(root, "user@example.com", UUID, "f.bin", good, 10)
+    dest = place_file(root, "user@example.com", UUID, "f.bin", good, 10)
     short = tmp_path / "short.bin"
     short.write_bytes(b"s" * actual)
 
     with pytest.raises(RetryableError):
-        place_via(root, "user@example.com", UUID, "f.bin", short, 1000)
+        place_file(root, "user@example.com", UUID, "f.bin", short, 1000)
 
     assert dest.read_bytes() == b"g" * 10, "the previous file is still whole"
     assert all_files(root) == [dest], "no temporary file left behind"
 
     with pytest.raises(RetryableError):
-        place_via(root, "user@example.com", UUID, "new.bin", short, 1000)
+        place_file(root, "user@example.com", UUID, "new.bin", short, 1000)
     assert not (dest.parent / "new.bin").exists()
     assert all_files(root) == [dest]
 
 
-def test_place_file_turns_a_full_disk_mid_copy_into_retryable_and_cleans_up(
-    tmp_path, copy_only, monkeypatch, place_via
-):
+def test_place_file_turns_a_full_disk_mid_copy_into_retryable_and_cleans_up(tmp_path, copy_only, monkeypatch):
     root = tmp_path / "out"
     src = tmp_path / "src.bin"
     src.write_bytes(b"x" * 10_000)
@@ -538,7 +490,7 @@ def test_place_file_turns_a_full_disk_mid_copy_into_retryable_and_cleans_up(
 
     monkeypatch.setattr(shutil, "copyfile", copy_then_fill_the_disk)
     with pytest.raises(RetryableError, match="No space left"):
-        place_via(root, "user@example.com", UUID, "a.bin", src, 10_000)
+        place_file(root, "user@example.com", UUID, "a.bin", src, 10_000)
     assert all_files(root) == []
 
 
