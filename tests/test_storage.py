@@ -22,7 +22,7 @@ from helpers import make_files, provision_now, publish_uploads, read_stream, wai
 
 from uploads_consumer.embedded import S3Server, TcpProxy
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
-from uploads_consumer.storage import ObjectStore
+from uploads_consumer.storage import ObjectStore, host_header
 
 
 class RecordingSink:
@@ -435,3 +435,24 @@ async def test_debug_logs_show_no_signature_secret_or_session_token(
         assert creds["SecretAccessKey"] not in text and creds["SessionToken"] not in text
     assert re.search(r"Signature[=:]\s*\*\*\*", text), "the lines are there, without the signature"
     assert not re.search(r"(?i)signature[=:]\s*[0-9a-f]{16}", text)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000/bucket",
+        "https://bucket.s3.eu-west-1.amazonaws.com",
+        "https://S3.Example.COM:443/Bucket",
+        "http://minio:80/b",
+        "https://user:secret@s3.example.com:8443/b",
+        "http://[::1]:9000/bucket",
+        "https://[2001:db8::5]/b",
+    ],
+)
+def test_the_host_header_given_to_the_signer_is_the_one_it_would_derive(url):
+    """The signer is handed the Host header (computed once per endpoint) instead of parsing every URL:
+    it must be exactly what botocore derives, or every signature would be refused."""
+    from botocore.auth import _host_from_url
+
+    assert host_header(url) == _host_from_url(url)
+    assert host_header(url) == _host_from_url(url + "/some/key%20x")

@@ -37,7 +37,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from botocore.httpsession import get_cert_path
-from botocore.utils import get_environ_proxies, percent_encode
+from botocore.utils import get_environ_proxies, is_valid_ipv6_endpoint_url, percent_encode
 from yarl import URL
 
 from uploads_consumer import __version__
@@ -158,6 +158,18 @@ class _Endpoint:
     service: str
     proxy: str | None
     ssl_context: ssl.SSLContext | None
+    host: str  # the Host header: given to the signer, which would otherwise parse it out of every URL
+
+
+def host_header(url: str) -> str:
+    """The Host header botocore's signer derives from `url` (lower case, no userinfo, no default port)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if is_valid_ipv6_endpoint_url(url):
+        host = f"[{host}]"
+    if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    return host
 
 
 class _Redirected(Exception):
@@ -413,7 +425,7 @@ class ObjectStore:
                 context = ssl.create_default_context(
                     cafile=get_cert_path(self._botocore.get_config_variable("ca_bundle") or True)
                 )
-            endpoint = _Endpoint(base, scope[2], scope[3], proxy, context)
+            endpoint = _Endpoint(base, scope[2], scope[3], proxy, context, host_header(base))
         if len(self._endpoints) >= MAX_ENDPOINTS:
             self._endpoints.clear()
         self._endpoints[bucket] = endpoint
@@ -424,7 +436,7 @@ class ObjectStore:
         assert self._http is not None
         url = f"{endpoint.base}/{percent_encode(key, safe='/~')}"
         for attempt in range(1, GET_ATTEMPTS + 1):
-            request = AWSRequest("GET", url)
+            request = AWSRequest("GET", url, headers={"Host": endpoint.host})
             S3SigV4Auth(await self._credentials.get_frozen_credentials(), endpoint.service, endpoint.region).add_auth(
                 request
             )
