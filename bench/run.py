@@ -57,6 +57,7 @@ class Run:
     peak_rss: int
     count: int
     loop_cpu_seconds: float = 0.0  # of cpu_seconds, the main thread's (the event loop's)
+    switches: int = 0  # context switches of all its threads (voluntary and not)
 
     @property
     def per_second(self) -> float:
@@ -76,6 +77,18 @@ def cpu_seconds(pid: int, task: int | None = None) -> float:
     path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of the process, so far."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # a thread that just ended
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return total
 
 
 def peak_rss(pid: int) -> int:
@@ -132,7 +145,7 @@ async def measure_consumer(
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=5)
     deadline = time.monotonic() + timeout
-    t0 = c0 = l0 = None
+    t0 = c0 = l0 = s0 = None
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -140,12 +153,13 @@ async def measure_consumer(
             info = await js.consumer_info("FILE_UPLOADS", "file_processor")
             now = time.monotonic()
             if t0 is None and info.delivered.stream_seq > 0:
-                t0, c0, l0 = now, cpu_seconds(pid), cpu_seconds(pid, pid)
+                t0, c0, l0, s0 = now, cpu_seconds(pid), cpu_seconds(pid, pid), context_switches(pid)
                 if on_first_delivery is not None:
                     on_first_delivery()
             if info.ack_floor.stream_seq >= count and info.num_ack_pending == 0:
-                assert t0 is not None and c0 is not None and l0 is not None
-                return Run(now - t0, cpu_seconds(pid) - c0, peak_rss(pid), count, cpu_seconds(pid, pid) - l0)
+                assert t0 is not None and c0 is not None and l0 is not None and s0 is not None
+                cpu, loop, switches = cpu_seconds(pid) - c0, cpu_seconds(pid, pid) - l0, context_switches(pid) - s0
+                return Run(now - t0, cpu, peak_rss(pid), count, loop, switches)
             await asyncio.sleep(0.01)
         raise RuntimeError(f"not done within {timeout}s: {info}")
     finally:
@@ -293,6 +307,7 @@ def median_run(runs: list[Run]) -> Run:
         int(statistics.median(r.peak_rss for r in runs)),
         runs[0].count,
         statistics.median(r.loop_cpu_seconds for r in runs),
+        int(statistics.median(r.switches for r in runs)),
     )
 
 
@@ -376,7 +391,8 @@ def main() -> int:
                         rounds[name].append(run)
                         print(
                             f"round {round_no}: {name}: {run.per_second:.1f} uploads/s, "
-                            f"{run.cpu_ms_per_upload:.2f} CPU ms/upload ({run.loop_cpu_ms_per_upload:.2f} on the loop)",
+                            f"{run.cpu_ms_per_upload:.2f} CPU ms/upload ({run.loop_cpu_ms_per_upload:.2f} on the loop), "
+                            f"{run.switches / run.count:.1f} context switches/upload",
                             flush=True,
                         )
                 for name in ("baseline", "ours"):  # the large upload: baseline and ours only
@@ -398,9 +414,9 @@ def main() -> int:
         f"{os.cpu_count()} cores" + (f", medians of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
     )
     print(
-        f"| consumer | uploads/s | CPU ms/upload | of which event loop | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
+        f"| consumer | uploads/s | CPU ms/upload | of which event loop | context switches/upload | peak RSS (small) | {args.large_mib} MiB upload | peak RSS (large) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     labels = {
         "baseline": "baseline (seed)",
         "ours": "ours (defaults)",
@@ -410,10 +426,11 @@ def main() -> int:
     for name, r in results.items():
         big = large_runs.get(name)
         print(
-            f"| {labels.get(name, name)} | {r.per_second:.1f} | {r.cpu_ms_per_upload:.2f} | {r.loop_cpu_ms_per_upload:.2f} | {r.peak_rss / MiB:.0f} MiB | "
+            f"| {labels.get(name, name)} | {r.per_second:.1f} | {r.cpu_ms_per_upload:.2f} | {r.loop_cpu_ms_per_upload:.2f} | "
+            f"{r.switches / r.count:.1f} | {r.peak_rss / MiB:.0f} MiB | "
             f"{f'{big.seconds:.1f} s' if big else '-'} | {f'{big.peak_rss / MiB:.0f} MiB' if big else '-'} |"
         )
-    print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | | |")
+    print(f"| ceiling (S3 GETs/s ÷ 2) | {ceiling:.1f} | | | | | | |")
     print()
     cpu_ratios = [
         r.cpu_ms_per_upload / fl.cpu_ms_per_upload for r, fl in zip(rounds["ours"], rounds["floor"], strict=True)
