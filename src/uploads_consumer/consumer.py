@@ -187,7 +187,12 @@ class UploadConsumer:
                 raise
             except (NotFoundError, BucketNotFoundError) as exc:
                 what = f"key-value bucket {s.dedupe_bucket}" if isinstance(exc, BucketNotFoundError) else "a stream"
-                problem = f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
+                if s.auto_setup:  # deleted by someone else between our setup and its checks
+                    problem = f"{what} disappeared while setting up; setting up again"
+                else:
+                    problem = (
+                        f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
+                    )
             except Exception as exc:  # noqa: BLE001 - JetStream not ready yet
                 problem = f"JetStream is not answering yet ({describe(exc)}); retrying"
             if problem != said:
