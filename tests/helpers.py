@@ -194,10 +194,7 @@ async def wait_ready(daemon, url: str | None = None, timeout: float = 60) -> Non
     """The daemon has started its processors, provisioned and bound to its consumer (readyz 200);
     with the server's url, also nothing is pending on the consumer yet."""
     daemon.wait_http(timeout)
-    deadline = time.monotonic() + timeout
-    while daemon.http_get("/readyz")[0] != 200:
-        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
-        await asyncio.sleep(0.05)
+    await until(lambda: daemon.http_get("/readyz")[0] == 200, timeout, "/readyz 200", daemon, interval=0.05)
     if url is not None:
         await wait_settled(url, 0, daemon=daemon)
 

@@ -20,7 +20,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from helpers import until
 
 # ---- PKI ---------------------------------------------------------------------------------------
 
@@ -358,11 +357,6 @@ def cli(env: dict[str, str], *args: str, timeout: float = 30):
     return subprocess.run(
         [sys.executable, "-m", "uploads_consumer", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-async def wait_ready(daemon, timeout: float = 30) -> None:
-    daemon.wait_http()
-    await until(lambda: daemon.http_get("/readyz")[0] == 200, timeout, "/readyz 200", daemon)
 
 
 def acked(daemon) -> float:

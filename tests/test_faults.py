@@ -4,6 +4,7 @@ nothing is dead-lettered for a transient fault, and the daemon recovers by itsel
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from helpers import (
     read_stream,
     stop_limit,
     until,
+    wait_ready,
     wait_settled,
 )
 
@@ -59,21 +61,25 @@ async def stream_leaders(url: str, streams: list[str], timeout: float = 60) -> d
     import nats
 
     nc = await nats.connect(url)
+
+    async def leader(name: str) -> str | None:
+        try:
+            info = await nc.jetstream(timeout=2).stream_info(name)
+        except (nats.errors.TimeoutError, nats.js.errors.APIError):
+            return None  # no leader elected yet
+        return info.cluster.leader if info.cluster else None
+
     try:
-        leaders: dict[str, str] = {}
         deadline = time.monotonic() + timeout
-        for name in streams:
-            while True:
-                try:
-                    info = await nc.jetstream(timeout=2).stream_info(name)
-                    if info.cluster and info.cluster.leader:
-                        leaders[name] = info.cluster.leader
-                        break
-                except (nats.errors.TimeoutError, nats.js.errors.APIError):
-                    pass  # no leader elected yet
-                assert time.monotonic() < deadline, f"stream {name} has no leader after {timeout}s"
-                await asyncio.sleep(0.5)
-        return leaders
+        return {
+            name: await until(
+                functools.partial(leader, name),
+                max(0.0, deadline - time.monotonic()),
+                f"a leader for {name}",
+                interval=0.5,
+            )
+            for name in streams
+        }
     finally:
         await nc.close()
 
@@ -247,11 +253,9 @@ async def test_a_consumer_or_stream_deleted_while_running_is_provisioned_again(
 
     settings = settings_for()
     daemon = start_daemon()
-    daemon.wait_http()
     # Consuming, not still setting up: a stream deleted during the start-up checks is made again by
     # them (CI once saw exactly that), which is right but not what this test is about.
-    await until(lambda: daemon.http_get("/readyz")[0] == 200, 30, "ready", daemon)
-    await wait_settled(nats_server.url, 0, daemon=daemon)
+    await wait_ready(daemon, nats_server.url, timeout=30)
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     if what == "consumer":

@@ -10,8 +10,8 @@ import os
 import signal
 from pathlib import Path
 
-from helpers import until
-from secure_support import acked, cli, publish_upload, users_block, wait_ready, write_config
+from helpers import until, wait_ready
+from secure_support import acked, cli, publish_upload, users_block, write_config
 
 from uploads_consumer.connection import connect_once, redact_url
 from uploads_consumer.embedded import NatsServer, free_port
@@ -76,7 +76,7 @@ async def test_no_secret_is_shown_at_debug_through_failures(
         # The server now accepts our password (config reload): the daemon connects by itself.
         write_config(secure, body=users_block(("uploads", password)))
         server.proc.send_signal(signal.SIGHUP)
-        await wait_ready(daemon)
+        await wait_ready(daemon, timeout=30)
 
         settings = settings_for(**env)
         folder = tmp_path / "in"
@@ -145,7 +145,7 @@ async def test_the_daemon_reads_the_master_key_from_a_file(
     key_file.write_text(master_key + "\n")  # as a mounted secret usually is, newline and all
     key_file.chmod(0o400)
     daemon = start_daemon(ENCRYPTION_MASTER_KEY="", ENCRYPTION_MASTER_KEY_FILE=str(key_file))
-    await wait_ready(daemon)
+    await wait_ready(daemon, timeout=30)
     original = tmp_path / "in.bin"
     original.write_bytes(os.urandom(4096))
     event = await publish_upload(settings_for(), original)  # encrypted with the same key, given directly

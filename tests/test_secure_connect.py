@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from helpers import until
+from helpers import until, wait_ready
 from secure_support import (
     METHODS,
     acked,
@@ -18,7 +18,6 @@ from secure_support import (
     secure_setup,
     start_secure_server,
     users_block,
-    wait_ready,
     write_config,
 )
 
@@ -47,7 +46,7 @@ async def test_the_daemon_connects_provisions_and_processes_an_upload(
     setup = secure_setup(method, tmp_path / "secure", free_port())
     servers(setup, tmp_path / "nats")
     daemon = start_daemon(LOG_LEVEL="DEBUG", **setup.env)
-    await wait_ready(daemon)  # connected, provisioned (AUTO_SETUP) and bound to the consumer
+    await wait_ready(daemon, timeout=30)  # connected, provisioned (AUTO_SETUP) and bound to the consumer
 
     original = tmp_path / "in" / "report.pdf"
     original.parent.mkdir()
