@@ -72,7 +72,8 @@ async def test_progress_keeps_a_7s_job_on_a_3s_ack_wait_consumer_made_elsewhere(
     await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
     await wait_settled(nats_server.url, 1, daemon=daemon, timeout=60)
     info = await consumer_info(nats_server.url)
-    assert info.num_redelivered == 0, "progress must come well inside the consumer's 3 s ack_wait"
+    # One delivery in all: num_redelivered alone would not tell, it counts only messages not yet acked.
+    assert info.delivered.consumer_seq == 1, "progress must come well inside the consumer's 3 s ack_wait"
     assert daemon.metric("uploads_consumer_redeliveries_total") == 0
     assert metric(daemon, "acked") == 1
     assert daemon.terminate() == 0
@@ -147,19 +148,22 @@ async def test_a_dead_letter_stream_that_is_away_on_the_last_delivery_holds_the_
     await wait_ready(daemon, nats_server.url)
     nc = await connect(nats_server.url)
     try:
+        # Had progress stopped, the server would give the message up (max_deliver 1) and say so here.
+        gave_up = await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.{CONSUMER}")
         js = nc.jetstream(timeout=10)
         await js.delete_stream("FILE_UPLOADS_DLQ")
         await js.publish(SUBJECT, b"not an event")  # dead-lettered on its one and only delivery
         await until(lambda: "holding the message" in daemon.log_text(), 20, "the copy to fail", daemon)
         await asyncio.sleep(7)  # more than twice the ack wait: only progress keeps it ours
         await js.add_stream(StreamConfig(name="FILE_UPLOADS_DLQ", subjects=["file.uploads.dlq"]))
+        await until(lambda: dead_letter_count(nats_server.url), 30, "the copy", daemon)
+        assert gave_up.pending_msgs == 0, "the ack wait ran out while the message was held"
     finally:
         await nc.close()
-    await until(lambda: dead_letter_count(nats_server.url), 30, "the copy", daemon)
     [copy] = await dead_letters(nats_server.url)
     assert copy.data == b"not an event" and copy.headers["Uploads-Error-Class"] == "invalid_message"
     info = await consumer_info(nats_server.url)
-    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert info.num_ack_pending == 0
     assert daemon.terminate() == 0
 
 
@@ -437,4 +441,19 @@ async def test_a_configured_bucket_that_does_not_exist_is_retried_loudly_not_dea
     await until(lambda: metric(daemon, "nacked") >= 2, 30, "retries", daemon)
     assert await dead_letters(nats_server.url) == [], "a misconfiguration is not the upload's fault"
     assert "bucket 'bucket-nobody-created' does not exist" in daemon.log_text()
+    assert daemon.terminate() == 0
+
+
+async def test_progress_follows_the_consumers_ack_wait_from_the_first_message_of_a_backlog(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    """The backlog is delivered the moment the daemon binds: progress must already follow the consumer's
+    3 s ack_wait then, not the first interval taken from ACK_WAIT (30 s) before the consumer was read."""
+    await make_consumer(nats_server.url, ack_wait=3)
+    await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))  # waiting before the daemon starts
+    daemon = start_daemon(**plugins(tmp_path, "uc_test_plugins:slow,save", UC_TEST_SLOW_SECONDS="7"))  # ACK_WAIT 30s
+    await wait_settled(nats_server.url, 1, daemon=daemon, timeout=60)
+    info = await consumer_info(nats_server.url)
+    assert info.delivered.consumer_seq == 1, "redelivered while in progress: progress came after the 3 s ack_wait"
+    assert metric(daemon, "acked") == 1
     assert daemon.terminate() == 0

@@ -130,7 +130,9 @@ class UploadConsumer:
         self._pipeline = Pipeline(s, store, self._keyring, self._processors, ledger, self._publish, self.metrics)
         dead_letters = DeadLetterPublisher(js, s.dlq_subject, s.dlq_stream_name)
         self._dead_letters = dead_letters
-        self._source = source = PullSource(self.session, s, self.metrics, self._deliver, self._copy_abandoned)
+        self._source = source = PullSource(
+            self.session, s, self.metrics, self._deliver, self._copy_abandoned, self.inflight.ack_wait_changed
+        )
         self.session.on_reconnected.append(source.on_reconnected)
         self._settler = Settler(nc, dead_letters, self.metrics, s.retry_backoff, source.limits, self._stopping)
         log.info(

@@ -40,6 +40,7 @@ class InFlight:
         self._held: dict[int, Held] = {}
         self._slots = asyncio.Semaphore(limit)
         self._changed = asyncio.Event()
+        self._ack_wait_changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -108,10 +109,21 @@ class InFlight:
     def release_slot(self) -> None:
         self._slots.release()
 
+    def ack_wait_changed(self) -> None:
+        """The consumer's ack wait is not what progress was paced by: pace it anew, at once."""
+        self._ack_wait_changed.set()
+
     async def progress_loop(self) -> None:
-        """+WPI for every held message, well inside the consumer's current ACK_WAIT."""
+        """+WPI for every held message, well inside the consumer's current ack wait.
+
+        A change of it (read when the source binds, or edited live) cuts the current wait short:
+        the interval taken from ACK_WAIT before the consumer was read must not outlast a shorter
+        `ack_wait` the consumer really has (its first messages would be redelivered while in work).
+        """
         while True:
-            await asyncio.sleep(max(MIN_PROGRESS_INTERVAL, self._ack_wait() / 3))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ack_wait_changed.wait(), max(MIN_PROGRESS_INTERVAL, self._ack_wait() / 3))
+            self._ack_wait_changed.clear()
             for held in list(self._held.values()):
                 with contextlib.suppress(Exception):
                     await held.msg.in_progress()

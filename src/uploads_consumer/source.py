@@ -46,12 +46,14 @@ class PullSource:
         metrics: Metrics,
         deliver: Callable[[Msg], None],
         abandoned: Callable[[int, int], Awaitable[None]],
+        ack_wait_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._session = session
         self._settings = settings
         self._metrics = metrics
         self._deliver = deliver
         self._abandoned = abandoned
+        self._ack_wait_changed = ack_wait_changed
         self.ack_wait = settings.ack_wait
         self._limits = Limits(settings.max_deliver, -1)
         self._refreshed_at = 0.0
@@ -95,7 +97,12 @@ class PullSource:
             self.bound = False
             raise
         cfg = info.config
-        self.ack_wait = cfg.ack_wait or s.ack_wait
+        ack_wait = cfg.ack_wait or s.ack_wait
+        if ack_wait != self.ack_wait:
+            if self._refreshed_at:
+                log.info("the consumer's ack_wait changed", ack_wait_s=ack_wait)
+            self.ack_wait = ack_wait
+            self._ack_wait_changed()  # progress follows the consumer's value at once, from the first message on
         server_max = cfg.max_deliver if cfg.max_deliver and cfg.max_deliver > 0 else -1
         if server_max != self._limits.server_max_deliver and self._refreshed_at:
             log.info("the consumer's max_deliver changed", max_deliver=server_max)
