@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create the upload stream (if missing) and the durable pull consumer the daemon reads from.
 #
+#   ./setup-nats-consumer.sh [CONSUMER]     # CONSUMER: the durable name (default NATS_CONSUMER_NAME)
+#
+# Several consumers on one stream (process, notify, archive) each get their own: run it once per name.
 # With the `nats` CLI installed, it is used with the same settings the daemon would choose:
 #   --ack explicit --pull --deliver all --max-deliver=-1 --max-pending=100 --wait=30s --replay instant
 # Without it, `uploads-consumer setup` does the same (and also creates the dead-letter stream,
@@ -16,21 +19,23 @@
 #   ACK_WAIT=30s  MAX_ACK_PENDING=100  NATS_REPLICAS=1
 # The consumer is always created with --max-deliver=-1: once a server-side limit is reached the
 # server drops a message silently, so MAX_DELIVER is enforced by the daemon (a dead-letter copy).
-# The stream keeps 7 days of uploads (limits retention, file storage, discard old).
+# The stream keeps 7 days of uploads (limits retention, file storage, discard old) and also captures
+# SUBJECT.replay.>; each consumer also filters its own SUBJECT.replay.CONSUMER, where
+# `uploads-consumer dlq replay` puts back what that consumer (and no other) dead-lettered.
 #
 # Exit status: 0 when the stream and consumer exist afterwards, non-zero otherwise.
 set -euo pipefail
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     usage
     exit 0
 fi
-if [[ $# -gt 0 ]]; then
-    echo "setup-nats-consumer.sh: takes no arguments (configure it with environment variables; see --help)" >&2
+if [[ $# -gt 1 ]]; then
+    echo "setup-nats-consumer.sh: takes at most one argument, the consumer name (see --help)" >&2
     exit 2
 fi
 
@@ -38,7 +43,12 @@ fi
 nats_url="${NATS_URL:-nats://localhost:4222}"
 stream="${NATS_STREAM_NAME:-FILE_UPLOADS}"
 subject="${NATS_SUBJECT:-file.uploads}"
-consumer="${NATS_CONSUMER_NAME:-file_processor}"
+consumer="${1:-${NATS_CONSUMER_NAME:-file_processor}}"
+if [[ ! "$consumer" =~ ^[^[:space:].*\>/\\]+$ ]]; then
+    printf "setup-nats-consumer.sh: consumer name '%s' must not contain spaces, '.', '*', '>', '/' or a backslash\n" "$consumer" >&2
+    exit 2
+fi
+export NATS_CONSUMER_NAME="$consumer"  # for the uploads-consumer fallback
 ack_wait="${ACK_WAIT:-30s}"
 max_ack_pending="${MAX_ACK_PENDING:-100}"
 replicas="${NATS_REPLICAS:-1}"
@@ -94,13 +104,19 @@ if [[ -n "${NATS_TLS_KEY:-}" ]]; then
     conn+=(--tlskey "$NATS_TLS_KEY")
 fi
 
+filters=(--filter "$subject" --filter "$subject.replay.$consumer")
 if nats "${conn[@]}" stream info "$stream" >/dev/null 2>&1 </dev/null; then
     echo "found   stream $stream"
+    # Made elsewhere (the backend makes it with file.uploads alone): a filter on a subject the stream
+    # does not capture would be refused, so the consumer reads the uploads only.
+    filters=(--filter "$subject")
+    echo "note: for \`dlq replay\` to reach only this consumer, run \`uploads-consumer setup --enable-replay\`"
 else
     nats "${conn[@]}" stream add "$stream" \
-        --subjects "$subject" --storage file --retention limits --discard old --max-age=7d \
+        --subjects "$subject" --subjects "$subject.replay.>" \
+        --storage file --retention limits --discard old --max-age=7d \
         --replicas "$replicas" --defaults </dev/null >/dev/null
-    echo "created stream $stream (subject $subject)"
+    echo "created stream $stream (subjects $subject, $subject.replay.>)"
 fi
 
 if nats "${conn[@]}" consumer info "$stream" "$consumer" >/dev/null 2>&1 </dev/null; then
@@ -108,7 +124,7 @@ if nats "${conn[@]}" consumer info "$stream" "$consumer" >/dev/null 2>&1 </dev/n
     echo "found   consumer $consumer on $stream (left as it is)"
 else
     nats "${conn[@]}" consumer add "$stream" "$consumer" \
-        --filter "$subject" \
+        "${filters[@]}" \
         --ack explicit --pull --deliver all \
         "--max-deliver=-1" "--max-pending=$max_ack_pending" "--wait=$ack_wait" \
         --replay instant --defaults </dev/null >/dev/null

@@ -4,6 +4,7 @@
     python bench/run.py --small 200 --large-mib 64 --latency 0.02
     python bench/run.py --rounds 3 --profile /tmp/ours.txt   # medians of 3 interleaved rounds; py-spy profiles
     python bench/run.py --same-work        # also the floor doing the daemon's per-file work (sniff, durable save)
+    python bench/run.py --webhook-only     # also ours with PROCESSORS=webhook (the event only, no S3) to a local receiver
 
 The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
 our daemon's CPU per upload and throughput are reported as ratios to it.
@@ -166,6 +167,44 @@ async def measure_consumer(
         await nc.close()
 
 
+class Receiver:
+    """A webhook receiver that answers 204 at once, in a thread of its own; counts what it gets."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.port = free_port()
+        self.count = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="receiver").start()
+        self._ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        async def hook(request: web.Request) -> web.Response:
+            await request.read()
+            self.count += 1
+            return web.Response(status=204)
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/hook", hook)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._ready.set()
+
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(serve())
+        self._loop.run_forever()
+
+
 def run_consumer(
     name: str,
     command: list[str] | None,
@@ -176,6 +215,7 @@ def run_consumer(
     master_key: str,
     timeout: float,
     round_no: int = 1,
+    receiver: Receiver | None = None,
 ) -> Run:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())[:30].strip("-")
     bucket = f"bench-{slug}-{len(files)}-{os.getpid()}-r{round_no}"
@@ -200,6 +240,7 @@ def run_consumer(
         asyncio.run(publish_uploads(settings, files))  # straight to S3, not through the proxy
         env["S3_ENDPOINT_URL"] = proxy.url  # the consumer reads through the latency proxy
         daemon = DaemonProcess(env, work / f"{name}-{len(files)}.log", command=command)
+        before = receiver.count if receiver is not None else 0
         daemon.start()
         spy: list[subprocess.Popen] = []
 
@@ -228,6 +269,10 @@ def run_consumer(
                 p.send_signal(signal.SIGINT)
                 p.wait(60)
             daemon.terminate(60)
+        if receiver is not None and command is not None and any(c.startswith("WEBHOOK_URL=") for c in command):
+            if receiver.count - before != len(files):  # a chain of webhooks saves nothing: count what arrived
+                raise RuntimeError(f"{name}: {receiver.count - before} webhooks, expected {len(files)}")
+            return run
         saved = [
             p for p in (work / f"out-{name}-{len(files)}").rglob("*") if p.is_file() and ".incoming" not in p.parts
         ]
@@ -331,6 +376,12 @@ def main() -> int:
         "ours over it is what the plumbing costs",
     )
     parser.add_argument(
+        "--webhook-only",
+        action="store_true",
+        help="also run ours with PROCESSORS=webhook (signed, to a local receiver answering at once): a chain "
+        "that needs only the event, so no S3 request; its CPU and throughput against ours with the defaults",
+    )
+    parser.add_argument(
         "--no-baseline",
         action="store_true",
         help="leave out the seed's consumer (one upload at a time: the slowest part of a round)",
@@ -365,6 +416,11 @@ def main() -> int:
         consumers["ours-asyncio"] = ["env", "UPLOADS_CONSUMER_LOOP=asyncio", sys.executable, "-m", "uploads_consumer"]
     for variant in args.variant:  # e.g. MAX_IN_FLIGHT=32,FETCH_BATCH=32
         consumers[f"ours {variant}"] = ["env", *variant.split(","), sys.executable, "-m", "uploads_consumer"]
+    receiver = Receiver() if args.webhook_only else None
+    if receiver is not None:
+        secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+        webhook = ["PROCESSORS=webhook", f"WEBHOOK_URL={receiver.url}", f"WEBHOOK_SECRET={secret}"]
+        consumers["ours webhook-only"] = ["env", *webhook, sys.executable, "-m", "uploads_consumer"]
     global PROFILE
     PROFILE = args.profile
     rounds: dict[str, list[Run]] = {name: [] for name in consumers}
@@ -385,9 +441,7 @@ def main() -> int:
                         flush=True,
                     )
                     for name, command in consumers.items():
-                        run = run_consumer(
-                            name, command, s3, proxy, work, small, master_key, timeout=900, round_no=round_no
-                        )
+                        run = run_consumer(name, command, s3, proxy, work, small, master_key, 900, round_no, receiver)
                         rounds[name].append(run)
                         print(
                             f"round {round_no}: {name}: {run.per_second:.1f} uploads/s, "
@@ -472,6 +526,11 @@ def main() -> int:
             print(
                 f"CPU per upload: {name} / ours = {statistics.median(ratios):.2f}×"
                 + (each + ", ".join(f"{x:.2f}×" for x in ratios) + ")" if each else "")
+            )
+            speeds = [v.per_second / r.per_second for v, r in zip(rounds[name], rounds["ours"], strict=True)]
+            print(
+                f"throughput: {name} / ours = {statistics.median(speeds):.2f}×"
+                + (each + ", ".join(f"{x:.2f}×" for x in speeds) + ")" if each else "")
             )
     if "ours" in large_runs and "baseline" in large_runs:
         print(

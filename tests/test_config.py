@@ -285,6 +285,37 @@ def test_empty_duration_means_the_default(monkeypatch):
     assert load_settings().fetch_timeout == 5.0
 
 
+def test_each_consumer_remembers_its_own_uploads_unless_told_otherwise(monkeypatch):
+    assert load_settings().dedupe_bucket == "file_processor_done", "unchanged for existing deployments"
+    monkeypatch.setenv("NATS_CONSUMER_NAME", "notify")
+    assert load_settings().dedupe_bucket == "notify_done"
+    assert load_settings().replay_subject == "file.uploads.replay.notify"
+    monkeypatch.setenv("NATS_CONSUMER_NAME", "notify+eu")
+    assert load_settings().dedupe_bucket == "notify_eu_done", "what a bucket name cannot hold becomes _"
+    monkeypatch.setenv("DEDUPE_BUCKET", "shared_done")
+    assert load_settings().dedupe_bucket == "shared_done", "the operator asked for a shared one"
+
+
+@pytest.mark.parametrize("name", ["no.dots", "no spaces", "no*", "no>", "no/slash"])
+def test_a_consumer_name_nats_would_refuse_is_refused_at_start(monkeypatch, name):
+    monkeypatch.setenv("NATS_CONSUMER_NAME", name)
+    with pytest.raises(ConfigError, match="NATS_CONSUMER_NAME: must not contain"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("ack_wait", "fetch_timeout"), [("30s", 5.0), ("5s", 2.5), ("1s", 0.5), ("2m", 5.0)])
+def test_an_unset_fetch_timeout_follows_ack_wait(monkeypatch, ack_wait, fetch_timeout):
+    monkeypatch.setenv("ACK_WAIT", ack_wait)
+    assert load_settings().fetch_timeout == fetch_timeout
+
+
+def test_only_an_explicit_fetch_timeout_can_contradict_ack_wait(monkeypatch):
+    monkeypatch.setenv("ACK_WAIT", "5s")
+    monkeypatch.setenv("FETCH_TIMEOUT", "5s")
+    with pytest.raises(ConfigError, match=r"FETCH_TIMEOUT: must be shorter than ACK_WAIT \(5s\)"):
+        load_settings()
+
+
 def test_empty_master_key_means_unset(monkeypatch):
     monkeypatch.setenv("ENCRYPTION_MASTER_KEY", "")
     s = load_settings()

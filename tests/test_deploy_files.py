@@ -409,8 +409,10 @@ def test_compose_publishes_every_port_on_loopback_only():
 
 
 def test_compose_pins_every_image_it_pulls():
-    for name, service in compose()["services"].items():
-        if "build" in service:
+    services = compose()["services"]
+    built = {service["image"] for service in services.values() if "build" in service}
+    for name, service in services.items():
+        if service["image"] in built:
             continue  # built here from ./Dockerfile; `image` only names the result
         assert is_pinned(service["image"]), f"{name}: pin a release or a digest, not {service['image']!r}"
 
@@ -502,7 +504,9 @@ def test_compose_bucket_init_creates_the_consumers_bucket_on_the_minio_service(t
     consumer = service_env(services["uploads-consumer"], host)
     code, calls = run_bucket_init(tmp_path, host)
     assert code == 0
-    [alias, make_bucket] = calls
+    [alias, make_bucket, make_archive_bucket] = calls
+    archive = service_env(services["archive"], host)["ARCHIVE_BUCKET"]
+    assert make_archive_bucket == ["mb", "--ignore-existing", f"local/{archive}"], "for the pipeline's archive"
     endpoint = urlsplit(alias[3])
     assert alias[:3] == ["alias", "set", "local"]
     assert endpoint.hostname == "minio" and any(
@@ -541,6 +545,36 @@ def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
     consumer = compose()["services"]["uploads-consumer"]
     assert go_duration(consumer["stop_grace_period"]) >= stop_allowance(service_env(consumer))
     assert consumer.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def test_compose_runs_the_seeds_pipeline_three_consumers_of_one_stream_each_provisioned_first():
+    services = compose()["services"]
+    jobs = {"process": "save,transcode,transcribe", "notify": "webhook", "archive": "archive"}
+    host = {"ENCRYPTION_MASTER_KEY": GOOD_KEY, "WEBHOOK_URL": "https://r.example/u", "WEBHOOK_SECRET": "whsec_x"}
+    setup = services["pipeline-setup"]
+    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "transcribe"
+    script = interpolate(setup["command"][0], host)
+    assert "for consumer in process notify archive;" in script and "NATS_CONSUMER_NAME=$consumer" in script
+    assert "uploads_consumer setup || exit 1" in script, "a failed setup stops the pipeline from starting"
+    ports = set()
+    for name, chain in jobs.items():
+        service = services[name]
+        env = service_env(service, host)
+        assert service["profiles"] == ["pipeline"] and service["image"] == setup["image"]
+        assert (env["NATS_CONSUMER_NAME"], env["PROCESSORS"]) == (name, chain), "its own durable, its own job"
+        assert service["depends_on"]["pipeline-setup"] == {"condition": "service_completed_successfully"}
+        unknown = set(env) - VARIABLES - processor_variables(chain)
+        assert not unknown, f"{name}: not variables of Settings nor of its processors: {unknown}"
+        settings = Settings(**{k.lower(): v for k, v in env.items()})
+        assert settings.dedupe_bucket == f"{name}_done", "each remembers its own work"
+        assert settings.nats_url == service_env(services["uploads-consumer"])["NATS_URL"], "the one stream"
+        assert go_duration(service["stop_grace_period"]) >= stop_allowance(env)
+        ports |= {host_port for _, host_port, _ in published_ports(service)}
+    assert len(ports) == 3, "each consumer's /metrics on a port of its own"
+    assert (
+        service_env(services["archive"], host)["ARCHIVE_BUCKET"]
+        == service_env(services["minio-init"], host)["ARCHIVE_BUCKET"]
+    ), "minio-init makes the archive's bucket"
 
 
 def processor_variables(chain: str) -> set[str]:

@@ -85,7 +85,8 @@ async def test_every_manifest_case_ends_as_the_manifest_says(
             assert copy.data == bodies[MANIFEST["cases"].index(case)], "the dead letter must carry the original body"
             h = copy.headers
             assert h["Uploads-Error-Class"] == EXPECTED_CLASS[case["name"]], (case["name"], h["Uploads-Error"])
-            assert h["Nats-Msg-Id"] == f"FILE_UPLOADS:{seq_of[case['name']]}"
+            assert h["Nats-Msg-Id"] == f"FILE_UPLOADS:{seq_of[case['name']]}:file_processor"
+            assert h["Uploads-Consumer"] == "file_processor"
             assert h["Uploads-Stream"] == "FILE_UPLOADS" and h["Uploads-Subject"] == "file.uploads"
             assert h["Uploads-Deliveries"] == "1"
             assert h["Uploads-Failed-At"].endswith("Z")

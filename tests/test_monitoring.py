@@ -36,6 +36,13 @@ DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 OUR_METRIC = re.compile(
     r"\buploads_consumer_[a-zA-Z0-9_]+"
 )  # recording-rule style names (uploads_consumer:...) excluded
+# A selector of one of our metrics: name and the matchers between braces (none when bare).
+OUR_SELECTOR = re.compile(r"\b(uploads_consumer_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
+# An aggregation that drops labels, with its `by (...)` list if any (topk/bottomk keep every label).
+AGGREGATION = re.compile(
+    r"\b(sum|min|max|avg|count|group|stddev|stdvar|quantile|count_values)\s*(?:(by|without)\s*\(([^)]*)\))?\s*\("
+)
+DAEMON_CONSUMER = "file_processor"  # NATS_CONSUMER_NAME of the test daemons (the default)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -69,6 +76,15 @@ def dashboard_queries() -> list[str]:
 
 def variable_queries() -> list[str]:
     return [v["query"] for v in dashboard()["templating"]["list"] if v["type"] == "query"]
+
+
+def aggregations_drop_consumer(query: str) -> list[str]:
+    """The aggregations in `query` whose result has no `consumer` label: `sum(...)`, `max by (job) (...)`."""
+    return [
+        m.group(0)
+        for m in AGGREGATION.finditer(query)
+        if not (m.group(2) == "by" and "consumer" in re.split(r"\s*,\s*", m.group(3).strip()))
+    ]
 
 
 def exported_samples(daemon) -> dict[tuple[str, frozenset], float]:
@@ -115,21 +131,29 @@ async def test_every_dead_letter_class_is_exported_at_zero_before_the_first_dead
     dead_letterable = [c for c in ErrorClass if c is not ErrorClass.TRANSIENT]
     samples = exported_samples(daemon)
     for error_class in dead_letterable:
-        assert samples[("uploads_consumer_dead_letters_total", frozenset({("error_class", str(error_class))}))] == 0
+        labels = frozenset({("consumer", "file_processor"), ("error_class", str(error_class))})
+        assert samples[("uploads_consumer_dead_letters_total", labels)] == 0
 
 
 # --- the dashboard --------------------------------------------------------------------------
 
 
-def test_the_dashboard_is_importable_with_a_data_source_job_and_instance_variable():
+def test_the_dashboard_is_importable_with_a_data_source_job_consumer_and_instance_variable():
     board = dashboard()
     assert isinstance(board["schemaVersion"], int) and board["uid"] and board["title"]
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["DS_PROMETHEUS"]["type"] == "datasource"
     assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
-    assert variables["job"]["type"] == variables["instance"]["type"] == "query"
-    assert variables["job"]["datasource"] == variables["instance"]["datasource"] == DATASOURCE
+    for name in ("job", "consumer", "instance"):
+        assert variables[name]["type"] == "query", name
+        assert variables[name]["datasource"] == DATASOURCE, name
+    names = [v["name"] for v in board["templating"]["list"]]
+    assert names.index("job") < names.index("consumer") < names.index("instance"), "each narrows the next"
+    consumer = variables["consumer"]
+    assert consumer["query"] == 'label_values(uploads_consumer_messages_total{job=~"$job"}, consumer)'
+    assert consumer["multi"] and consumer["includeAll"] and consumer["allValue"] == ".*"
     assert "$job" in variables["instance"]["query"], "instances of the chosen job"
+    assert 'consumer=~"$consumer"' in variables["instance"]["query"], "instances of the chosen consumers"
 
 
 def test_every_dashboard_panel_queries_the_chosen_data_source():
@@ -141,6 +165,20 @@ def test_every_dashboard_panel_queries_the_chosen_data_source():
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, panel["title"]
             assert "$job" in target["expr"], f"{panel['title']}: {target['expr']} ignores the job variable"
+
+
+def test_every_dashboard_query_filters_on_the_chosen_consumers_and_shows_them_apart():
+    # Several consumers may share a job: a panel that ignored $consumer, or added consumers up,
+    # would show one consumer's lag or errors mixed with another's.
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr, where = target["expr"], f"{panel['title']}: {target['expr']}"
+            selectors = OUR_SELECTOR.findall(expr)
+            assert selectors, where
+            for name, matchers in selectors:
+                assert 'consumer=~"$consumer"' in matchers, f"{where}: {name} ignores the consumer variable"
+            assert aggregations_drop_consumer(expr) == [], f"{where}: consumers are added together"
+            assert "{{consumer}}" in target["legendFormat"], f"{where}: the legend does not name the consumer"
 
 
 def test_the_dashboard_panels_do_not_overlap():
@@ -161,15 +199,15 @@ def test_the_dashboard_panels_do_not_overlap():
 def test_the_dashboard_shows_what_operators_of_a_queue_consumer_look_at():
     queries = "\n".join(dashboard_queries())
     for wanted in (
-        "sum by (outcome) (rate(uploads_consumer_messages_total",
-        "sum by (error_class) (increase(uploads_consumer_dead_letters_total",
-        "max(uploads_consumer_consumer_pending",
-        "max(uploads_consumer_consumer_ack_pending",
-        "histogram_quantile(0.95, sum by (le) (rate(uploads_consumer_message_age_seconds_bucket",
-        "histogram_quantile(0.5, sum by (le) (rate(uploads_consumer_processing_duration_seconds_bucket",
-        "sum by (instance) (uploads_consumer_in_flight",
+        "sum by (consumer, outcome) (rate(uploads_consumer_messages_total",
+        "sum by (consumer, error_class) (increase(uploads_consumer_dead_letters_total",
+        "max by (consumer) (uploads_consumer_consumer_pending",
+        "max by (consumer) (uploads_consumer_consumer_ack_pending",
+        "histogram_quantile(0.95, sum by (consumer, le) (rate(uploads_consumer_message_age_seconds_bucket",
+        "histogram_quantile(0.5, sum by (consumer, le) (rate(uploads_consumer_processing_duration_seconds_bucket",
+        "sum by (consumer, instance) (uploads_consumer_in_flight",
         "rate(uploads_consumer_bytes_decrypted_total",
-        "max by (instance) (uploads_consumer_ready",
+        "max by (consumer, instance) (uploads_consumer_ready",
         "rate(uploads_consumer_redeliveries_total",
     ):
         assert wanted in queries, wanted
@@ -203,6 +241,19 @@ def test_the_operators_alerts_are_all_there():
         "UploadsConsumerStuck",
         "UploadsConsumerRedeliveriesClimbing",
     }
+
+
+def test_every_rule_keeps_consumers_apart():
+    # One consumer's lag or stall must not be hidden by another consumer's traffic in the same job.
+    assert aggregations_drop_consumer("sum by (job) (x) + max(y) + sum by (job, consumer) (z)") == [
+        "sum by (job) (",
+        "max(",
+    ]  # the check works
+    for rule in alert_rules():
+        assert aggregations_drop_consumer(rule["expr"]) == [], rule["alert"]
+        if rule["alert"] != "UploadsConsumerTargetDown":  # `up` has no consumer label
+            notes = rule["annotations"]
+            assert "{{ $labels.consumer }}" in notes["summary"] + notes["description"], rule["alert"]
 
 
 def test_every_alert_has_a_severity_a_summary_a_description_and_a_runbook():
@@ -394,8 +445,8 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
 
 
 def grafana_to_promql(query: str) -> str:
-    """What Grafana sends for this dashboard's variables: the daemon's job, all instances."""
-    return query.replace("$job", "uploads-consumer").replace("$instance", ".*")
+    """What Grafana sends for this dashboard's variables: the daemon's job and consumer, all instances."""
+    return query.replace("$job", "uploads-consumer").replace("$consumer", DAEMON_CONSUMER).replace("$instance", ".*")
 
 
 async def test_a_real_prometheus_scraping_a_daemon_evaluates_the_rules_and_answers_the_dashboard(
@@ -411,6 +462,8 @@ async def test_a_real_prometheus_scraping_a_daemon_evaluates_the_rules_and_answe
         selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable).groups()
         values = prometheus.api(f"label/{label}/values", **{"match[]": grafana_to_promql(selector)})
         assert values, variable
+        if label == "consumer":
+            assert values == [DAEMON_CONSUMER], variable
     for query in dashboard_queries():
         result = prometheus.query(grafana_to_promql(query))
         assert result or query.startswith("ALERTS"), f"no data for {query}"
@@ -434,6 +487,7 @@ async def test_a_real_prometheus_scraping_a_daemon_evaluates_the_rules_and_answe
     await wait_settled(nats_server.url, 1, daemon=daemon)
     [alert] = prometheus.wait_for('ALERTS{alertname="UploadsConsumerDeadLetters", alertstate="firing"}')
     assert alert["metric"]["error_class"] == "invalid_message"
+    assert alert["metric"]["consumer"] == DAEMON_CONSUMER
     assert alert["metric"]["severity"] == "warning"
 
 

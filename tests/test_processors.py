@@ -11,11 +11,15 @@ from prometheus_client import CollectorRegistry
 
 from uploads_consumer.errors import ConfigError
 from uploads_consumer.processors import (
+    Need,
     ProcessorEnvironment,
+    chain_need,
+    describe_chain,
     describe_installed,
     load_processor,
     load_processors,
     matches_any,
+    parse_entry,
     variable_prefix,
 )
 
@@ -150,3 +154,112 @@ def test_an_empty_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv("AUDIT_ENDPOINT", "")
     with pytest.raises(ConfigError, match="AUDIT_ENDPOINT: is required"):
         load_processor("uc_test_processor_classes:Audit", ENV)
+
+
+# ---- instances: name:instance --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "target", "name"),
+    [
+        ("webhook", "webhook", "webhook"),
+        ("webhook:ops", "webhook", "webhook:ops"),
+        ("uc_test_plugins:slow", "uc_test_plugins:slow", "slow"),
+        ("uc_test_plugins:slow:eu", "uc_test_plugins:slow", "slow:eu"),
+        ("my.pkg:Notify", "my.pkg:Notify", "Notify"),
+    ],
+)
+def test_a_chain_entry_is_a_processor_or_module_attribute_with_an_optional_instance(spec, target, name):
+    entry = parse_entry(spec)
+    assert (entry.target, entry.name) == (target, name)
+
+
+@pytest.mark.parametrize("spec", ["webhook:ops:x", "webhook:o.p", "webhook:", "a:b:c:d"])
+def test_a_malformed_instance_is_refused(spec):
+    with pytest.raises(ConfigError, match="PROCESSORS"):
+        parse_entry(spec)
+
+
+def test_an_instance_reads_its_own_variables_then_its_kinds(monkeypatch):
+    monkeypatch.setenv("WEBHOOK_URL", "https://shared.example/hook")
+    monkeypatch.setenv("WEBHOOK_TIMEOUT", "3s")
+    monkeypatch.setenv("WEBHOOK_FORMAT", "discord")
+    monkeypatch.setenv("WEBHOOK_OPS_FORMAT", "slack")
+    monkeypatch.setenv("WEBHOOK_OPS_TIMEOUT", "")  # empty: unset, so WEBHOOK_TIMEOUT applies
+    monkeypatch.setenv("WEBHOOK_SLACK_URL", "https://hooks.example/T0/B0/x")
+    ops, slack = load_processors(("webhook:ops", "webhook:slack"), ENV)
+    assert (ops.name, slack.name) == ("webhook:ops", "webhook:slack")
+    assert ops.instance.settings.url.get_secret_value() == "https://shared.example/hook"
+    assert (ops.instance.settings.format, ops.instance.settings.timeout) == ("slack", 3.0)
+    assert slack.instance.settings.url.get_secret_value() == "https://hooks.example/T0/B0/x"
+    assert slack.instance.settings.format == "discord", "falls back to WEBHOOK_FORMAT"
+    [entry] = describe_chain(("webhook:ops",))
+    sources = {v["variable"]: v["from"] for v in entry["variables"]}
+    assert sources["WEBHOOK_OPS_URL"] == "WEBHOOK_URL" and sources["WEBHOOK_OPS_FORMAT"] == "WEBHOOK_OPS_FORMAT"
+    assert sources["WEBHOOK_OPS_TIMEOUT"] == "WEBHOOK_TIMEOUT" and sources["WEBHOOK_OPS_SECRET"] is None
+
+
+def test_a_missing_instance_variable_names_both_places_it_may_come_from(monkeypatch):
+    monkeypatch.delenv("WEBHOOK_URL", raising=False)
+    monkeypatch.delenv("WEBHOOK_OPS_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"WEBHOOK_OPS_URL \(or WEBHOOK_URL\): is required"):
+        load_processor("webhook:ops", ENV)
+    monkeypatch.setenv("WEBHOOK_URL", "ftp://x")
+    with pytest.raises(ConfigError, match="WEBHOOK_URL: must be an http"):
+        load_processor("webhook:ops", ENV)
+    monkeypatch.setenv("WEBHOOK_URL", "https://x.example")
+    with pytest.raises(ConfigError, match="WEBHOOK_OPS_SECRET or WEBHOOK_SECRET: is required when"):
+        load_processor("webhook:ops", ENV)
+
+
+def test_the_same_instance_twice_is_refused_but_two_instances_of_one_kind_are_not(monkeypatch):
+    monkeypatch.setenv("WEBHOOK_URL", "https://x.example")
+    monkeypatch.setenv("WEBHOOK_FORMAT", "slack")
+    assert [p.name for p in load_processors(("webhook", "webhook:b"), ENV)] == ["webhook", "webhook:b"]
+    with pytest.raises(ConfigError, match="names webhook:b more than once"):
+        load_processors(("webhook:b", "webhook:b"), ENV)
+
+
+# ---- what a chain needs --------------------------------------------------------------------------
+
+
+def test_the_chain_fetches_what_its_steps_need_and_a_content_type_filter_needs_the_plaintext(monkeypatch):
+    monkeypatch.setenv("WEBHOOK_URL", "https://x.example")
+    monkeypatch.setenv("WEBHOOK_FORMAT", "slack")
+    monkeypatch.setenv("ARCHIVE_BUCKET", "archive")
+
+    def need(*specs: str, allowed: tuple[str, ...] = ()) -> Need:
+        return chain_need(load_processors(specs, ENV), allowed)
+
+    assert need("webhook") is Need.EVENT
+    assert need("webhook", "archive") is Need.OBJECT
+    assert need("save", "webhook") is Need.PLAINTEXT
+    assert need("uc_test_plugins:record") is Need.PLAINTEXT, "a processor that says nothing gets the plaintext"
+    assert need("webhook", allowed=("audio/*",)) is Need.PLAINTEXT, "ALLOWED_CONTENT_TYPES is checked on it"
+    monkeypatch.setenv("WEBHOOK_CONTENT_TYPES", "image/*")
+    assert need("webhook") is Need.PLAINTEXT, "the type is sniffed from the plaintext"
+
+
+def test_reading_what_the_chain_did_not_fetch_is_processor_failed_naming_the_step():
+    import structlog
+
+    from uploads_consumer.errors import ErrorClass, PermanentError
+    from uploads_consumer.events import parse_event
+    from uploads_consumer.processors import ProcessingContext
+
+    event = parse_event((Path(TESTS) / "interop" / "messages" / "basic.bin").read_bytes())
+    ctx = ProcessingContext(event=event, download_path=Path("/x"), work_dir=Path("/x/w"), log=structlog.get_logger())
+    ctx.current = "notify"
+    assert ctx.fetched is Need.EVENT
+    assert ctx.facts() == {
+        "fetched": "event",
+        "original_filename": None,
+        "size": None,
+        "sha256": None,
+        "content_type": None,
+    }
+    with pytest.raises(PermanentError, match=r"processor notify read the plaintext.*needs = Need\.PLAINTEXT") as caught:
+        _ = ctx.plaintext_path
+    assert caught.value.error_class is ErrorClass.PROCESSOR_FAILED
+    with pytest.raises(PermanentError, match=r"needs = Need\.OBJECT"):
+        _ = ctx.metadata

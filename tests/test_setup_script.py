@@ -48,8 +48,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return clean_environment(**{"PATH": path_without_nats(), **extra})
 
 
-def run_script(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=60)
 
 
 async def stream_config(url: str, name: str = "FILE_UPLOADS"):
@@ -75,7 +75,7 @@ def test_without_nats_cli_it_falls_back_to_setup_and_creates_the_seed_consumer(n
     assert "nats CLI not found" in first.stdout and "created consumer file_processor" in first.stdout
 
     config = asyncio.run(stream_config(nats_server.url))
-    assert config.subjects == ["file.uploads"]
+    assert config.subjects == ["file.uploads", "file.uploads.replay.>"]
     info = asyncio.run(consumer_info(nats_server.url))
     c = info.config
     assert c.durable_name == "file_processor" and not c.deliver_subject  # durable pull consumer
@@ -83,7 +83,7 @@ def test_without_nats_cli_it_falls_back_to_setup_and_creates_the_seed_consumer(n
     assert c.deliver_policy == DeliverPolicy.ALL
     assert c.replay_policy == ReplayPolicy.INSTANT
     assert (c.max_deliver, c.max_ack_pending, c.ack_wait) == (-1, 100, 30.0)
-    assert c.filter_subject == "file.uploads"
+    assert not c.filter_subject and c.filter_subjects == ["file.uploads", "file.uploads.replay.file_processor"]
     assert not c.backoff
 
     second = run_script(env)
@@ -122,8 +122,9 @@ def fake_nats(tmp_path: Path):
         with open({str(log)!r}, "a") as f:
             f.write(json.dumps(args) + "\\n")
         verb = next((a for a in args if a in ("info", "add")), None)
-        if verb == "info":
-            sys.exit(0 if os.environ.get("FAKE_NATS_EXISTS") == "1" else 1)
+        if verb == "info":  # FAKE_NATS_EXISTS: 1 (stream and consumer), stream (the stream only)
+            exists = os.environ.get("FAKE_NATS_EXISTS")
+            sys.exit(0 if exists == "1" or (exists == "stream" and "stream" in args) else 1)
         sys.exit(int(os.environ.get("FAKE_NATS_ADD_EXIT", "0")))
         """)
     )
@@ -138,6 +139,11 @@ def fake_nats(tmp_path: Path):
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     return env, calls
+
+
+def values_of(args: list[str], flag: str) -> list[str]:
+    """Every value a repeatable flag was given, in order."""
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
 
 
 def subcommand(call: list[str]) -> list[str]:
@@ -162,7 +168,8 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
 
     stream_add = subcommand(recorded[1])
     assert stream_add[2] == "FILE_UPLOADS"
-    assert stream_add[stream_add.index("--subjects") + 1] == "file.uploads" and "--defaults" in stream_add
+    assert values_of(stream_add, "--subjects") == ["file.uploads", "file.uploads.replay.>"]
+    assert "--defaults" in stream_add
     for flag in ("--max-age=7d", "--retention", "--discard", "--storage"):
         assert any(f == flag or f.startswith(flag) for f in stream_add), flag
 
@@ -171,7 +178,7 @@ def test_with_nats_cli_it_creates_stream_and_consumer_with_the_exact_seed_flags(
     flags = consumer_add[4:]
     joined = " ".join(flags)
     assert " ".join(SEED_FLAGS) in joined, joined
-    assert flags[flags.index("--filter") + 1] == "file.uploads"
+    assert values_of(flags, "--filter") == ["file.uploads", "file.uploads.replay.file_processor"]
     assert "--defaults" in flags  # never prompts
     assert not any(f.startswith("--backoff") for f in flags)  # a server BackOff list would replace ACK_WAIT
     assert "created consumer file_processor" in result.stdout
@@ -232,7 +239,7 @@ def test_with_nats_cli_the_daemons_variables_are_honoured(fake_nats):
         assert flag in consumer_add
     # MAX_DELIVER is the daemon's to enforce: a server-side limit would drop messages silently.
     assert "--max-deliver=-1" in consumer_add and "--max-deliver=20" not in consumer_add
-    assert consumer_add[consumer_add.index("--filter") + 1] == "up.files"
+    assert values_of(consumer_add, "--filter") == ["up.files", "up.files.replay.worker"]
 
 
 def test_with_nats_cli_what_exists_is_left_alone(fake_nats):
@@ -248,3 +255,29 @@ def test_with_nats_cli_a_failed_create_fails_the_script(fake_nats):
     result = run_script(env(FAKE_NATS_ADD_EXIT="1"))
     assert result.returncode != 0
     assert [subcommand(c)[:2] for c in calls()] == [["stream", "info"], ["stream", "add"]]
+
+
+def test_the_consumer_name_is_its_argument_and_each_consumer_of_the_stream_gets_its_own(nats_server):
+    env = clean_env(NATS_URL=nats_server.url)
+    for name in ("process", "notify"):
+        result = run_script(env, name)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"created consumer {name}" in result.stdout
+    for name in ("process", "notify"):
+        c = asyncio.run(consumer_info(nats_server.url, consumer=name)).config
+        assert c.durable_name == name and c.filter_subjects == ["file.uploads", f"file.uploads.replay.{name}"]
+    refused = run_script(env, "no.dots")
+    assert refused.returncode == 2 and "must not contain" in refused.stderr
+
+
+def test_with_nats_cli_a_stream_made_elsewhere_gets_a_consumer_of_the_upload_subject_only(fake_nats):
+    env, calls = fake_nats
+    result = run_script(env(FAKE_NATS_EXISTS="stream"), "notify")
+    assert result.returncode == 0, result.stderr
+    recorded = calls()
+    assert [subcommand(c)[:2] for c in recorded] == [["stream", "info"], ["consumer", "info"], ["consumer", "add"]]
+    consumer_add = subcommand(recorded[2])
+    assert consumer_add[2:4] == ["FILE_UPLOADS", "notify"]
+    # The backend's stream captures file.uploads alone: a filter on the replay subject would be refused.
+    assert values_of(consumer_add, "--filter") == ["file.uploads"]
+    assert "setup --enable-replay" in result.stdout

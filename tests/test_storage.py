@@ -50,8 +50,9 @@ async def test_a_body_cut_half_way_is_read_again_from_the_start(settings_for, s3
     s3_proxy.cut_responses(2, after_bytes=700_000)
     sink = RecordingSink()
     async with ObjectStore(settings_for(S3_ENDPOINT_URL=s3_proxy.url)) as store:
-        length = await store.download(bucket, "k", sink, max_size=10 * 1024 * 1024)
-    assert length == len(payload)
+        info = await store.download(bucket, "k", sink, max_size=10 * 1024 * 1024)
+    assert info.size == len(payload)
+    assert info.etag == hashlib.md5(payload).hexdigest(), "the ETag as stored, quotes removed"
     assert sink.starts == [len(payload)] * 3, "two broken bodies, then a whole one"
     assert hashlib.sha256(sink.data).digest() == hashlib.sha256(payload).digest()
 
@@ -129,7 +130,7 @@ async def test_an_object_requested_ahead_serves_the_download_and_a_discarded_one
     async with ObjectStore(settings_for()) as store:
         sink = RecordingSink()
         ahead = store.request_ahead(bucket, "k")
-        assert await store.download(bucket, "k", sink, max_size=1 << 20, ahead=ahead) == len(payload)
+        assert (await store.download(bucket, "k", sink, max_size=1 << 20, ahead=ahead)).size == len(payload)
         ahead.discard()
         unread = store.request_ahead(bucket, "k")
         await unread.response()

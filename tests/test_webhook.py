@@ -64,6 +64,8 @@ async def test_each_processed_upload_is_delivered_once_signed_with_its_event_id_
             "event_id": event.event_id,
             "file_uuid": event.file_uuid,
             "email": "user@example.com",
+            "consumer": "file_processor",
+            "fetched": "plaintext",
             "original_filename": path.name,
             "size": 2048,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -217,7 +219,8 @@ async def test_discord_gets_one_line_in_content_and_pings_nobody(
     assert daemon.terminate() == 0
     [delivery] = webhook_receiver.deliveries
     assert delivery.json == {
-        "content": "ada@example.com uploaded @everyone.bin (68 bytes, application/octet-stream)",
+        # A chain of the webhook alone reads only the event: the stored name, no size or type.
+        "content": "ada@example.com uploaded @everyone.bin",
         "allowed_mentions": {"parse": []},
     }
 

@@ -79,7 +79,7 @@ def not_async(ctx) -> None:
 
 async def peek(ctx) -> None:
     """Reports which attributes the context offers (a processor must not see the daemon's settings)."""
-    ctx.report("attributes", sorted(a for a in vars(ctx) if not a.startswith("_")))
+    ctx.report("attributes", sorted(a for a in dir(ctx) if not a.startswith("_")))
 
 
 async def verbose(ctx) -> None:

@@ -79,7 +79,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         nc = await connect_once(settings, "uploads-consumer-setup")
         try:
             js = nc.jetstream(timeout=10)
-            report = await provision(js, settings, streams, deliver)
+            report = await provision(js, settings, streams, deliver, enable_replay=args.enable_replay)
             warnings.extend(report.warnings + await retention_warnings(js, settings))
         finally:
             await nc.close()
@@ -95,7 +95,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from uploads_consumer.status import print_status
 
-    return asyncio.run(print_status(_settings(), as_json=args.json))
+    return asyncio.run(print_status(_settings(), as_json=args.json, consumer_name=args.consumer))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -109,8 +109,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
     settings = _settings()
     if args.dlq_command == "list":
-        return asyncio.run(dlq_list(settings, as_json=args.json))
-    return asyncio.run(dlq_replay(settings, replay_all=args.all, seqs=args.seq or []))
+        return asyncio.run(dlq_list(settings, as_json=args.json, consumer=args.consumer))
+    return asyncio.run(dlq_replay(settings, replay_all=args.all, seqs=args.seq or [], consumer=args.consumer))
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
@@ -122,25 +122,45 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 def cmd_processors(args: argparse.Namespace) -> int:
     import json
 
-    from uploads_consumer.processors import describe_installed
+    from uploads_consumer.processors import describe_chain, describe_installed
 
-    installed = describe_installed()
+    specs = _settings().processors
     if args.json:
-        print(json.dumps(installed, indent=2))
+        print(json.dumps(describe_chain(specs) if args.chain else describe_installed(), indent=2))
         return EXIT_OK
-    for entry in installed:
-        print(f"{entry['name']}  ({entry['target']})")
+    if not args.chain:
+        for entry in describe_installed():
+            print(f"{entry['name']}  ({entry['target']})")
+            if "error" in entry:
+                print(f"    not loadable here: {entry['error']}")
+                continue
+            if entry["summary"]:
+                print(f"    {entry['summary']}")
+            print(f"    needs {entry['needs']}")
+            if entry["external_effect"]:
+                print("    external effect: a completed run is recorded and not repeated on redelivery")
+            for var in entry["variables"]:
+                default = (
+                    "required" if var["required"] else f"default {var['default']!r}" if var["default"] else "optional"
+                )
+                text = f"  {var['description']}" if var["description"] else ""
+                print(f"    {var['variable']:<34} {default}{text}")
+        print()
+    print(f"the chain, PROCESSORS={','.join(specs)}:")
+    for number, entry in enumerate(describe_chain(specs), 1):
         if "error" in entry:
-            print(f"    not loadable here: {entry['error']}")
+            print(f"  {number}. {entry['entry']}: {entry['error']}")
             continue
-        if entry["summary"]:
-            print(f"    {entry['summary']}")
-        if entry["external_effect"]:
-            print("    external effect: a completed run is recorded and not repeated on redelivery")
+        print(f"  {number}. {entry['name']}  ({entry['target']}, needs {entry['needs']})")
         for var in entry["variables"]:
-            default = "required" if var["required"] else f"default {var['default']!r}" if var["default"] else "optional"
-            text = f"  {var['description']}" if var["description"] else ""
-            print(f"    {var['variable']:<34} {default}{text}")
+            if var["from"] == var["variable"]:
+                where = "set"
+            elif var["from"]:
+                where = f"from {var['from']}"
+            else:
+                unset = " nor ".join([var["variable"], *var["falls_back_to"]])
+                where = f"REQUIRED, {unset} not set" if var["required"] else "default"
+            print(f"       {var['variable']:<34} {where}")
     return EXIT_OK
 
 
@@ -186,20 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a consumer created now starts: every message the stream holds (all, the default) or "
         "only messages published from now on (new); an existing consumer is left as it is",
     )
+    p.add_argument(
+        "--enable-replay",
+        action="store_true",
+        help="the one change setup makes to what exists, and only when asked: add NATS_SUBJECT.replay.> to the "
+        "upload stream and this consumer's own replay subject to its filter, so that `dlq replay` gives a dead "
+        "letter back to this consumer alone (streams and consumers setup creates have both already)",
+    )
     p = add(
         "processors",
         cmd_processors,
-        "list the installed processors and the variables each reads",
-        "examples:\n  uploads-consumer processors\n  uploads-consumer processors --json",
+        "list the installed processors and the variables each reads, then the chain PROCESSORS names",
+        "examples:\n  uploads-consumer processors\n  uploads-consumer processors --json\n"
+        "  PROCESSORS=webhook:ops,webhook:slack uploads-consumer processors --chain",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--chain",
+        action="store_true",
+        help="only the chain PROCESSORS names: each entry (instances included), what it needs, and where "
+        "each of its variables is read from (never their values)",
+    )
     p = add(
         "status",
         cmd_status,
         "stream, consumer and dead-letter figures; exit 1 when NATS or the consumer is missing",
-        "examples:\n  uploads-consumer status\n  uploads-consumer status --json | jq .consumer.pending",
+        "examples:\n  uploads-consumer status\n  uploads-consumer status --consumer notify\n"
+        "  uploads-consumer status --json | jq .consumer.pending",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--consumer", metavar="NAME", help="the consumer to report on (default: NATS_CONSUMER_NAME)")
     p = add(
         "publish",
         cmd_publish,
@@ -223,16 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     dl.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    dl.add_argument("--consumer", metavar="NAME", help="only the dead letters this consumer made")
+    replay_help = (
+        "give dead letters back to the consumer that dead-lettered each (its replay subject, which no other "
+        "consumer reads), then remove them from the dead-letter stream"
+    )
     dr = dsub.add_parser(
         "replay",
-        help="republish original bodies to the upload subject, then remove them from the dead-letter stream",
-        description="republish original bodies to the upload subject, then remove them from the dead-letter stream",
-        epilog="examples:\n  uploads-consumer dlq replay --seq 3 7\n  uploads-consumer dlq replay --all",
+        help=replay_help,
+        description=replay_help,
+        epilog="examples:\n  uploads-consumer dlq replay --seq 3 7\n  uploads-consumer dlq replay --all\n"
+        "  uploads-consumer dlq replay --all --consumer notify",
         formatter_class=fmt,
     )
     which = dr.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="replay every dead-lettered message")
     which.add_argument("--seq", type=int, nargs="+", metavar="N", help="dead-letter stream sequences to replay")
+    dr.add_argument("--consumer", metavar="NAME", help="only the dead letters this consumer made")
     p = add(
         "decrypt",
         cmd_decrypt,

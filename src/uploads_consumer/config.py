@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
 MIN_RETRY_DELAY = 0.1
+FETCH_TIMEOUT_DEFAULT = 5.0
+# NATS refuses these in a durable name (and a name is also a subject token and a bucket-name part here).
+_CONSUMER_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
@@ -64,6 +68,16 @@ def _split_csv(value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     return tuple(item.strip() for item in str(value or "").split(",") if item.strip())
+
+
+def default_dedupe_bucket(consumer: str) -> str:
+    """`file_processor` → `file_processor_done`; characters a bucket name cannot hold become `_`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", consumer) + "_done"
+
+
+def replay_subject(subject: str, consumer: str) -> str:
+    """`file.uploads` + `notifier` → `file.uploads.replay.notifier`."""
+    return f"{subject}.replay.{consumer}"
 
 
 def decode_master_key(encoded: str) -> bytes:
@@ -113,12 +127,14 @@ class Settings(BaseSettings):
     dlq_stream_name: str = "FILE_UPLOADS_DLQ"
     dlq_subject: str = "file.uploads.dlq"
     dedupe_bucket: str = "file_processor_done"
+    """Unset: `{NATS_CONSUMER_NAME}_done` (so each consumer remembers its own uploads); see `_derived_defaults`."""
     dedupe_ttl: Duration = 7 * 86400.0
     auto_setup: bool = True
     nats_replicas: int = Field(default=1, ge=1, le=5)
 
     fetch_batch: int = Field(default=10, ge=1, le=1000)
-    fetch_timeout: PositiveDuration = 5.0
+    fetch_timeout: PositiveDuration = FETCH_TIMEOUT_DEFAULT
+    """Unset: 5 s, or half of ACK_WAIT when that is shorter; see `_derived_defaults`."""
     max_in_flight: int = Field(default=16, ge=1, le=4096)
     ack_wait: PositiveDuration = 30.0
     max_deliver: int = -1
@@ -152,6 +168,37 @@ class Settings(BaseSettings):
     log_format: str | None = None
     shutdown_grace: Duration = 30.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """Defaults that follow another variable, when the operator left them unset (absent or empty).
+
+        - DEDUPE_BUCKET: `{NATS_CONSUMER_NAME}_done`, so that consumers of one stream never take each
+          other's records for their own (`file_processor` keeps its `file_processor_done`);
+        - FETCH_TIMEOUT: 5 s, or half of ACK_WAIT when that is shorter (`ACK_WAIT=5s` alone is valid).
+        """
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "dedupe_bucket" not in data:  # empty is kept: it disables the bucket
+            consumer = data.get("nats_consumer_name") or cls.model_fields["nats_consumer_name"].default
+            if isinstance(consumer, str):
+                data["dedupe_bucket"] = default_dedupe_bucket(consumer)
+        if data.get("fetch_timeout") in (None, ""):
+            ack_wait = data.get("ack_wait")
+            with contextlib.suppress(ValueError):
+                seconds = parse_duration(cls.model_fields["ack_wait"].default if ack_wait in (None, "") else ack_wait)
+                if seconds > 0:
+                    data["fetch_timeout"] = min(FETCH_TIMEOUT_DEFAULT, seconds / 2)
+        return data
+
+    @field_validator("nats_consumer_name")
+    @classmethod
+    def _durable_name(cls, value: str) -> str:
+        if not _CONSUMER_NAME.match(value):
+            raise ValueError("must not contain spaces, '.', '*', '>', '/' or '\\' (NATS durable names cannot)")
+        return value
+
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any, info: Any) -> Any:
@@ -174,7 +221,7 @@ class Settings(BaseSettings):
     def _fetch_inside_ack_wait(self) -> Settings:
         if self.fetch_timeout >= self.ack_wait:
             # A pull that outlives the ack wait would hold messages it cannot yet work on.
-            raise ConfigError("FETCH_TIMEOUT", f"must be shorter than ACK_WAIT ({self.ack_wait:g}s)")
+            raise ConfigError("FETCH_TIMEOUT", f"must be shorter than ACK_WAIT ({self.ack_wait:g}s); or leave it unset")
         return self
 
     @field_validator("max_deliver")
@@ -207,6 +254,11 @@ class Settings(BaseSettings):
                 if part.strip() or info.field_name == "encryption_master_key":
                     decode_master_key(part)
         return value
+
+    @property
+    def replay_subject(self) -> str:
+        """Where `dlq replay` puts a dead letter of this consumer back: only this consumer's filter has it."""
+        return replay_subject(self.nats_subject, self.nats_consumer_name)
 
     @property
     def allowed_buckets(self) -> frozenset[str]:

@@ -47,7 +47,7 @@ STOP_MARGIN = 15.0
 class UploadConsumer:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.nats_consumer_name)
         current, previous = settings.master_keys()
         self._keyring = MasterKeyRing(current, previous)
         del current, previous
@@ -56,12 +56,15 @@ class UploadConsumer:
         # An unreadable TLS, .creds or nkey file, a bad processor or its settings: ConfigError (exit 2)
         # here, before anything connects.
         self.session = NatsSession(settings, self._stopping)
+        self._store = ObjectStore(settings)  # opened by run(), before the processors start
         env = ProcessorEnvironment(
             download_path=settings.decrypt_download_path.resolve(),
             chain=tuple(processor_name(spec) for spec in settings.processors),
             max_retry_delay=max(settings.retry_backoff),
             registry=self.metrics.registry,
             publish=self._publish,
+            consumer=settings.nats_consumer_name,
+            s3=lambda: self._store.client,
         )
         self._processors: list[LoadedProcessor] = load_processors(settings.processors, env)
         self._source: PullSource | None = None
@@ -103,22 +106,24 @@ class UploadConsumer:
         await health.start()
         started: list[LoadedProcessor] = []
         try:
-            for processor in self._processors:  # heavy resources now, not on the first message
-                await processor.start()
-                started.append(processor)
-            async with ObjectStore(s) as store:
-                if not await self.session.connect():
-                    return
+            async with self._store as store:
                 try:
-                    await self._consume(store)
-                except ShuttingDown:
-                    pass  # asked to stop before consuming began
+                    for processor in self._processors:  # heavy resources now, not on the first message
+                        await processor.start()
+                        started.append(processor)
+                    if not await self.session.connect():
+                        return
+                    try:
+                        await self._consume(store)
+                    except ShuttingDown:
+                        pass  # asked to stop before consuming began
+                    finally:
+                        await self.session.close()
                 finally:
-                    await self.session.close()
+                    for processor in reversed(started):
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(processor.close(), PROCESSOR_CLOSE_TIMEOUT)
         finally:
-            for processor in reversed(started):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(processor.close(), PROCESSOR_CLOSE_TIMEOUT)
             await health.stop()
 
     async def _consume(self, store: ObjectStore) -> None:
@@ -128,7 +133,7 @@ class UploadConsumer:
         ledger = Deduplicator(await self._prepare())
         self._warn_about_the_chain(ledger)
         self._pipeline = Pipeline(s, store, self._keyring, self._processors, ledger, self._publish, self.metrics)
-        dead_letters = DeadLetterPublisher(js, s.dlq_subject, s.dlq_stream_name)
+        dead_letters = DeadLetterPublisher(js, s.dlq_subject, s.dlq_stream_name, s.nats_consumer_name)
         self._dead_letters = dead_letters
         self._source = source = PullSource(
             self.session, s, self.metrics, self._deliver, self._copy_abandoned, self.inflight.ack_wait_changed
@@ -142,6 +147,7 @@ class UploadConsumer:
             max_in_flight=s.max_in_flight,
             fetch_batch=s.fetch_batch,
             processors=[p.name for p in self._processors],
+            fetches=str(self._pipeline.need),
         )
         side = [
             asyncio.create_task(self.inflight.progress_loop(), name="progress"),

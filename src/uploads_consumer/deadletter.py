@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.header import Header, decode_header
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -13,10 +14,12 @@ from uploads_consumer.errors import ErrorClass, one_line
 
 
 def dead_letter_headers(
-    stream: str, seq: int, subject: str, deliveries: int, error_class: ErrorClass, reason: str
+    stream: str, seq: int, subject: str, deliveries: int, error_class: ErrorClass, reason: str, consumer: str
 ) -> dict[str, str]:
     return {
-        "Nats-Msg-Id": f"{stream}:{seq}",
+        # Per consumer: the same upload dead-lettered by two consumers of the stream is two dead letters.
+        "Nats-Msg-Id": f"{stream}:{seq}:{consumer}",
+        "Uploads-Consumer": consumer,
         "Uploads-Error-Class": str(error_class),
         "Uploads-Error": one_line(reason),
         "Uploads-Stream": stream,
@@ -28,14 +31,14 @@ def dead_letter_headers(
 
 
 class DeadLetterPublisher:
-    def __init__(self, js: JetStreamContext, subject: str, stream: str) -> None:
-        self._js, self._subject, self._stream = js, subject, stream
+    def __init__(self, js: JetStreamContext, subject: str, stream: str, consumer: str) -> None:
+        self._js, self._subject, self._stream, self._consumer = js, subject, stream, consumer
 
     async def publish(self, msg: Msg, error_class: ErrorClass, reason: str) -> None:
         """Publish a delivered message's copy; raises unless the dead-letter stream stored it."""
         meta = msg.metadata
         headers = dead_letter_headers(
-            meta.stream, meta.sequence.stream, msg.subject, meta.num_delivered, error_class, reason
+            meta.stream, meta.sequence.stream, msg.subject, meta.num_delivered, error_class, reason, self._consumer
         )
         await self._store(msg.data, headers, meta.timestamp)
 
@@ -44,7 +47,9 @@ class DeadLetterPublisher:
     ) -> None:
         """Copy a message read from its stream by sequence (no delivery of ours holds it)."""
         seq = stored.seq or 0
-        headers = dead_letter_headers(stream, seq, stored.subject or "", deliveries, error_class, reason)
+        headers = dead_letter_headers(
+            stream, seq, stored.subject or "", deliveries, error_class, reason, self._consumer
+        )
         await self._store(stored.data or b"", headers, stored.time)
 
     async def _store(self, body: bytes, headers: dict[str, str], published: datetime | None) -> None:
@@ -63,14 +68,31 @@ class DeadLetterPublisher:
         await self._js.publish(self._subject, body, headers=unique, stream=self._stream, timeout=10)
 
 
+def header_text(value: object) -> str:
+    """A header of a message read back from its stream, as the text that was published.
+
+    nats-py parses a stored message's headers with the email package, which turns a value holding
+    UTF-8 (an accented file name in a reason, the ellipsis of a cut one) into an `email.header.Header`
+    of undecoded bytes; deliveries do not. Decoded here, for every reader of stored messages."""
+    if not isinstance(value, Header):
+        return str(value)
+    return "".join(
+        part.decode("utf-8", "replace") if isinstance(part, bytes) else part for part, _ in decode_header(value)
+    )
+
+
 async def stored_messages(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
-    """Every message a stream holds now, oldest first (for `dlq list`, the demo and the tests)."""
+    """Every message a stream holds now, oldest first (for `dlq list`, the demo and the tests), its
+    headers as published (see `header_text`)."""
     info = await js.stream_info(stream)
     out = []
     if info.state.messages:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             try:
-                out.append(await js.get_msg(stream, seq=seq))
+                msg = await js.get_msg(stream, seq=seq)
             except NotFoundError:  # deleted (e.g. replayed) sequences leave gaps
                 continue
+            if msg.headers:
+                msg.headers = {k: header_text(v) for k, v in msg.headers.items()}
+            out.append(msg)
     return out

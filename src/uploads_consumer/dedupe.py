@@ -35,7 +35,10 @@ def key_for(event: FileUploadEvent) -> str:
 
 
 def _step_key(key: str, step: str) -> str:
-    return f"{key}.step.{re.sub(r'[^A-Za-z0-9_-]', '_', step)}"
+    """`{key}.step.webhook`; an instance `webhook:ops` is `{key}.step.webhook.ops` (a name has no dots)."""
+    kind, _, instance = step.partition(":")
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", kind) + (f".{re.sub(r'[^A-Za-z0-9_-]', '_', instance)}" if instance else "")
+    return f"{key}.step.{safe}"
 
 
 class Deduplicator:
@@ -92,6 +95,13 @@ class Deduplicator:
         except ValueError:
             return {}
         return outputs if isinstance(outputs, dict) else {}
+
+    async def steps(self, key: str, steps: list[str]) -> dict[str, dict[str, Any]]:
+        """The completed ones among `steps`, with their outputs (looked up together)."""
+        if self._kv is None or not steps:
+            return {}
+        found = await asyncio.gather(*(self.step(key, step) for step in steps))
+        return {step: outputs for step, outputs in zip(steps, found, strict=True) if outputs is not None}
 
     async def record_step(self, key: str, step: str, outputs: dict[str, Any]) -> None:
         body = json.dumps(outputs, ensure_ascii=False, default=str).encode("utf-8")

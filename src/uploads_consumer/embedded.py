@@ -257,13 +257,18 @@ class DaemonProcess(_Process):
         raise RuntimeError(f"daemon HTTP port {self.http_port} did not open within {timeout}s")
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample from /metrics, e.g. metric('uploads_consumer_messages_total', 'outcome="acked"')."""
+        """The sum of the samples of `name` from /metrics that carry every label in `labels`, e.g.
+        metric('uploads_consumer_messages_total', 'outcome="acked"'); 0 when none does."""
         _, text = self.http_get("/metrics")
-        wanted = f"{name}{{{labels}}}" if labels else name
+        wanted = {part.strip() for part in labels.split(",") if part.strip()}
+        total = 0.0
         for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return 0.0
+            series, _, value = line.rpartition(" ")
+            if series == name or series.startswith(name + "{"):
+                have = set(series[len(name) + 1 : -1].split(",")) if series != name else set()
+                if wanted <= have:
+                    total += float(value)
+        return total
 
 
 class TcpProxy:

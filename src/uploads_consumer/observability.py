@@ -70,17 +70,37 @@ def get_logger(name: str = "uploads_consumer") -> Any:
     return structlog.get_logger(name)
 
 
-class Metrics:
-    """The daemon's Prometheus metrics, on a registry of their own (so tests can run several)."""
+class _Family:
+    """A labelled metric whose first label, `consumer`, is this process's: `.labels()` takes the rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: Any, consumer: str) -> None:
+        self._metric, self._consumer = metric, consumer
+
+    def labels(self, *values: str) -> Any:
+        return self._metric.labels(self._consumer, *values)
+
+
+class Metrics:
+    """The daemon's Prometheus metrics, on a registry of their own (so tests can run several).
+
+    Every series carries `consumer` (NATS_CONSUMER_NAME): several consumers of one stream, each
+    doing its own job, are told apart on one dashboard.
+    """
+
+    def __init__(self, consumer: str = "file_processor") -> None:
+        self.consumer = consumer
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages = Counter(PREFIX + "messages", "Messages by final outcome.", ["outcome"], registry=r)
+        c = ["consumer"]
+
+        def family(metric: Any) -> _Family:
+            return _Family(metric, consumer)
+
+        self.messages = family(Counter(PREFIX + "messages", "Messages by final outcome.", [*c, "outcome"], registry=r))
         for outcome in ("acked", "duplicate", "nacked", "dead_lettered"):
             self.messages.labels(outcome)
-        self.dead_letters = Counter(
-            PREFIX + "dead_letters", "Dead-lettered messages by error class.", ["error_class"], registry=r
+        self.dead_letters = family(
+            Counter(PREFIX + "dead_letters", "Dead-lettered messages by error class.", [*c, "error_class"], registry=r)
         )
         # Every class that can be dead-lettered starts at 0: Prometheus' increase() cannot see the
         # first step of a series that is born at 1, so an alert on the first dead letter would miss it.
@@ -90,40 +110,50 @@ class Metrics:
         self.processing_seconds = Histogram(
             PREFIX + "processing_duration_seconds",
             "Time from receipt to settlement of one message.",
+            c,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
-        )
+        ).labels(consumer)
         self.message_age_seconds = Histogram(
             PREFIX + "message_age_seconds",
             "Now minus the event's timestamp, when processing starts.",
+            c,
             buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
             registry=r,
-        )
+        ).labels(consumer)
         self.bytes_decrypted = Counter(
-            PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", registry=r
-        )
-        self.in_flight = Gauge(PREFIX + "in_flight", "Messages being processed now.", registry=r)
-        self.consumer_pending = Gauge(PREFIX + "consumer_pending", "Messages not yet delivered (lag).", registry=r)
+            PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", c, registry=r
+        ).labels(consumer)
+        self.in_flight = Gauge(PREFIX + "in_flight", "Messages being processed now.", c, registry=r).labels(consumer)
+        self.consumer_pending = Gauge(
+            PREFIX + "consumer_pending", "Messages not yet delivered (lag).", c, registry=r
+        ).labels(consumer)
         self.consumer_ack_pending = Gauge(
-            PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", registry=r
+            PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", c, registry=r
+        ).labels(consumer)
+        self.processor_duration = family(
+            Histogram(
+                PREFIX + "processor_duration_seconds",
+                "Time one processor took on one upload.",
+                [*c, "processor"],
+                buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800),
+                registry=r,
+            )
         )
-        self.processor_duration = Histogram(
-            PREFIX + "processor_duration_seconds",
-            "Time one processor took on one upload.",
-            ["processor"],
-            buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800),
-            registry=r,
-        )
-        self.processor_outcomes = Counter(
-            PREFIX + "processor_outcomes",
-            "Processor runs by outcome (ok|skipped|retry|failed).",
-            ["processor", "outcome"],
-            registry=r,
+        self.processor_outcomes = family(
+            Counter(
+                PREFIX + "processor_outcomes",
+                "Processor runs by outcome (ok|skipped|retry|failed).",
+                [*c, "processor", "outcome"],
+                registry=r,
+            )
         )
         self.redeliveries = Counter(
-            PREFIX + "redeliveries", "Messages received with a delivery count above 1.", registry=r
-        )
-        self.ready = Gauge(PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", registry=r)
+            PREFIX + "redeliveries", "Messages received with a delivery count above 1.", c, registry=r
+        ).labels(consumer)
+        self.ready = Gauge(
+            PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", c, registry=r
+        ).labels(consumer)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,9 @@
 """One upload, from "this is a new event" to "settle it": steps 2–8 of docs/contract.md.
 
 Check the event, look it up in the idempotency bucket (while its S3 requests are already out),
-download, unwrap, stream-decrypt to a private file, sniff the content type, run the processors,
-publish the result event, record the upload. Reusable without the daemon.
+fetch what the steps still to run need — nothing, the stored object and its metadata, or the
+plaintext (download, unwrap, stream-decrypt to a private file, sniff the content type) — run the
+processors, publish the result event, record the upload. Reusable without the daemon.
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ from uploads_consumer.envelope import (
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.observability import Metrics
-from uploads_consumer.processors import LoadedProcessor, ProcessingContext, Publish, matches_any
-from uploads_consumer.storage import ObjectStore
+from uploads_consumer.processors import (
+    LoadedProcessor,
+    Need,
+    ProcessingContext,
+    Publish,
+    StoredObject,
+    chain_need,
+    matches_any,
+)
+from uploads_consumer.storage import ObjectRequest, ObjectStore
 
 WORK_DIR_NAME = ".incoming"  # beside the saved files, so `save` can hard-link instead of copying
 STALE_AFTER = 6 * 3600.0
@@ -55,6 +64,17 @@ class Duplicate:
     """This upload was processed before (its record is in the idempotency bucket)."""
 
     key: str
+
+
+def check_length(length: int, metadata: EnvelopeMetadata) -> None:
+    """The stored object is exactly what the metadata says it is (IV + ciphertext + tag); else bad_envelope."""
+    if length < OVERHEAD:
+        raise PermanentError(ErrorClass.BAD_ENVELOPE, f"object is {length} bytes, shorter than {OVERHEAD} (IV and tag)")
+    if length != metadata.encrypted_size:
+        raise PermanentError(
+            ErrorClass.BAD_ENVELOPE,
+            f"object is {length} bytes but metadata says encrypted_size {metadata.encrypted_size}",
+        )
 
 
 class PlaintextFile:
@@ -85,15 +105,7 @@ class PlaintextFile:
         self._written = 0
 
     def start(self, length: int) -> None:
-        if length < OVERHEAD:
-            raise PermanentError(
-                ErrorClass.BAD_ENVELOPE, f"object is {length} bytes, shorter than {OVERHEAD} (IV and tag)"
-            )
-        if length != self._metadata.encrypted_size:
-            raise PermanentError(
-                ErrorClass.BAD_ENVELOPE,
-                f"object is {length} bytes but metadata says encrypted_size {self._metadata.encrypted_size}",
-            )
+        check_length(length, self._metadata)
         self._file.seek(0)
         self._file.truncate()
         self._decryptor = ObjectDecryptor(self._dek)
@@ -170,6 +182,9 @@ class Pipeline:
         self._metrics = metrics
         self._allowed = settings.allowed_buckets
         self._allowed_types = settings.allowed_content_types
+        self.need = chain_need(processors, settings.allowed_content_types)
+        """What a first delivery fetches: the most that any step of the chain needs."""
+        self._external = [p.name for p in processors if p.external_effect]
         self.download_path = Path(settings.decrypt_download_path).resolve()
         # private when we create it (mkdir's parents=True would not apply the mode to parents)
         self.download_path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,55 +213,91 @@ class Pipeline:
         check_event(event, self._allowed)  # before any lookup: a hostile event touches nothing
         key = key_for(event)
         async with self._ledger.claim(key):
-            # The object's GET and the metadata's go out together, while the upload is looked up
-            # in the idempotency bucket: one round trip of latency instead of three in a row.
+            # The S3 requests the chain needs go out together, while the upload and its completed
+            # steps are looked up in the idempotency bucket: one round trip of latency, not three.
             # The object's body is not read until the metadata has been checked.
-            ahead = self._store.request_ahead(event.bucket_name, event.s3_data_key)
-            meta = asyncio.ensure_future(
-                self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
+            ahead = (
+                self._store.request_ahead(event.bucket_name, event.s3_data_key) if self.need is Need.PLAINTEXT else None
+            )
+            meta = (
+                asyncio.ensure_future(
+                    self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
+                )
+                if self.need >= Need.OBJECT
+                else None
             )
             try:
-                if await self._ledger.seen(key):
+                seen, done = await asyncio.gather(self._ledger.seen(key), self._ledger.steps(key, self._external))
+                if seen:
                     return Duplicate(key)
-                metadata = parse_metadata(await meta)
-                return await self._process(event, key, metadata, ahead, log)
+                return await self._process(event, key, self._need_now(done), done, meta, ahead, log)
             finally:
-                ahead.discard()
-                if not meta.done():
-                    meta.cancel()
-                    await asyncio.wait([meta])  # a cancellation of our own still propagates from here
-                if not meta.cancelled():
-                    meta.exception()  # retrieved: an unread metadata error is not "never retrieved"
+                if ahead is not None:
+                    ahead.discard()
+                if meta is not None:
+                    if not meta.done():
+                        meta.cancel()
+                        await asyncio.wait([meta])  # a cancellation of our own still propagates from here
+                    if not meta.cancelled():
+                        meta.exception()  # retrieved: an unread metadata error is not "never retrieved"
+
+    def _need_now(self, done: dict[str, dict[str, Any]]) -> Need:
+        """What this delivery fetches: what the steps still to run need (a checkpointed step is not
+        run again, so a redelivery after it fetches no more than the rest need, perhaps nothing)."""
+        remaining = [p for p in self._processors if p.name not in done]
+        return chain_need(remaining, self._allowed_types) if remaining else Need.EVENT
 
     async def _process(
-        self, event: FileUploadEvent, key: str, metadata: EnvelopeMetadata, ahead: Any, log: Any
+        self,
+        event: FileUploadEvent,
+        key: str,
+        need: Need,
+        done: dict[str, dict[str, Any]],
+        meta: asyncio.Future[bytes] | None,
+        ahead: ObjectRequest | None,
+        log: Any,
     ) -> Processed:
+        metadata = parse_metadata(await meta) if need >= Need.OBJECT and meta is not None else None
         limit = self._settings.max_file_size
-        if metadata.encrypted_size > limit:
+        if metadata is not None and metadata.encrypted_size > limit:
             raise PermanentError(
                 ErrorClass.TOO_LARGE,
                 f"metadata says the object is {metadata.encrypted_size} bytes, over MAX_FILE_SIZE ({limit})",
             )
-        dek = self._keyring.unwrap(metadata.kek)
-        job, plaintext = self._start_job(dek, metadata)
+        job = self._job_dir()
         ctx: ProcessingContext | None = None
+        plaintext: PlaintextFile | None = None
         try:
-            await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
-            size, sha256 = plaintext.verify()
+            stored: StoredObject | None = None
+            size: int | None = None
+            sha256: str | None = None
+            kind: str | None = None
+            if metadata is not None:
+                if need is Need.OBJECT:  # its size and ETag, not its bytes
+                    info = await self._store.head(event.bucket_name, event.s3_data_key)
+                    check_length(info.size, metadata)
+                else:
+                    plaintext = self._plaintext_file(self._keyring.unwrap(metadata.kek), metadata, job)
+                    info = await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
+                    size, sha256 = plaintext.verify()
+                    kind = content_type(plaintext.head, metadata.clean_filename)
+                stored = StoredObject(event.bucket_name, event.s3_data_key, info.size, info.etag, event.s3_metadata_key)
             ctx = ProcessingContext(
                 event=event,
                 metadata=metadata,
-                plaintext_path=plaintext.path,
+                stored=stored,
+                plaintext_path=plaintext.path if plaintext is not None else None,
                 size=size,
                 sha256=sha256,
-                content_type=content_type(plaintext.head, metadata.clean_filename),
+                content_type=kind,
                 download_path=self.download_path,
                 work_dir=job,
                 log=log,
             )
-            ran, skipped = await self._run_chain(ctx, key, log)
+            ran, skipped = await self._run_chain(ctx, key, done, log)
         finally:
-            plaintext.discard()
+            if plaintext is not None:
+                plaintext.discard()
             if ctx is not None and ctx.work_dir_made:
                 _remove_job(job)
         result = {
@@ -254,10 +305,8 @@ class Pipeline:
             "file_uuid": event.file_uuid,
             "email": event.email,
             "status": "processed",
-            "original_filename": metadata.clean_filename,
-            "size": size,
-            "sha256": sha256,
-            "content_type": ctx.content_type,
+            "consumer": self._settings.nats_consumer_name,
+            **ctx.facts(),
             "processors": ran,
             "skipped": skipped,
             "outputs": ctx.outputs,
@@ -267,44 +316,49 @@ class Pipeline:
         await self._ledger.mark(key)
         return Processed(result)
 
-    def _start_job(self, dek: bytes, metadata: EnvelopeMetadata) -> tuple[Path, PlaintextFile]:
-        """The (empty) plaintext file for this message, and the path of its work folder.
+    def _job_dir(self) -> Path:
+        """The path of this message's work folder, made only if a processor asks for it
+        (`ctx.work_dir`): most chains never do. Names come from a per-process random prefix and a
+        counter: unique among replicas sharing the folder, and cheaper than asking `tempfile` for
+        fresh randomness for every upload."""
+        return self.work_dir / f"job-{self._job_prefix}-{next(self._jobs)}"
 
-        The folder is made only if a processor asks for it (`ctx.work_dir`): most chains never do.
-        Names come from a per-process random prefix and a counter: unique among replicas sharing
-        the folder, and cheaper than asking `tempfile` for fresh randomness for every upload.
-        """
-        name = f"{self._job_prefix}-{next(self._jobs)}"
+    def _plaintext_file(self, dek: bytes, metadata: EnvelopeMetadata, job: Path) -> PlaintextFile:
+        """The (empty) plaintext file for this message, named after its work folder."""
         try:
-            plaintext = PlaintextFile(self.work_dir, dek, metadata, self._metrics, name=f"plain-{name}.part")
+            return PlaintextFile(self.work_dir, dek, metadata, self._metrics, name=f"plain-{job.name[4:]}.part")
         except OSError as exc:  # the work folder itself: full disk, permissions
             raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
-        return self.work_dir / f"job-{name}", plaintext
 
-    async def _run_chain(self, ctx: ProcessingContext, key: str, log: Any) -> tuple[list[str], list[str]]:
-        if self._allowed_types and not matches_any(ctx.content_type, self._allowed_types):
+    async def _run_chain(
+        self, ctx: ProcessingContext, key: str, done: dict[str, dict[str, Any]], log: Any
+    ) -> tuple[list[str], list[str]]:
+        kind = ctx.content_type if ctx.fetched is Need.PLAINTEXT else None
+        if self._allowed_types and kind is not None and not matches_any(kind, self._allowed_types):
             raise PermanentError(
                 ErrorClass.TYPE_NOT_ALLOWED,
-                f"content type {ctx.content_type} is not allowed (ALLOWED_CONTENT_TYPES={','.join(self._allowed_types)})",
+                f"content type {kind} is not allowed (ALLOWED_CONTENT_TYPES={','.join(self._allowed_types)})",
             )
         ran: list[str] = []
         skipped: list[str] = []
         outcomes = self._metrics.processor_outcomes
         for processor in self._processors:
-            if not processor.applies_to(ctx.content_type):
+            if processor.name in done:  # completed on an earlier delivery: its effect is not repeated
+                ctx.outputs[processor.name] = done[processor.name]
+                ran.append(processor.name)
+                ctx.log.info("step already done; not repeated", processor=processor.name)
+                continue
+            if not processor.applies_to(kind):
                 skipped.append(processor.name)
                 outcomes.labels(processor.name, "skipped").inc()
                 continue
-            if processor.external_effect:
-                done = await self._ledger.step(key, processor.name)
-                if done is not None:  # completed on an earlier delivery: its effect is not repeated
-                    ctx.outputs[processor.name] = done
-                    ran.append(processor.name)
-                    ctx.log.info("step already done; not repeated", processor=processor.name)
-                    continue
             await self._run_processor(processor, ctx, log)
             if processor.external_effect:
                 await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
+            try:
+                await processor.recorded(ctx)
+            except Exception as exc:  # noqa: BLE001 - the step is done and recorded; it is not undone
+                ctx.log.error("a processor's action after its step failed", error=describe(exc))
             ran.append(processor.name)
         return ran, skipped
 
@@ -333,4 +387,5 @@ class Pipeline:
         if not subject or self._publish is None:
             return
         body = json.dumps(result, ensure_ascii=False).encode("utf-8")
-        await self._publish(subject, body, {"Nats-Msg-Id": f"{result['event_id']}:processed"})
+        # One result per upload per consumer: the consumer's name keeps another's from passing for a duplicate.
+        await self._publish(subject, body, {"Nats-Msg-Id": f"{result['event_id']}:{result['consumer']}:processed"})

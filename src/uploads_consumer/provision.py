@@ -51,11 +51,18 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(p) == len(s)
 
 
+def replay_subjects(settings: Settings) -> str:
+    """What the upload stream captures besides the upload subject: every consumer's replay subject."""
+    return f"{settings.nats_subject}.replay.>"
+
+
 def consumer_config(settings: Settings, deliver: DeliverPolicy = DeliverPolicy.ALL) -> ConsumerConfig:
     # No server-side BackOff list: it silently replaces ACK_WAIT. Delays come from nak(delay).
     # No server-side max_deliver: once reached, the server drops a message silently (a nak or a
     # crash on the last delivery would lose it). MAX_DELIVER is enforced by the daemon, which
     # dead-letters the message instead (settler.decide).
+    # Two filters: the uploads, and this consumer's own replay subject, where `dlq replay` puts back
+    # what this consumer dead-lettered without the other consumers of the stream seeing it again.
     return ConsumerConfig(
         durable_name=settings.nats_consumer_name,
         name=settings.nats_consumer_name,
@@ -65,28 +72,42 @@ def consumer_config(settings: Settings, deliver: DeliverPolicy = DeliverPolicy.A
         ack_wait=settings.ack_wait,
         max_deliver=-1,
         max_ack_pending=settings.max_ack_pending,
-        filter_subject=settings.nats_subject,
+        filter_subjects=[settings.nats_subject, settings.replay_subject],
     )
 
 
+def consumer_filters(config: ConsumerConfig) -> list[str]:
+    return [*([config.filter_subject] if config.filter_subject else []), *(config.filter_subjects or [])]
+
+
 async def _ensure_stream(
-    js: JetStreamContext, report: ProvisionReport, name: str, subject: str, replicas: int, max_age: float | None = None
-) -> None:
+    js: JetStreamContext,
+    report: ProvisionReport,
+    name: str,
+    subject: str,
+    replicas: int,
+    max_age: float | None = None,
+    also: str | None = None,
+) -> StreamConfig:
+    """The stream capturing `subject` (and `also`, when it creates it); returns its configuration."""
     try:
         info = await js.stream_info(name)
     except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=name,
-                subjects=[subject],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                max_age=max_age,
-            )
+        subjects = [subject, *([also] if also else [])]
+        config = StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=max_age,
         )
-        report.created(f"stream {name} (subject {subject}, {replicas} replica{'s' if replicas > 1 else ''})")
-        return
+        await js.add_stream(config)
+        report.created(
+            f"stream {name} (subject{'s' if also else ''} {', '.join(subjects)}, "
+            f"{replicas} replica{'s' if replicas > 1 else ''})"
+        )
+        return config
     subjects = info.config.subjects or []
     if not any(subject_matches(p, subject) for p in subjects):
         raise ProvisionError(
@@ -94,22 +115,45 @@ async def _ensure_stream(
             f"add the subject to the stream or set the right NATS_*/DLQ_* variables"
         )
     report.found(f"stream {name} ({info.state.messages} messages, subjects {', '.join(subjects)})")
+    return info.config
 
 
 async def _ensure_consumer(
-    js: JetStreamContext, report: ProvisionReport, settings: Settings, deliver: DeliverPolicy
+    js: JetStreamContext,
+    report: ProvisionReport,
+    settings: Settings,
+    deliver: DeliverPolicy,
+    replayable: bool,
+    enable_replay: bool,
 ) -> None:
     stream, name = settings.nats_stream_name, settings.nats_consumer_name
     try:
         info = await js.consumer_info(stream, name)
     except NotFoundError:
-        await js.add_consumer(stream, config=consumer_config(settings, deliver))
+        config = consumer_config(settings, deliver)
+        if not replayable:  # the stream cannot hold the replay subject: a filter on it would be refused
+            config.filter_subjects = [settings.nats_subject]
+        await js.add_consumer(stream, config=config)
         report.created(
-            f"consumer {name} on {stream} (pull, ack explicit, deliver {deliver.value}, ack_wait {settings.ack_wait:g}s, "
-            f"max_ack_pending {settings.max_ack_pending}; MAX_DELIVER {settings.max_deliver} is enforced by the daemon)"
+            f"consumer {name} on {stream} (pull, ack explicit, deliver {deliver.value}, filter "
+            f"{', '.join(config.filter_subjects or [])}, ack_wait {settings.ack_wait:g}s, max_ack_pending "
+            f"{settings.max_ack_pending}; MAX_DELIVER {settings.max_deliver} is enforced by the daemon)"
         )
         return
     cfg = info.config
+    filters = consumer_filters(cfg)
+    if replayable and filters and settings.replay_subject not in filters:
+        if enable_replay:
+            cfg.filter_subjects, cfg.filter_subject = [*filters, settings.replay_subject], None
+            info = await js.add_consumer(stream, config=cfg)  # no action given: create or update
+            cfg = info.config
+            report.lines.append(f"added   filter {settings.replay_subject} to consumer {name}")
+        else:
+            report.warnings.append(
+                f"consumer {name} does not read its replay subject {settings.replay_subject}: `dlq replay` cannot "
+                f"give it back a dead letter without the stream's other consumers seeing it again; run "
+                f"`uploads-consumer setup --enable-replay` to add that filter"
+            )
     if cfg.deliver_subject:
         raise ProvisionError(
             f"consumer {name} on {stream} is a push consumer; the daemon needs a pull consumer (delete it or set NATS_CONSUMER_NAME)"
@@ -118,7 +162,7 @@ async def _ensure_consumer(
         raise ProvisionError(
             f"consumer {name} on {stream} has ack policy {cfg.ack_policy}; the daemon needs explicit acks"
         )
-    filters = [*([cfg.filter_subject] if cfg.filter_subject else []), *(cfg.filter_subjects or [])]
+    filters = consumer_filters(cfg)
     if filters and not any(subject_matches(f, settings.nats_subject) for f in filters):
         report.warnings.append(
             f"consumer {name} filters {', '.join(filters)}, which does not include {settings.nats_subject}"
@@ -150,21 +194,48 @@ async def _ensure_bucket(js: JetStreamContext, report: ProvisionReport, settings
         report.created(f"key-value bucket {bucket} (ttl {settings.dedupe_ttl:g}s)")
 
 
+async def _ensure_replay_subjects(
+    js: JetStreamContext, report: ProvisionReport, settings: Settings, config: StreamConfig, enable_replay: bool
+) -> bool:
+    """Whether the upload stream captures the consumers' replay subjects (adding them when asked)."""
+    subjects = config.subjects or []
+    if any(subject_matches(p, settings.replay_subject) for p in subjects):
+        return True
+    wanted = replay_subjects(settings)
+    if enable_replay:
+        config.subjects = [*subjects, wanted]
+        await js.update_stream(config)
+        report.lines.append(f"added   subject {wanted} to stream {settings.nats_stream_name}")
+        return True
+    report.warnings.append(
+        f"stream {settings.nats_stream_name} does not capture {wanted}: `dlq replay` can put a dead letter "
+        f"back only on {settings.nats_subject}, which every consumer of the stream reads (it refuses while "
+        f"there are others); run `uploads-consumer setup --enable-replay` to add the subject"
+    )
+    return False
+
+
 async def provision(
     js: JetStreamContext,
     settings: Settings,
     extra_streams: Sequence[tuple[str, str]] = (),
     deliver: DeliverPolicy = DeliverPolicy.ALL,
+    enable_replay: bool = False,
 ) -> ProvisionReport:
     """Idempotently make sure the streams, the consumer and the bucket exist.
 
     `extra_streams` are (name, subject) pairs that processors publish to (e.g. transcriptions).
     `deliver` applies only when the consumer is created: ALL (the default) or NEW (from now on).
+    `enable_replay` widens an existing upload stream and consumer by the replay subjects (the one
+    change to what exists that setup makes, and only when asked).
     """
     report = ProvisionReport()
     r = settings.nats_replicas
-    await _ensure_stream(js, report, settings.nats_stream_name, settings.nats_subject, r, UPLOADS_MAX_AGE)
-    await _ensure_consumer(js, report, settings, deliver)
+    uploads = await _ensure_stream(
+        js, report, settings.nats_stream_name, settings.nats_subject, r, UPLOADS_MAX_AGE, replay_subjects(settings)
+    )
+    replayable = await _ensure_replay_subjects(js, report, settings, uploads, enable_replay)
+    await _ensure_consumer(js, report, settings, deliver, replayable, enable_replay)
     await _ensure_stream(js, report, settings.dlq_stream_name, settings.dlq_subject, r)
     if settings.nats_result_subject:
         await _ensure_stream(

@@ -24,13 +24,16 @@ async def _oldest_pending_age(js: JetStreamContext, stream: str, ack_floor_seq: 
     return max(0.0, time.time() - msg.time.timestamp()) if msg.time else None
 
 
-async def collect_status(settings: Settings) -> dict[str, Any]:
-    """Raises NotFoundError (stream/consumer missing) or a connection error."""
+async def collect_status(settings: Settings, consumer_name: str | None = None) -> dict[str, Any]:
+    """Figures for the stream, one consumer (NATS_CONSUMER_NAME unless named) and the dead letters.
+    Raises NotFoundError (stream/consumer missing) or a connection error."""
+    name = consumer_name or settings.nats_consumer_name
     nc = await connect_once(settings, "uploads-consumer-status")
     try:
         js = nc.jetstream(timeout=5)
         stream = await js.stream_info(settings.nats_stream_name)
-        consumer = await js.consumer_info(settings.nats_stream_name, settings.nats_consumer_name)
+        consumer = await js.consumer_info(settings.nats_stream_name, name)
+        others = sorted(c.name for c in await js.consumers_info(settings.nats_stream_name) if c.name != name)
         try:
             dlq = await js.stream_info(settings.dlq_stream_name)
             dead = {"stream": settings.dlq_stream_name, "messages": dlq.state.messages, "bytes": dlq.state.bytes}
@@ -49,7 +52,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 "last_seq": stream.state.last_seq,
             },
             "consumer": {
-                "name": settings.nats_consumer_name,
+                "name": name,
                 "pending": consumer.num_pending or 0,
                 "ack_pending": consumer.num_ack_pending or 0,
                 "max_ack_pending": consumer.config.max_ack_pending,
@@ -58,18 +61,20 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
                 "ack_floor_seq": consumer.ack_floor.stream_seq or 0,
                 "oldest_pending_age_s": None if age is None else round(age, 1),
             },
+            "other_consumers": others,
             "dead_letter": dead,
         }
     finally:
         await nc.close()
 
 
-async def print_status(settings: Settings, as_json: bool) -> int:
+async def print_status(settings: Settings, as_json: bool, consumer_name: str | None = None) -> int:
     try:
-        status = await collect_status(settings)
+        status = await collect_status(settings, consumer_name)
     except NotFoundError:
         print(
-            f"uploads-consumer: stream {settings.nats_stream_name} or consumer {settings.nats_consumer_name} does not exist; run `uploads-consumer setup`"
+            f"uploads-consumer: stream {settings.nats_stream_name} or consumer "
+            f"{consumer_name or settings.nats_consumer_name} does not exist; run `uploads-consumer setup`"
         )
         return 1
     except NatsUnavailable as exc:
@@ -88,7 +93,11 @@ async def print_status(settings: Settings, as_json: bool) -> int:
             f"pending (lag) {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}",
         ),
         ("oldest pending", age),
-        (f"dead-letter {d['stream']}", "missing" if d.get("missing") else f"{d['messages']} messages"),
+        ("other consumers", ", ".join(status["other_consumers"]) or "-"),
+        (
+            f"dead-letter {d['stream']}",
+            "missing" if d.get("missing") else f"{d['messages']} messages, all consumers (`dlq list --consumer`)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

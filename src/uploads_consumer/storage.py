@@ -111,10 +111,23 @@ for _name in ("botocore.auth", "botocore.endpoint", "botocore.parsers", "aioboto
     logging.getLogger(_name).addFilter(_HideSigningSecrets())
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's length and ETag (quotes removed), as the store reports them."""
+
+    size: int
+    etag: str
+
+
+def _etag(value: object) -> str:
+    return str(value or "").strip('"')
+
+
 class ObjectBody(Protocol):
-    """A GET answered 200: the object's length, and its body to read in chunks and then close."""
+    """A GET answered 200: the object's length and ETag, and its body to read in chunks and then close."""
 
     length: int
+    etag: str
 
     async def read(self, size: int = -1) -> bytes: ...
 
@@ -125,6 +138,7 @@ class _HttpBody:
     def __init__(self, response: aiohttp.ClientResponse, length: int) -> None:
         self._response = response
         self.length = length
+        self.etag = _etag(response.headers.get("ETag"))
 
     async def read(self, size: int = -1) -> bytes:
         return await self._response.content.read(size)
@@ -140,6 +154,7 @@ class _BotocoreBody:
     def __init__(self, response: dict[str, Any]) -> None:
         self._body = response["Body"]
         self.length = int(response["ContentLength"])
+        self.etag = _etag(response.get("ETag"))
 
     async def read(self, size: int = -1) -> bytes:
         data: bytes = await self._body.read(size if size >= 0 else None)
@@ -332,11 +347,11 @@ class ObjectStore:
 
     async def download(
         self, bucket: str, key: str, sink: ObjectSink, max_size: int, ahead: ObjectRequest | None = None
-    ) -> int:
+    ) -> ObjectInfo:
         """Stream an object into `sink`, starting over (sink.start again) when the body breaks.
 
-        Checks the size before reading a byte: over `max_size` is too_large. Returns the length.
-        `ahead`, if given, is this object's GET already sent; it serves the first attempt.
+        Checks the size before reading a byte: over `max_size` is too_large. Returns the length and
+        ETag. `ahead`, if given, is this object's GET already sent; it serves the first attempt.
         """
         where = f"s3://{bucket}/{key}"
         for attempt in range(1, BODY_ATTEMPTS + 1):
@@ -354,7 +369,7 @@ class ObjectStore:
                 try:
                     while chunk := await body.read(CHUNK_SIZE):
                         sink.write(chunk)
-                    return body.length
+                    return ObjectInfo(body.length, body.etag)
                 except _BROKEN_BODY as exc:
                     if attempt == BODY_ATTEMPTS:
                         raise RetryableError(
@@ -363,6 +378,21 @@ class ObjectStore:
             finally:
                 body.close()
         raise AssertionError("unreachable")
+
+    async def head(self, bucket: str, key: str) -> ObjectInfo:
+        """An object's length and ETag, without its bytes (not_found when it is missing)."""
+        try:
+            response = await self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise map_s3_error(exc, f"head object s3://{bucket}/{key}", self._configured(bucket)) from exc
+        return ObjectInfo(int(response["ContentLength"]), _etag(response.get("ETag")))
+
+    @property
+    def client(self) -> Any:
+        """The aioboto3 S3 client (the configured endpoint, credentials and retries), while open."""
+        if self._client is None:
+            raise RuntimeError("the object store is not open")
+        return self._client
 
     async def put_file(self, bucket: str, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         await self._client.upload_file(str(path), bucket, key, ExtraArgs={"ContentType": content_type})

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
-from uploads_consumer.config import Settings
+from uploads_consumer.config import Settings, replay_subject
 from uploads_consumer.connection import connect_once
 from uploads_consumer.deadletter import stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
@@ -18,6 +19,7 @@ from uploads_consumer.errors import ConfigError, UploadsError
 from uploads_consumer.observability import Metrics
 from uploads_consumer.pipeline import PlaintextFile
 from uploads_consumer.producer import publish_event, upload_file
+from uploads_consumer.provision import consumer_filters, subject_matches
 from uploads_consumer.storage import ObjectStore
 
 
@@ -75,7 +77,8 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
     return 0
 
 
-async def read_dead_letters(settings: Settings) -> list[dict[str, Any]]:
+async def read_dead_letters(settings: Settings, consumer: str | None = None) -> list[dict[str, Any]]:
+    """Every dead letter (or those `consumer` dead-lettered), oldest first."""
     nc = await connect_once(settings, "uploads-consumer-dlq")
     try:
         messages = await stored_messages(nc.jetstream(timeout=10), settings.dlq_stream_name)
@@ -84,9 +87,13 @@ async def read_dead_letters(settings: Settings) -> list[dict[str, Any]]:
     out = []
     for msg in messages:
         h = msg.headers or {}
+        owner = dead_lettered_by(h, settings)
+        if consumer is not None and owner != consumer:
+            continue
         out.append(
             {
                 "seq": msg.seq,
+                "consumer": owner,
                 "error_class": h.get("Uploads-Error-Class"),
                 "reason": h.get("Uploads-Error"),
                 "failed_at": h.get("Uploads-Failed-At"),
@@ -99,6 +106,11 @@ async def read_dead_letters(settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def dead_lettered_by(headers: dict[str, str], settings: Settings) -> str:
+    """The consumer that dead-lettered a message; one from before the header existed: NATS_CONSUMER_NAME's."""
+    return headers.get("Uploads-Consumer") or settings.nats_consumer_name
+
+
 def _event_id(body: bytes) -> str | None:
     try:
         data = json.loads(body)
@@ -109,29 +121,69 @@ def _event_id(body: bytes) -> str | None:
         return None
 
 
-async def dlq_list(settings: Settings, as_json: bool) -> int:
-    entries = await read_dead_letters(settings)
+async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = None) -> int:
+    entries = await read_dead_letters(settings, consumer)
     if as_json:
         for e in entries:
             print(json.dumps(e, ensure_ascii=False))
         return 0
     if not entries:
-        print(f"{settings.dlq_stream_name} is empty")
+        print(f"{settings.dlq_stream_name} is empty" + (f" for consumer {consumer}" if consumer else ""))
         return 0
-    print(f"{'SEQ':>6}  {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
+    width = max(8, *(len(e["consumer"]) for e in entries))
+    print(f"{'SEQ':>6}  {'CONSUMER':<{width}} {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
     for e in entries:
         print(
-            f"{e['seq']:>6}  {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}"
+            f"{e['seq']:>6}  {e['consumer']:<{width}} {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} "
+            f"{e['event_id'] or '-':<36}  {e['reason'] or ''}"
         )
     print(f"{len(entries)} dead-lettered message{'s' if len(entries) != 1 else ''}")
     return 0
 
 
-async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int]) -> int:
+class ReplayRoutes:
+    """Where a dead letter goes back to, per consumer: its own replay subject when its filter has it
+    (no other consumer of the stream sees it), else the upload subject when no other consumer reads
+    that; otherwise nowhere, with the reason."""
+
+    def __init__(self, settings: Settings, stream_subjects: list[str], consumers: list[ConsumerInfo]) -> None:
+        self._settings = settings
+        self._captured = stream_subjects
+        self._filters = {c.name: consumer_filters(c.config) for c in consumers}
+
+    def _reads(self, filters: list[str], subject: str) -> bool:
+        return not filters or any(subject_matches(f, subject) for f in filters)
+
+    def subject_for(self, consumer: str) -> str:
+        """The subject to republish on; raises UploadsError saying why there is none."""
+        s = self._settings
+        if consumer not in self._filters:
+            raise UploadsError(f"consumer {consumer} does not exist on {s.nats_stream_name} (any more)")
+        own = replay_subject(s.nats_subject, consumer)
+        if own in self._filters[consumer] and any(subject_matches(p, own) for p in self._captured):
+            return own
+        others = sorted(n for n, f in self._filters.items() if n != consumer and self._reads(f, s.nats_subject))
+        if not others:
+            return s.nats_subject
+        raise UploadsError(
+            f"consumer {consumer} does not read {own}, and {s.nats_subject} would reach {', '.join(others)} too "
+            f"(they would process the upload again); run `uploads-consumer setup --enable-replay` with "
+            f"NATS_CONSUMER_NAME={consumer}, then replay"
+        )
+
+
+async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], consumer: str | None = None) -> int:
+    """Put dead letters back, each to the consumer that dead-lettered it only (see ReplayRoutes);
+    the dead letter is deleted once the upload stream has acknowledged its copy. Exit 1 if any was refused."""
     nc = await connect_once(settings, "uploads-consumer-dlq-replay")
-    replayed = 0
+    replayed: dict[str, int] = {}
+    refused = 0
     try:
         js = nc.jetstream(timeout=10)
+        stream = await js.stream_info(settings.nats_stream_name)
+        routes = ReplayRoutes(
+            settings, stream.config.subjects or [], await js.consumers_info(settings.nats_stream_name)
+        )
         if replay_all:
             info = await js.stream_info(settings.dlq_stream_name)
             seqs = list(range(info.state.first_seq, info.state.last_seq + 1)) if info.state.messages else []
@@ -142,14 +194,27 @@ async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int]) -> i
                 if not replay_all:
                     print(f"seq {seq}: not in {settings.dlq_stream_name}", file=sys.stderr)
                 continue
+            owner = dead_lettered_by(msg.headers or {}, settings)
+            if consumer is not None and owner != consumer:
+                if not replay_all:
+                    print(f"seq {seq}: dead-lettered by {owner}, not {consumer}; left as it is", file=sys.stderr)
+                continue
+            try:
+                subject = routes.subject_for(owner)
+            except UploadsError as exc:
+                print(f"seq {seq}: not replayed: {exc.reason}", file=sys.stderr)
+                refused += 1
+                continue
             # Republish first; only once the stream has acknowledged it, remove the dead letter.
-            await js.publish(settings.nats_subject, msg.data or b"", timeout=10)
+            await js.publish(subject, msg.data or b"", timeout=10)
             await js.delete_msg(settings.dlq_stream_name, seq)
-            replayed += 1
+            replayed[subject] = replayed.get(subject, 0) + 1
     finally:
         await nc.close()
-    print(f"replayed {replayed} message{'s' if replayed != 1 else ''} to {settings.nats_subject}")
-    return 0
+    total = sum(replayed.values())
+    where = ", ".join(f"{n} to {subject}" for subject, n in replayed.items())
+    print(f"replayed {total} message{'s' if total != 1 else ''}" + (f" ({where})" if where else ""))
+    return 1 if refused else 0
 
 
 async def decrypt_one(settings: Settings, bucket: str, data_key: str, metadata_key: str, out: str) -> int:

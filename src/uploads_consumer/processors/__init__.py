@@ -1,19 +1,22 @@
 """Processors: the plugin interface, and loading the chain that PROCESSORS names.
 
-A processor runs on the verified plaintext of one upload and steers the outcome by raising the
-project's errors: `RetryableError` (nak with backoff, or its own `delay`) or `PermanentError`
-(dead-letter with its class). Any other exception counts as transient. Two shapes are accepted:
+A processor runs on one upload and steers the outcome by raising the project's errors:
+`RetryableError` (nak with backoff, or its own `delay`) or `PermanentError` (dead-letter with its
+class). Any other exception counts as transient. Two shapes are accepted:
 
 - a plain **async function** `async def proc(ctx: ProcessingContext) -> None`: runs on every
   content type, has no settings of its own and no lifecycle;
 - a subclass of **`Processor`**: declares its own settings (`settings_class`, read from variables
-  prefixed with its name: `TRANSCRIBE_MODEL` for `transcribe`), the content types it applies to,
-  whether its effect is external (then a completed run is recorded per event and not repeated on
-  redelivery), and gets `start()` / `close()` for heavy resources (a model, a client session).
+  prefixed with its name: `TRANSCRIBE_MODEL` for `transcribe`), what it reads of an upload
+  (`needs`: the event, the stored object, or the verified plaintext), the content types it applies
+  to, whether its effect is external (then a completed run is recorded per event and not repeated
+  on redelivery), and gets `start()` / `close()` for heavy resources (a model, a client session).
 
 Built-ins and third-party processors are registered under the entry-point group
-`uploads_consumer.processors`; `module:attribute` works too. Only the processors PROCESSORS names
-are loaded, configured and started; a missing or invalid variable is a ConfigError (exit 2).
+`uploads_consumer.processors`; `module:attribute` works too. `name:instance` (`webhook:ops`) runs
+another instance of a processor with settings of its own (`WEBHOOK_OPS_*`, falling back to
+`WEBHOOK_*`). Only the processors PROCESSORS names are loaded, configured and started; a missing
+or invalid variable is a ConfigError (exit 2).
 """
 
 from __future__ import annotations
@@ -22,18 +25,19 @@ import fnmatch
 import importlib
 import inspect
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from uploads_consumer.config import CsvList
-from uploads_consumer.errors import ConfigError, describe
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe
 
 if TYPE_CHECKING:
     from uploads_consumer.envelope import EnvelopeMetadata
@@ -41,13 +45,54 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "uploads_consumer.processors"
 ALL_TYPES = ("*/*",)
+_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class Need(IntEnum):
+    """What a processor reads of an upload. The pipeline fetches the most that a step still to run
+    needs, and nothing more: a chain of `event` steps makes no S3 request at all."""
+
+    EVENT = 1
+    """The upload event alone (checked, and looked up for duplicates, like any other)."""
+    OBJECT = 2
+    """Also the stored, still-encrypted object: its `metadata.json` read and checked, its size and
+    ETag (a HEAD request). The object's bytes are not read."""
+    PLAINTEXT = 3
+    """Also the object downloaded, decrypted and tag-verified: its path, size, SHA-256 and content type."""
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: Any) -> Need:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls[str(value).upper()]
+        except KeyError:
+            raise ValueError(f"needs must be event, object or plaintext, not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """The upload's encrypted object as stored (from a HEAD request), for steps that need `object`."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    """As S3 returns it, quotes removed: the MD5 of a single-part upload, `md5-N` of a multipart one."""
+    metadata_key: str
 
 
 class ProcessingContext:
     """What a processor sees for one upload.
 
-    `plaintext_path` is verified plaintext: read it, never modify or move it. `work_dir` is a
-    private folder for this message (mode 0700, made when first asked for, removed after the
+    What is there depends on what the chain needs (`fetched`): the event always; with `object`, the
+    metadata and `stored` (the encrypted object's size and ETag); with `plaintext`, also
+    `plaintext_path` — verified plaintext: read it, never modify or move it — and its `size`,
+    `sha256` and `content_type`. Reading what was not fetched raises: declare `needs`. `work_dir`
+    is a private folder for this message (mode 0700, made when first asked for, removed after the
     chain); files a processor leaves there for later ones go in `files` (e.g. `files["audio"]`,
     the WAV that `transcode` made). `outputs` holds what earlier processors reported, by processor
     name; `report()` adds to the current one's.
@@ -57,24 +102,30 @@ class ProcessingContext:
         self,
         *,
         event: FileUploadEvent,
-        metadata: EnvelopeMetadata,
-        plaintext_path: Path,
-        size: int,
-        sha256: str,
-        content_type: str,
         download_path: Path,
         work_dir: Path,
         log: Any,
+        metadata: EnvelopeMetadata | None = None,
+        stored: StoredObject | None = None,
+        plaintext_path: Path | None = None,
+        size: int | None = None,
+        sha256: str | None = None,
+        content_type: str | None = None,
         outputs: dict[str, dict[str, Any]] | None = None,
         files: dict[str, Path] | None = None,
         current: str = "",
     ) -> None:
         self.event = event
-        self.metadata = metadata
-        self.plaintext_path = plaintext_path
-        self.size = size
-        self.sha256 = sha256
-        self.content_type = content_type
+        self._metadata = metadata
+        self._stored = stored
+        self._plaintext_path = plaintext_path
+        self._size = size
+        self._sha256 = sha256
+        self._content_type = content_type
+        self.fetched = (
+            Need.PLAINTEXT if plaintext_path is not None else Need.OBJECT if metadata is not None else Need.EVENT
+        )
+        """What was fetched of this upload for the chain."""
         self.download_path = download_path
         self._work_dir = work_dir
         self._work_dir_made = False
@@ -82,6 +133,58 @@ class ProcessingContext:
         self.outputs: dict[str, dict[str, Any]] = outputs if outputs is not None else {}
         self.files: dict[str, Path] = files if files is not None else {}
         self.current = current
+
+    def _fetched(self, value: Any, what: str, need: Need) -> Any:
+        if value is None:
+            raise PermanentError(
+                ErrorClass.PROCESSOR_FAILED,
+                f"processor {self.current} read {what}, which a step that needs {need} gets, but the chain "
+                f"fetched only the {self.fetched}: the processor must declare needs = Need.{need.name}",
+            )
+        return value
+
+    @property
+    def metadata(self) -> EnvelopeMetadata:
+        meta: EnvelopeMetadata = self._fetched(self._metadata, "the metadata", Need.OBJECT)
+        return meta
+
+    @property
+    def stored(self) -> StoredObject:
+        stored: StoredObject = self._fetched(self._stored, "the stored object", Need.OBJECT)
+        return stored
+
+    @property
+    def plaintext_path(self) -> Path:
+        path: Path = self._fetched(self._plaintext_path, "the plaintext", Need.PLAINTEXT)
+        return path
+
+    @property
+    def size(self) -> int:
+        size: int = self._fetched(self._size, "the plaintext's size", Need.PLAINTEXT)
+        return size
+
+    @property
+    def sha256(self) -> str:
+        digest: str = self._fetched(self._sha256, "the plaintext's sha256", Need.PLAINTEXT)
+        return digest
+
+    @property
+    def content_type(self) -> str:
+        kind: str = self._fetched(self._content_type, "the content type", Need.PLAINTEXT)
+        return kind
+
+    def facts(self) -> dict[str, Any]:
+        """What is known of the upload, as the result event and the webhook report it: `fetched`, and
+        `original_filename` and `size` (from the metadata) from `object` on, `sha256` and
+        `content_type` with the plaintext; None where it was not fetched."""
+        meta = self._metadata
+        return {
+            "fetched": str(self.fetched),
+            "original_filename": meta.clean_filename if meta is not None else None,
+            "size": self._size if self._size is not None else meta.original_size if meta is not None else None,
+            "sha256": self._sha256,
+            "content_type": self._content_type,
+        }
 
     @property
     def work_dir(self) -> Path:
@@ -114,10 +217,23 @@ class ProcessorEnvironment:
     max_retry_delay: float
     """The longest RETRY_BACKOFF delay: a cap for delays a processor asks for (e.g. Retry-After)."""
     registry: CollectorRegistry
-    """The daemon's metrics registry, for metrics of a processor's own."""
+    """The daemon's metrics registry, for metrics of a processor's own (see `counter`)."""
     publish: Publish | None = None
     """JetStream publish that waits for the stream's acknowledgement (subject, body, headers);
     raises RetryableError when the message was not stored. None where no NATS connection exists."""
+    consumer: str = "file_processor"
+    """NATS_CONSUMER_NAME, the durable this process reads for: a label of every metric."""
+    s3: Callable[[], Any] | None = None
+    """The daemon's S3 client for the upload store (aioboto3: the configured endpoint, credentials and
+    retries), usable from `start()` on; for steps that need `object`. None where there is none."""
+    _metrics: dict[str, Counter] = field(default_factory=dict, compare=False, repr=False)
+
+    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
+        """A counter on the daemon's registry, labelled `consumer` first, made once however many
+        processors (or instances of one) ask for it. Use `.labels(env.consumer, ...)`."""
+        if name not in self._metrics:
+            self._metrics[name] = Counter(name, documentation, ["consumer", *labelnames], registry=self.registry)
+        return self._metrics[name]
 
 
 class ProcessorSettings(BaseSettings):
@@ -155,6 +271,8 @@ class Processor:
     """
 
     settings_class: ClassVar[type[ProcessorSettings]] = ProcessorSettings
+    needs: ClassVar[Need] = Need.PLAINTEXT
+    """What it reads of an upload: `Need.EVENT`, `Need.OBJECT` or `Need.PLAINTEXT` (the default)."""
     content_types: ClassVar[tuple[str, ...]] = ALL_TYPES
     """Default MIME globs this processor applies to; {NAME}_CONTENT_TYPES overrides them."""
     external_effect: ClassVar[bool] = False
@@ -171,6 +289,11 @@ class Processor:
 
     async def run(self, ctx: ProcessingContext) -> None:
         raise NotImplementedError
+
+    async def recorded(self, ctx: ProcessingContext) -> None:
+        """Called once a successful run is recorded (a step with an external effect is checkpointed by
+        then): for a last action that must not come before, such as deleting what was copied. It is
+        not retried — the step will not run again — so it must leave nothing lost when it fails."""
 
     async def close(self) -> None:
         """Release what start() took."""
@@ -189,13 +312,25 @@ class LoadedProcessor:
     content_types: tuple[str, ...]
     external_effect: bool = False
     instance: Processor | None = None
+    needs: Need = Need.PLAINTEXT
 
-    def applies_to(self, content_type: str) -> bool:
-        return matches_any(content_type, self.content_types)
+    @property
+    def need(self) -> Need:
+        """What the pipeline must fetch for this step: its `needs`, or the plaintext when it applies to
+        some content types only (the type is sniffed from the plaintext)."""
+        return self.needs if all_types(self.content_types) else Need.PLAINTEXT
+
+    def applies_to(self, content_type: str | None) -> bool:
+        """Whether it runs on a file of this type; without a type (not fetched), it applies."""
+        return content_type is None or matches_any(content_type, self.content_types)
 
     async def start(self) -> None:
         if self.instance is not None:
             await self.instance.start()
+
+    async def recorded(self, ctx: ProcessingContext) -> None:
+        if self.instance is not None:
+            await self.instance.recorded(ctx)
 
     async def close(self) -> None:
         if self.instance is not None:
@@ -203,6 +338,11 @@ class LoadedProcessor:
 
     def streams(self) -> list[tuple[str, str]]:
         return self.instance.streams() if self.instance is not None else []
+
+
+def all_types(globs: tuple[str, ...]) -> bool:
+    """Whether the globs match every content type."""
+    return not globs or any(glob.strip() in ("*", "*/*") for glob in globs)
 
 
 def matches_any(content_type: str, globs: tuple[str, ...]) -> bool:
@@ -218,15 +358,56 @@ def variable_prefix(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").upper() + "_"
 
 
+def variable_prefixes(name: str) -> tuple[str, ...]:
+    """Where a processor's variables are read, first match first: `webhook` → (`WEBHOOK_`,);
+    the instance `webhook:ops` → (`WEBHOOK_OPS_`, `WEBHOOK_`)."""
+    kind, _, instance = name.partition(":")
+    return (variable_prefix(name), variable_prefix(kind)) if instance else (variable_prefix(name),)
+
+
+def variable_for(name: str, field_name: str) -> str:
+    """A setting's variable(s), for messages: `WEBHOOK_SECRET`; for `webhook:ops`,
+    `WEBHOOK_OPS_SECRET or WEBHOOK_SECRET`."""
+    return " or ".join(prefix + field_name.upper() for prefix in variable_prefixes(name))
+
+
+def _read_prefixed(settings_class: type[ProcessorSettings], prefix: str) -> dict[str, Any]:
+    """The variables set under `prefix`, by field; an empty one counts as unset unless empty is a value."""
+    found = EnvSettingsSource(settings_class, case_sensitive=False, env_prefix=prefix)()
+    return {k: v for k, v in found.items() if v != "" or k in settings_class.empty_is_a_value}
+
+
+def setting_sources(name: str, settings_class: type[ProcessorSettings]) -> dict[str, str]:
+    """For each field that is set, the variable it is read from (an instance's own, else its kind's)."""
+    sources: dict[str, str] = {}
+    for prefix in reversed(variable_prefixes(name)):
+        for field_name in _read_prefixed(settings_class, prefix):
+            sources[field_name] = prefix + field_name.upper()
+    return sources
+
+
 def load_settings_for(name: str, settings_class: type[ProcessorSettings]) -> ProcessorSettings:
-    """Read `{PREFIX}*` variables into the processor's settings; a problem names the variable, never its value."""
-    prefix = variable_prefix(name)
+    """Read the processor's variables into its settings (an instance's own first, then its kind's:
+    `WEBHOOK_OPS_URL`, else `WEBHOOK_URL`); a problem names the variable, never its value."""
+    prefixes = variable_prefixes(name)
+    own = _read_prefixed(settings_class, prefixes[0])
+    fallback = {
+        k: v for prefix in prefixes[:0:-1] for k, v in _read_prefixed(settings_class, prefix).items() if k not in own
+    }
     try:
-        return settings_class(_env_prefix=prefix)
+        # Given values outrank the environment, which is read with the instance's own prefix.
+        return settings_class(_env_prefix=prefixes[0], **fallback)
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         field_name = str(first["loc"][0]) if first["loc"] else ""
-        variable = (prefix + field_name).upper() if field_name else prefix + "*"
+        if not field_name:
+            variable = prefixes[0] + "*"
+        elif field_name in fallback:
+            variable = setting_sources(name, settings_class).get(field_name, prefixes[-1] + field_name.upper())
+        else:
+            variable = prefixes[0] + field_name.upper()
+            if len(prefixes) > 1 and first["type"] == "missing":
+                variable += f" (or {prefixes[-1]}{field_name.upper()})"
         message = "is required" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
         raise ConfigError(variable, message) from None
 
@@ -257,15 +438,50 @@ def installed_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
+@dataclass(frozen=True)
+class ChainEntry:
+    """One entry of PROCESSORS, taken apart."""
+
+    target: str
+    """What is loaded: an entry-point name (`webhook`) or `module:attribute`."""
+    name: str
+    """The name it goes by: `webhook`, `webhook:ops`, `Notify`, `Notify:eu` (outputs, metrics, variables)."""
+
+
+def parse_entry(spec: str) -> ChainEntry:
+    """`webhook`, `webhook:ops` (an instance of an installed processor), `module:attribute`, or
+    `module:attribute:instance`. An installed processor's name wins over a module of that name."""
+    parts = spec.split(":")
+    if not all(parts):
+        raise ConfigError("PROCESSORS", f"{spec!r}: an empty part (a ':' too many?)")
+    if len(parts) == 1 or parts[0] in installed_names():
+        if len(parts) > 2:
+            raise ConfigError("PROCESSORS", f"{spec!r}: expected NAME or NAME:INSTANCE")
+        target, kind, instance = parts[0], parts[0], parts[1] if len(parts) == 2 else ""
+    elif len(parts) in (2, 3):
+        target, kind = ":".join(parts[:2]), parts[1].rpartition(".")[2]
+        instance = parts[2] if len(parts) == 3 else ""
+    else:
+        raise ConfigError("PROCESSORS", f"{spec!r}: expected module:attribute or module:attribute:INSTANCE")
+    if instance and not _INSTANCE.match(instance):
+        raise ConfigError(
+            "PROCESSORS", f"{spec!r}: an instance name is letters, digits, '_' and '-', starting with a letter or digit"
+        )
+    return ChainEntry(target=target, name=f"{kind}:{instance}" if instance else kind)
+
+
 def processor_name(spec: str) -> str:
-    """The name a chain entry goes by: the entry-point name, or the attribute of `module:attribute`."""
-    return spec.rpartition(":")[2].rpartition(".")[2] if ":" in spec else spec
+    """The name a chain entry goes by: the entry-point name or the attribute of `module:attribute`,
+    with `:instance` when it names one."""
+    return parse_entry(spec).name
 
 
 def load_processor(spec: str, env: ProcessorEnvironment) -> LoadedProcessor:
-    """`save` (an entry-point name) or `package.module:attribute` → a configured processor (not started)."""
-    target = _resolve(spec)
-    name = processor_name(spec)
+    """`save` (an entry-point name), `webhook:ops` (an instance) or `package.module:attribute` → a
+    configured processor (not started)."""
+    entry = parse_entry(spec)
+    target = _resolve(entry.target)
+    name = entry.name
     if inspect.isclass(target) and issubclass(target, Processor):
         settings = load_settings_for(name, target.settings_class)
         instance = target(name, settings, env)
@@ -275,16 +491,30 @@ def load_processor(spec: str, env: ProcessorEnvironment) -> LoadedProcessor:
             content_types=tuple(settings.content_types) or target.content_types,
             external_effect=target.external_effect,
             instance=instance,
+            needs=Need.parse(target.needs),
         )
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):  # noqa: B004
         settings = load_settings_for(name, ProcessorSettings)
-        return LoadedProcessor(name=name, run=target, content_types=tuple(settings.content_types) or ALL_TYPES)
+        try:  # a function may say what it needs, as an attribute: `notify.needs = "event"`
+            needs = Need.parse(getattr(target, "needs", Need.PLAINTEXT))
+        except ValueError as exc:
+            raise ConfigError("PROCESSORS", f"{spec!r}: {exc}") from None
+        return LoadedProcessor(
+            name=name, run=target, content_types=tuple(settings.content_types) or ALL_TYPES, needs=needs
+        )
     if callable(target):
         raise ConfigError(
             "PROCESSORS",
             f"{spec!r} is not an async function (define it with `async def`) nor a Processor subclass",
         )
     raise ConfigError("PROCESSORS", f"{spec!r} is not callable")
+
+
+def chain_need(chain: Sequence[LoadedProcessor], allowed_content_types: tuple[str, ...] = ()) -> Need:
+    """What the pipeline fetches for these steps: the most any of them needs; the plaintext when
+    ALLOWED_CONTENT_TYPES must be checked (the type is sniffed from it)."""
+    need = max((p.need for p in chain), default=Need.EVENT)
+    return Need.PLAINTEXT if allowed_content_types else need
 
 
 def load_processors(specs: tuple[str, ...], env: ProcessorEnvironment) -> list[LoadedProcessor]:
@@ -332,6 +562,42 @@ def describe_installed() -> list[dict[str, Any]]:
             )
         entry["variables"] = variables
         entry["external_effect"] = bool(getattr(target, "external_effect", False))
+        entry["needs"] = str(Need.parse(getattr(target, "needs", Need.PLAINTEXT)))
+        out.append(entry)
+    return out
+
+
+def describe_chain(specs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each entry of PROCESSORS: its name, what it needs, and where each of its variables is read
+    from (the instance's own, its kind's, or the default). Values are never shown."""
+    out: list[dict[str, Any]] = []
+    for spec in specs:
+        entry: dict[str, Any] = {"entry": spec}
+        try:
+            parsed = parse_entry(spec)
+            target = _resolve(parsed.target)
+        except ConfigError as exc:
+            entry["error"] = exc.reason
+            out.append(entry)
+            continue
+        is_class = inspect.isclass(target) and issubclass(target, Processor)
+        settings_class = target.settings_class if is_class else ProcessorSettings
+        sources = setting_sources(parsed.name, settings_class)
+        prefixes = variable_prefixes(parsed.name)
+        entry.update(
+            name=parsed.name,
+            target=parsed.target,
+            needs=str(Need.parse(getattr(target, "needs", Need.PLAINTEXT))),
+            variables=[
+                {
+                    "variable": prefixes[0] + field_name.upper(),
+                    "falls_back_to": [p + field_name.upper() for p in prefixes[1:]],
+                    "from": sources.get(field_name),
+                    "required": info.is_required(),
+                }
+                for field_name, info in settings_class.model_fields.items()
+            ],
+        )
         out.append(entry)
     return out
 

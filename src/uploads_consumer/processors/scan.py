@@ -37,7 +37,7 @@ from uploads_consumer.processors import (
     Processor,
     ProcessorEnvironment,
     ProcessorSettings,
-    variable_prefix,
+    variable_for,
 )
 
 log = get_logger("uploads_consumer.processors.scan")
@@ -301,18 +301,17 @@ class Scan(Processor):
         return self._version[1]
 
     async def run(self, ctx: ProcessingContext) -> None:
-        prefix = variable_prefix(self.name)
         if ctx.size > self.config.max_size:
             raise PermanentError(
                 ErrorClass.TOO_LARGE,
-                f"scan: {ctx.size} bytes is over {prefix}MAX_SIZE ({self.config.max_size}); not scanned",
+                f"scan: {ctx.size} bytes is over {variable_for(self.name, 'max_size')} ({self.config.max_size}); not scanned",
             )
         try:
             version = await self._engine_version()
             verdict = read_verdict(await self.client.instream(ctx.plaintext_path))
         except TimeoutError:
             raise RetryableError(
-                f"scan: clamd at {self.client.address} did not answer within {self.config.timeout:g}s ({prefix}TIMEOUT)"
+                f"scan: clamd at {self.client.address} did not answer within {self.config.timeout:g}s ({variable_for(self.name, 'timeout')})"
             ) from None
         except ClamdError as exc:
             raise RetryableError(f"scan: {exc}") from None

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from prometheus_client import Counter
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from uploads_consumer.config import PositiveDuration
@@ -222,7 +221,9 @@ class Transcribe(Processor):
     def __init__(self, name: str, settings: ProcessorSettings, env: ProcessorEnvironment) -> None:
         super().__init__(name, settings, env)
         self._slots = asyncio.Semaphore(self.settings.concurrency)
-        self._audio_seconds = Counter(PREFIX + "audio_seconds", "Seconds of audio transcribed.", registry=env.registry)
+        self._audio_seconds = env.counter(PREFIX + "audio_seconds", "Seconds of audio transcribed.").labels(
+            env.consumer
+        )
         self._backend: Backend
         self._ffmpeg: str | None = None  # faster-whisper: decodes what `transcode` did not convert
         if self.settings.backend == "openai":

@@ -30,11 +30,12 @@ from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
+    Need,
     ProcessingContext,
     Processor,
     ProcessorEnvironment,
     ProcessorSettings,
-    variable_prefix,
+    variable_for,
 )
 
 log = get_logger("uploads_consumer.processors.webhook")
@@ -114,10 +115,16 @@ def preview(text: str) -> str:
 
 
 def summary_line(ctx: ProcessingContext) -> str:
-    """Who uploaded what, its size and type, and the transcript's first words when there is one."""
-    line = f"{ctx.event.email} uploaded {ctx.metadata.clean_filename} ({human_size(ctx.size)}, {ctx.content_type})"
-    text = ctx.outputs.get("transcribe", {}).get("text")
-    if isinstance(text, str) and text.strip():
+    """Who uploaded what, its size and type where they were read, and the transcript's first words
+    when there is one."""
+    facts = ctx.facts()
+    name = facts["original_filename"] or ctx.event.s3_data_key.rpartition("/")[2].removesuffix(".enc")
+    known = [human_size(facts["size"])] if facts["size"] is not None else []
+    known += [facts["content_type"]] if facts["content_type"] else []
+    line = f"{ctx.event.email} uploaded {name}" + (f" ({', '.join(known)})" if known else "")
+    texts = [out.get("text") for step, out in ctx.outputs.items() if step.partition(":")[0] == "transcribe"]
+    text = next((t for t in texts if isinstance(t, str) and t.strip()), None)
+    if text is not None:
         line += f': "{preview(text)}"'
     return line
 
@@ -172,6 +179,7 @@ class Webhook(Processor):
     """
 
     settings_class = WebhookSettings
+    needs = Need.EVENT
     external_effect = True
 
     def __init__(self, name: str, settings: ProcessorSettings, env: ProcessorEnvironment) -> None:
@@ -182,8 +190,8 @@ class Webhook(Processor):
         self._keys = decode_secrets(settings.secret.get_secret_value()) if settings.secret else []
         if settings.format == "standard" and not self._keys:
             raise ConfigError(
-                variable_prefix(name) + "SECRET",
-                f"is required when {variable_prefix(name)}FORMAT is standard "
+                variable_for(name, "secret"),
+                f"is required when {variable_for(name, 'format')} is standard "
                 f"({SECRET_PREFIX} followed by base64 of {MIN_KEY_BYTES} to {MAX_KEY_BYTES} random bytes)",
             )
         # Only scheme, host and port ever appear in logs and reasons.
@@ -215,10 +223,10 @@ class Webhook(Processor):
                 "event_id": ctx.event.event_id,
                 "file_uuid": ctx.event.file_uuid,
                 "email": ctx.event.email,
-                "original_filename": ctx.metadata.clean_filename,
-                "size": ctx.size,
-                "sha256": ctx.sha256,
-                "content_type": ctx.content_type,
+                "consumer": self.env.consumer,
+                # fetched, original_filename, size, sha256, content_type: null where this consumer's
+                # chain did not read them (a chain of webhooks alone reads only the event).
+                **ctx.facts(),
                 # What the steps before this one reported, by name (as in the result event):
                 # e.g. outputs.transcribe.text and .language when transcribe ran.
                 "outputs": {name: out for name, out in ctx.outputs.items() if name != self.name},
@@ -249,7 +257,7 @@ class Webhook(Processor):
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError:
             raise RetryableError(
-                f"webhook: {self.origin} did not answer within {self.config.timeout:g}s ({variable_prefix(self.name)}TIMEOUT)"
+                f"webhook: {self.origin} did not answer within {self.config.timeout:g}s ({variable_for(self.name, 'timeout')})"
             ) from None
         except aiohttp.ClientError as exc:
             raise RetryableError(f"webhook: cannot deliver to {self.origin} ({_cause(exc)})") from None
@@ -268,7 +276,7 @@ class Webhook(Processor):
         if 300 <= status < 400:
             raise PermanentError(
                 ErrorClass.PROCESSOR_FAILED,
-                f"webhook: {answered}; redirects are not followed: set {variable_prefix(self.name)}URL to the final address",
+                f"webhook: {answered}; redirects are not followed: set {variable_for(self.name, 'url')} to the final address",
             )
         raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"webhook: {answered}")
 
