@@ -36,7 +36,7 @@ from uploads_consumer.envelope import (
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.observability import Metrics
-from uploads_consumer.processors import LoadedProcessor, ProcessingContext, Publish, matches_any
+from uploads_consumer.processors import LoadedProcessor, ProcessingContext, Publish, StepSkipped, matches_any
 from uploads_consumer.storage import ObjectStore
 
 WORK_DIR_NAME = ".incoming"  # beside the saved files, so `save` can hard-link instead of copying
@@ -293,6 +293,7 @@ class Pipeline:
         for processor in self._processors:
             if not processor.applies_to(ctx.content_type):
                 skipped.append(processor.name)
+                ctx.skipped[processor.name] = f"not for content type {ctx.content_type}"
                 outcomes.labels(processor.name, "skipped").inc()
                 continue
             if processor.external_effect:
@@ -302,7 +303,11 @@ class Pipeline:
                     ran.append(processor.name)
                     ctx.log.info("step already done; not repeated", processor=processor.name)
                     continue
-            await self._run_processor(processor, ctx, log)
+            try:
+                await self._run_processor(processor, ctx, log)
+            except StepSkipped:  # the processor found the upload is not for it: as if its types did not match
+                skipped.append(processor.name)
+                continue
             if processor.external_effect:
                 await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
             ran.append(processor.name)
@@ -315,6 +320,12 @@ class Pipeline:
         outcome = "ok"
         try:
             await processor.run(ctx)
+        except StepSkipped as skip:
+            outcome = "skipped"
+            ctx.outputs.pop(processor.name, None)
+            ctx.skipped[processor.name] = skip.reason
+            ctx.log.info("step skipped", reason=skip.reason)
+            raise
         except PermanentError:
             outcome = "failed"
             raise

@@ -2,7 +2,9 @@
 
 A processor runs on the verified plaintext of one upload and steers the outcome by raising the
 project's errors: `RetryableError` (nak with backoff, or its own `delay`) or `PermanentError`
-(dead-letter with its class). Any other exception counts as transient. Two shapes are accepted:
+(dead-letter with its class). Any other exception counts as transient. A processor that finds, once
+running, that an upload is not for it raises `StepSkipped(reason)`: the step is skipped, as when its
+content types do not match, and the chain goes on. Two shapes are accepted:
 
 - a plain **async function** `async def proc(ctx: ProcessingContext) -> None`: runs on every
   content type, has no settings of its own and no lifecycle;
@@ -33,7 +35,7 @@ from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from uploads_consumer.config import CsvList
-from uploads_consumer.errors import ConfigError, describe
+from uploads_consumer.errors import ConfigError, describe, one_line
 
 if TYPE_CHECKING:
     from uploads_consumer.envelope import EnvelopeMetadata
@@ -43,6 +45,16 @@ ENTRY_POINT_GROUP = "uploads_consumer.processors"
 ALL_TYPES = ("*/*",)
 
 
+class StepSkipped(Exception):
+    """Raised by a running processor when the upload is not for it after all (a video without an
+    audio track for `transcode`): the step counts as skipped, like a content type it does not apply
+    to, what it reported so far is dropped, and the chain goes on. `reason` is one line, logged."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = one_line(reason)
+        super().__init__(self.reason)
+
+
 class ProcessingContext:
     """What a processor sees for one upload.
 
@@ -50,7 +62,8 @@ class ProcessingContext:
     private folder for this message (mode 0700, made when first asked for, removed after the
     chain); files a processor leaves there for later ones go in `files` (e.g. `files["audio"]`,
     the WAV that `transcode` made). `outputs` holds what earlier processors reported, by processor
-    name; `report()` adds to the current one's.
+    name; `report()` adds to the current one's. `skipped` names the earlier steps that were skipped,
+    with why (their content types, or the `StepSkipped` they raised).
     """
 
     def __init__(
@@ -67,6 +80,7 @@ class ProcessingContext:
         log: Any,
         outputs: dict[str, dict[str, Any]] | None = None,
         files: dict[str, Path] | None = None,
+        skipped: dict[str, str] | None = None,
         current: str = "",
     ) -> None:
         self.event = event
@@ -81,6 +95,7 @@ class ProcessingContext:
         self.log = log
         self.outputs: dict[str, dict[str, Any]] = outputs if outputs is not None else {}
         self.files: dict[str, Path] = files if files is not None else {}
+        self.skipped: dict[str, str] = skipped if skipped is not None else {}
         self.current = current
 
     @property

@@ -30,7 +30,14 @@ from pydantic import Field
 from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
 from uploads_consumer.observability import get_logger
-from uploads_consumer.processors import ProcessingContext, Processor, ProcessorEnvironment, ProcessorSettings
+from uploads_consumer.processors import (
+    ProcessingContext,
+    Processor,
+    ProcessorEnvironment,
+    ProcessorSettings,
+    StepSkipped,
+    matches_any,
+)
 
 log = get_logger("uploads_consumer.processors.transcode")
 
@@ -148,6 +155,16 @@ def normalisation_problem(levels: dict[str, dict[str, float]]) -> str | None:
     if after["max_volume"] < before - MAX_DROP_DB:
         return f"it lowered the peak level from {before:g} dB to {after['max_volume']:g} dB"
     return None
+
+
+NO_AUDIO_STREAM = "has no audio stream"
+
+
+class NoAudioStream(PermanentError):
+    """ffmpeg opened the file and found no audio stream in it (`unsupported_media` unless caught)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorClass.UNSUPPORTED_MEDIA, reason)
 
 
 @dataclass(frozen=True)
@@ -332,8 +349,8 @@ class Transcode(Processor):
     """Converts audio and video to 16 kHz mono 16-bit WAV with ffmpeg, loudness-normalised (EBU R128).
 
     The WAV goes to the message's work directory as `files["audio"]`, for `transcribe`. Reports
-    the duration and the input's codec, sample rate and channels. Undecodable media, or media
-    without audio, is dead-lettered `unsupported_media`.
+    the duration and the input's codec, sample rate and channels. Undecodable media, or audio
+    without an audio stream, is dead-lettered `unsupported_media`; a video without one is skipped.
     """
 
     settings_class = TranscodeSettings
@@ -372,7 +389,10 @@ class Transcode(Processor):
         if ctx.size == 0:  # an empty upload is empty audio: a success with nothing in it
             await asyncio.to_thread(write_empty_wav, target)
         else:
-            source, normalized = await self._convert(ctx, target)
+            try:
+                source, normalized = await self._convert(ctx, target)
+            except NoAudioStream as exc:
+                raise skipped_if_video(ctx, exc) from None
         wav = read_pcm_wav(target)
         if wav is None:
             raise RetryableError("transcode: ffmpeg reported success but its WAV output is unreadable")
@@ -434,7 +454,18 @@ async def to_wav(
     if run.says(*RESOURCE_ERRORS):
         raise RetryableError(f"{who}: {run.reason(source, name)}")
     if run.opened and run.audio is None:
-        raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"{who}: {name} has no audio stream")
+        raise NoAudioStream(f"{who}: {name} {NO_AUDIO_STREAM}")
     raise PermanentError(
         ErrorClass.UNSUPPORTED_MEDIA, f"{who}: ffmpeg cannot decode {name}: {run.reason(source, name)}"
     )
+
+
+def skipped_if_video(ctx: ProcessingContext, exc: NoAudioStream) -> PermanentError | StepSkipped:
+    """A video without sound is a video, and not for a step that wants its audio: that step is
+    skipped. Audio without an audio stream is broken: it stays `unsupported_media`."""
+    return StepSkipped(exc.reason) if matches_any(ctx.content_type, ("video/*",)) else exc
+
+
+def found_no_audio(ctx: ProcessingContext) -> str | None:
+    """Why an earlier step skipped this upload for want of an audio stream, if one did."""
+    return next((reason for reason in ctx.skipped.values() if reason.endswith(NO_AUDIO_STREAM)), None)
