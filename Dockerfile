@@ -4,6 +4,7 @@
 #   docker run --rm --stop-timeout 45 -e ENCRYPTION_MASTER_KEY=... -e NATS_URL=nats://nats:4222 uploads-consumer
 #   docker run --rm -e NATS_URL=... uploads-consumer status      # any other command
 #   docker build --build-arg EXTRAS=transcribe -t uploads-consumer:voice .   # with transcode + transcribe
+#   docker build --build-arg EXTRAS=transcribe,images -t uploads-consumer:media .   # + image (libvips) and video
 
 # --- build: install the package and its dependencies into a virtual environment -----------
 FROM python:3.11-slim AS build
@@ -19,7 +20,8 @@ WORKDIR /src
 # pyproject.toml names README.md as the project's readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY src ./src
-# Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only).
+# Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only:
+# transcode, video), images (libvips, bundled by the pyvips-binary wheel: image).
 ARG EXTRAS=""
 RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}" && pip check
 

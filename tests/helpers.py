@@ -201,3 +201,27 @@ async def wait_ready(daemon, url: str | None = None, timeout: float = 60) -> Non
 
 async def dead_letters(url: str) -> list[Any]:
     return await read_stream(url, "FILE_UPLOADS_DLQ")
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM: the process's peak resident set size so far, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def refused_setting(monkeypatch, processor: str, settings_class: Any, **variables: str) -> Any:
+    """The ConfigError a processor's settings raise with only `variables` set (none of its others)."""
+    from uploads_consumer.errors import ConfigError
+    from uploads_consumer.processors import load_settings_for, variable_prefix
+
+    for field in settings_class.model_fields:
+        monkeypatch.delenv(variable_prefix(processor) + field.upper(), raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    try:
+        load_settings_for(processor, settings_class)
+    except ConfigError as exc:
+        return exc
+    raise AssertionError(f"{variables} were accepted")

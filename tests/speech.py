@@ -7,6 +7,7 @@ keywords, never as exact strings: "Go forward 10 meters." and "go forward ten me
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -96,6 +97,28 @@ def video(target: Path, audio: Path | None = None, seconds: float = 1) -> Path:
         args += ["-i", str(audio), "-c:a", "aac", "-shortest"]
     subprocess.run([*args, "-c:v", "mpeg4", "-y", str(target)], check=True, capture_output=True)
     return target
+
+
+def ffmpeg_children() -> list[int]:
+    """ffmpeg processes that are children of this test process (running or not yet reaped)."""
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().startswith("ffmpeg"):
+                    pids.append(int(pid))
+            except OSError:
+                continue
+    return pids
+
+
+async def wait_for_ffmpeg(timeout: float = 10) -> int:
+    """The pid of an ffmpeg child of this test process, once one runs."""
+    for _ in range(int(timeout / 0.05)):
+        if found := ffmpeg_children():
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("ffmpeg did not start")
 
 
 def speech_mp3(text: str, folder: Path, name: str = "speech.mp3") -> Path:

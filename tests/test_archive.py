@@ -14,9 +14,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import dead_letters, make_files, plugins, publish_uploads, read_stream, results_by_event, wait_ready
+from helpers import (
+    dead_letters,
+    make_files,
+    peak_rss,
+    plugins,
+    publish_uploads,
+    read_stream,
+    results_by_event,
+    wait_ready,
+)
 from helpers import wait_settled as settled
-from test_memory import peak_rss
 
 from uploads_consumer.embedded import S3Server, free_port
 from uploads_consumer.processors.archive import MARKER, multipart_etag, part_ranges

@@ -145,6 +145,31 @@ async def test_a_permanent_processor_error_is_dead_lettered_as_processor_failed(
     assert await read_stream(nats_server.url, "FILE_PROCESSED") == []
 
 
+async def test_a_processor_that_skips_itself_is_skipped_like_a_content_type_and_the_chain_goes_on(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    chain = "uc_test_plugins:skip_me,uc_test_plugins:see_skips,save"
+    daemon = start_daemon(**plugins(tmp_path, chain), SAVE_CONTENT_TYPES="image/*")
+    await _ready(daemon, nats_server.url)
+    [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
+    await wait_settled(nats_server.url, 1, daemon=daemon)
+    skips = daemon.metric("uploads_consumer_processor_outcomes_total", 'outcome="skipped",processor="skip_me"')
+    assert daemon.terminate() == 0
+    assert await read_stream(nats_server.url, "FILE_UPLOADS_DLQ") == []
+    [result] = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))[event.event_id]
+    assert (result["processors"], result["skipped"]) == (["see_skips"], ["skip_me", "save"])
+    assert result["outputs"] == {"see_skips": {"skipped": {"skip_me": "skip_me: not for this one"}}}, (
+        "nothing half done"
+    )
+    assert skips == 1
+    [line] = [json.loads(line) for line in daemon.log_text().splitlines() if '"step skipped"' in line]
+    assert (line["processor"], line["reason"], line["event_id"]) == (
+        "skip_me",
+        "skip_me: not for this one",
+        event.event_id,
+    )
+
+
 async def test_retryable_failures_reaching_max_deliver_are_dead_lettered(
     tmp_path, settings_for, start_daemon, nats_server
 ):

@@ -6,21 +6,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from helpers import connect, wait_settled
+from helpers import connect, peak_rss, wait_settled
 
 from uploads_consumer.envelope import MasterKeyRing
 from uploads_consumer.producer import publish_event, upload_file
 from uploads_consumer.storage import ObjectStore
 
 MiB = 1 << 20
-
-
-def peak_rss(pid: int) -> int:
-    """VmHWM: the process's peak resident set size so far, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 async def _publish(settings, path: Path, email: str) -> str:

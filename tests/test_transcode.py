@@ -19,10 +19,10 @@ import pytest
 import structlog
 from helpers import publish_uploads, read_stream, wait_ready, wait_settled
 from prometheus_client import CollectorRegistry
-from speech import GO_FORWARD, context, encode, ffmpeg, speech_mp3, synthesise, video
+from speech import GO_FORWARD, context, encode, ffmpeg, ffmpeg_children, speech_mp3, synthesise, video, wait_for_ffmpeg
 
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
-from uploads_consumer.processors import ProcessorEnvironment, load_processor
+from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor
 from uploads_consumer.processors.transcode import (
     Transcode,
     channel_count,
@@ -48,8 +48,10 @@ async def transcoder(monkeypatch, **variables: str) -> Transcode:
     return loaded.instance
 
 
-async def transcode(processor: Transcode, plaintext: Path, work: Path, name: str | None = None):
-    ctx = context(plaintext, work, name)
+async def transcode(
+    processor: Transcode, plaintext: Path, work: Path, name: str | None = None, content_type: str = "audio/mpeg"
+):
+    ctx = context(plaintext, work, name, content_type=content_type)
     ctx.current = "transcode"
     await processor.run(ctx)
     return ctx
@@ -65,27 +67,6 @@ def peak_db(path: Path) -> float:
     with wave.open(str(path)) as w:
         samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     return float(20 * np.log10(max(1, int(np.abs(samples.astype(np.int32)).max())) / 32768))
-
-
-def ffmpeg_children() -> list[int]:
-    """ffmpeg processes that are children of this test process (running or not yet reaped)."""
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().startswith("ffmpeg"):
-                    pids.append(int(pid))
-            except OSError:
-                continue
-    return pids
-
-
-async def wait_for_ffmpeg(timeout: float = 10) -> int:
-    for _ in range(int(timeout / 0.05)):
-        if found := ffmpeg_children():
-            return found[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("ffmpeg did not start")
 
 
 # ---- what ffmpeg says, parsed -----------------------------------------------------------------
@@ -196,12 +177,19 @@ async def test_undecodable_input_is_unsupported_media_with_ffmpegs_reason(tmp_pa
     assert str(garbage) not in caught.value.reason, "the private file's path is not shown"
 
 
-async def test_a_video_without_audio_is_unsupported_media(tmp_path, monkeypatch):
+async def test_a_video_without_audio_is_skipped_not_unsupported_media(tmp_path, monkeypatch):
     silent = video(tmp_path / "silent-film.mp4")
-    with pytest.raises(PermanentError) as caught:
-        await transcode(await transcoder(monkeypatch), silent, tmp_path / "work")
-    assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
+    with pytest.raises(StepSkipped) as caught:
+        await transcode(await transcoder(monkeypatch), silent, tmp_path / "work", content_type="video/mp4")
     assert caught.value.reason == "transcode: silent-film.mp4 has no audio stream"
+
+
+async def test_audio_without_an_audio_stream_is_unsupported_media(tmp_path, monkeypatch):
+    silent = video(tmp_path / "voice-note.m4a")
+    with pytest.raises(PermanentError) as caught:
+        await transcode(await transcoder(monkeypatch), silent, tmp_path / "work", content_type="audio/mp4")
+    assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
+    assert caught.value.reason == "transcode: voice-note.m4a has no audio stream"
 
 
 # ---- ffmpeg parses untrusted media: it gets no secrets and no network ------------------------------
@@ -346,7 +334,7 @@ async def test_a_binary_that_is_not_ffmpeg_is_refused_at_start(monkeypatch):
 # ---- through the daemon ----------------------------------------------------------------------------------
 
 
-async def test_corrupt_audio_and_a_video_without_sound_are_dead_lettered_unsupported_media(
+async def test_corrupt_audio_is_dead_lettered_unsupported_media_and_a_video_without_sound_skips_transcode(
     tmp_path, settings_for, start_daemon, nats_server
 ):
     from uploads_consumer.content_type import sniff
@@ -360,12 +348,16 @@ async def test_corrupt_audio_and_a_video_without_sound_are_dead_lettered_unsuppo
     await wait_ready(daemon)
     events = await publish_uploads(settings_for(), [corrupt, screen])
     await wait_settled(nats_server.url, 2, daemon=daemon)
+    skips = daemon.metric("uploads_consumer_processor_outcomes_total", 'outcome="skipped",processor="transcode"')
     assert daemon.terminate() == 0
+    assert skips == 1
     dead = {json.loads(m.data)["event_id"]: m.headers for m in await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")}
-    assert {h["Uploads-Error-Class"] for h in dead.values()} == {"unsupported_media"}
+    assert list(dead) == [events[0].event_id]
+    assert dead[events[0].event_id]["Uploads-Error-Class"] == "unsupported_media"
     assert "Invalid data found" in dead[events[0].event_id]["Uploads-Error"]
-    assert "screen.mp4 has no audio stream" in dead[events[1].event_id]["Uploads-Error"]
-    assert await read_stream(nats_server.url, "FILE_PROCESSED") == []
+    [result] = [json.loads(m.data) for m in await read_stream(nats_server.url, "FILE_PROCESSED")]
+    assert result["event_id"] == events[1].event_id
+    assert (result["processors"], result["skipped"]) == (["save"], ["transcode"])
 
 
 @pytest.mark.parametrize(

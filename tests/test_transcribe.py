@@ -25,12 +25,13 @@ from speech import (
     speech_mp3,
     synthesise,
     varied_sentences,
+    video,
 )
 from system import require_tool
 
 from uploads_consumer.embedded import free_port
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
-from uploads_consumer.processors import ProcessorEnvironment, load_processor, load_settings_for
+from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor, load_settings_for
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
 from uploads_consumer.processors.transcribe_api import language_code, parse_verbose_json, retry_after
 from uploads_consumer.processors.transcribe_local import pcm_samples
@@ -224,6 +225,15 @@ async def test_plaintext_that_is_not_audio_is_unsupported_media(tmp_path, monkey
     await processor.close()
     assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
     assert "memo.m4a" in caught.value.reason and str(bogus) not in caught.value.reason
+
+
+async def test_without_transcode_a_video_without_sound_is_skipped(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    ctx = context(video(tmp_path / "screen.mp4"), tmp_path / "work", content_type="video/mp4")
+    with pytest.raises(StepSkipped) as caught:
+        await processor.run(ctx)
+    await processor.close()
+    assert caught.value.reason == "transcribe: screen.mp4 has no audio stream"
 
 
 async def test_faster_whisper_without_any_ffmpeg_is_refused_at_start(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.processors import StepSkipped
 
 
 async def slow(ctx) -> None:
@@ -85,3 +86,14 @@ async def peek(ctx) -> None:
 async def verbose(ctx) -> None:
     """Reports an output larger than a NATS message may be (1 MiB by default): the result event cannot go."""
     ctx.report("text", "word " * (300 * 1024))
+
+
+async def skip_me(ctx) -> None:
+    """Reports something, then finds the upload is not for it after all."""
+    ctx.report("half_done", True)
+    raise StepSkipped("skip_me: not for this one")
+
+
+async def see_skips(ctx) -> None:
+    """Reports the steps skipped before it, with their reasons."""
+    ctx.report("skipped", dict(ctx.skipped))

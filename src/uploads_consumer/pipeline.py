@@ -42,6 +42,7 @@ from uploads_consumer.processors import (
     Need,
     ProcessingContext,
     Publish,
+    StepSkipped,
     StoredObject,
     chain_need,
     matches_any,
@@ -350,9 +351,14 @@ class Pipeline:
                 continue
             if not processor.applies_to(kind):
                 skipped.append(processor.name)
+                ctx.skipped[processor.name] = f"not for content type {kind}"
                 outcomes.labels(processor.name, "skipped").inc()
                 continue
-            await self._run_processor(processor, ctx, log)
+            try:
+                await self._run_processor(processor, ctx, log)
+            except StepSkipped:  # the processor found the upload is not for it: as if its types did not match
+                skipped.append(processor.name)
+                continue
             if processor.external_effect:
                 await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
             try:
@@ -369,6 +375,12 @@ class Pipeline:
         outcome = "ok"
         try:
             await processor.run(ctx)
+        except StepSkipped as skip:
+            outcome = "skipped"
+            ctx.outputs.pop(processor.name, None)
+            ctx.skipped[processor.name] = skip.reason
+            ctx.log.info("step skipped", reason=skip.reason)
+            raise
         except PermanentError:
             outcome = "failed"
             raise

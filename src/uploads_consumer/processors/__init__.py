@@ -2,7 +2,9 @@
 
 A processor runs on one upload and steers the outcome by raising the project's errors:
 `RetryableError` (nak with backoff, or its own `delay`) or `PermanentError` (dead-letter with its
-class). Any other exception counts as transient. Two shapes are accepted:
+class). Any other exception counts as transient. A processor that finds, once running, that an
+upload is not for it raises `StepSkipped(reason)`: the step is skipped, as when its content types
+do not match, and the chain goes on. Two shapes are accepted:
 
 - a plain **async function** `async def proc(ctx: ProcessingContext) -> None`: runs on every
   content type, has no settings of its own and no lifecycle;
@@ -37,7 +39,7 @@ from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from uploads_consumer.config import CsvList
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
 
 if TYPE_CHECKING:
     from uploads_consumer.envelope import EnvelopeMetadata
@@ -85,6 +87,16 @@ class StoredObject:
     metadata_key: str
 
 
+class StepSkipped(Exception):
+    """Raised by a running processor when the upload is not for it after all (a video without an
+    audio track for `transcode`): the step counts as skipped, like a content type it does not apply
+    to, what it reported so far is dropped, and the chain goes on. `reason` is one line, logged."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = one_line(reason)
+        super().__init__(self.reason)
+
+
 class ProcessingContext:
     """What a processor sees for one upload.
 
@@ -95,7 +107,8 @@ class ProcessingContext:
     is a private folder for this message (mode 0700, made when first asked for, removed after the
     chain); files a processor leaves there for later ones go in `files` (e.g. `files["audio"]`,
     the WAV that `transcode` made). `outputs` holds what earlier processors reported, by processor
-    name; `report()` adds to the current one's.
+    name; `report()` adds to the current one's. `skipped` names the earlier steps that were skipped,
+    with why (their content types, or the `StepSkipped` they raised).
     """
 
     def __init__(
@@ -113,6 +126,7 @@ class ProcessingContext:
         content_type: str | None = None,
         outputs: dict[str, dict[str, Any]] | None = None,
         files: dict[str, Path] | None = None,
+        skipped: dict[str, str] | None = None,
         current: str = "",
     ) -> None:
         self.event = event
@@ -132,6 +146,7 @@ class ProcessingContext:
         self.log = log
         self.outputs: dict[str, dict[str, Any]] = outputs if outputs is not None else {}
         self.files: dict[str, Path] = files if files is not None else {}
+        self.skipped: dict[str, str] = skipped if skipped is not None else {}
         self.current = current
 
     def _fetched(self, value: Any, what: str, need: Need) -> Any:

@@ -33,6 +33,7 @@ from uploads_consumer.config import PositiveDuration, PositiveSize
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
+    Need,
     ProcessingContext,
     Processor,
     ProcessorEnvironment,
@@ -260,6 +261,7 @@ class Scan(Processor):
     """
 
     settings_class = ScanSettings
+    needs = Need.PLAINTEXT
 
     def __init__(self, name: str, settings: ProcessorSettings, env: ProcessorEnvironment) -> None:
         super().__init__(name, settings, env)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -30,7 +31,15 @@ from pydantic import Field
 from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
 from uploads_consumer.observability import get_logger
-from uploads_consumer.processors import ProcessingContext, Processor, ProcessorEnvironment, ProcessorSettings
+from uploads_consumer.processors import (
+    Need,
+    ProcessingContext,
+    Processor,
+    ProcessorEnvironment,
+    ProcessorSettings,
+    StepSkipped,
+    matches_any,
+)
 
 log = get_logger("uploads_consumer.processors.transcode")
 
@@ -40,6 +49,7 @@ AUDIBLE_DB = -60.0  # an input whose peak is below this is silence; normalising 
 MAX_DROP_DB = 20.0  # loudnorm never lowers a real signal's peak this much: a drop this big is the bug
 HEAD_LINES = 200  # ffmpeg's description of the input comes first ...
 TAIL_LINES = 100  # ... its errors and the level measurements last; the middle may be any size
+DESCRIBING_LINES = 64  # the lines naming the inputs' and outputs' streams, kept wherever they come
 START_TIMEOUT = 30.0
 # Lines of ffmpeg's stderr that say something went wrong on our side, not in the file.
 RESOURCE_ERRORS = ("No space left on device", "Disk quota exceeded", "Cannot allocate memory", "Permission denied")
@@ -49,6 +59,7 @@ _BOILERPLATE = re.compile(
 _LOG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-f]+\] ")
 _LEVEL = re.compile(r"^\[volumedetect@(input|output) @ [^\]]+\] (n_samples|max_volume): (\S+)")
 _AUDIO_STREAM = re.compile(r"^\s*Stream #0:\d+\S*: Audio: (.*)$")
+_DESCRIBING = re.compile(r"^(Input #|Output #|\s+Duration: |\s*Stream #\d+:\d+|\s+displaymatrix: )")
 _CHANNEL_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6, "octagonal": 8}
 
 
@@ -78,6 +89,9 @@ class FfmpegRun:
     """ffmpeg could read the container and list its streams."""
     audio_stream: str | None = None
     """ffmpeg's description of the first audio stream, wherever it came in its output."""
+    described: list[str] = field(default_factory=list)
+    """The lines that describe the inputs and outputs (`Input #0`, `Duration:`, `Stream #0:1: …`),
+    wherever they came: the first DESCRIBING_LINES of them."""
 
     @property
     def lines(self) -> list[str]:
@@ -150,6 +164,16 @@ def normalisation_problem(levels: dict[str, dict[str, float]]) -> str | None:
     return None
 
 
+NO_AUDIO_STREAM = "has no audio stream"
+
+
+class NoAudioStream(PermanentError):
+    """ffmpeg opened the file and found no audio stream in it (`unsupported_media` unless caught)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorClass.UNSUPPORTED_MEDIA, reason)
+
+
 @dataclass(frozen=True)
 class PcmWav:
     sample_rate: int
@@ -193,12 +217,13 @@ def write_empty_wav(path: Path) -> None:
         w.setframerate(SAMPLE_RATE)
 
 
-def find_ffmpeg(configured: str | None) -> str:
-    """TRANSCODE_FFMPEG if set; else the binary imageio-ffmpeg bundles; else `ffmpeg` on PATH."""
+def find_ffmpeg(configured: str | None, variable: str = "TRANSCODE_FFMPEG") -> str:
+    """`configured` (the processor's `variable`) if set; else the binary imageio-ffmpeg bundles;
+    else `ffmpeg` on PATH."""
     if configured:
         found = shutil.which(configured)
         if found is None:
-            raise ConfigError("TRANSCODE_FFMPEG", "not found or not executable")
+            raise ConfigError(variable, "not found or not executable")
         return found
     try:
         import imageio_ffmpeg
@@ -211,10 +236,29 @@ def find_ffmpeg(configured: str | None) -> str:
     if found := shutil.which("ffmpeg"):
         return found
     raise ConfigError(
-        "TRANSCODE_FFMPEG",
+        variable,
         "no ffmpeg found: pip install 'uploads-consumer[media]' (it bundles one), install ffmpeg, "
-        "or set TRANSCODE_FFMPEG to the binary",
+        f"or set {variable} to the binary",
     )
+
+
+async def ask_ffmpeg(binary: str, args: list[str], variable: str) -> str:
+    """What ffmpeg prints for `args` (`-version`, `-h encoder=libwebp`, …); at start, so a problem
+    is a ConfigError naming `variable`, the setting that chose the binary."""
+    loop = asyncio.get_running_loop()
+    try:
+        run = await run_ffmpeg(binary, ["-hide_banner", *args], loop.time() + START_TIMEOUT, START_TIMEOUT, stdout=True)
+    except RetryableError as exc:
+        raise ConfigError(variable, exc.reason.removeprefix("transcode: ")) from None
+    return "\n".join(run.lines)
+
+
+async def ffmpeg_version(binary: str, variable: str) -> str:
+    """The version `binary` reports; a binary that does not answer as ffmpeg does is a ConfigError."""
+    version = re.match(r"ffmpeg version (\S+)", await ask_ffmpeg(binary, ["-version"], variable))
+    if version is None:
+        raise ConfigError(variable, "the binary does not answer `-version` as ffmpeg does")
+    return version.group(1)
 
 
 def _child_environment() -> dict[str, str]:
@@ -235,6 +279,8 @@ async def _collect(stream: asyncio.StreamReader, run: FfmpegRun, tail: deque[str
                 run.opened = True
             elif run.audio_stream is None and (match := _AUDIO_STREAM.match(line)):
                 run.audio_stream = match.group(1)
+            if len(run.described) < DESCRIBING_LINES and _DESCRIBING.match(line):
+                run.described.append(line)
             (run.head.append if len(run.head) < HEAD_LINES else tail.append)(line)
     if pending:
         tail.append(pending.decode("utf-8", "replace"))
@@ -248,10 +294,14 @@ async def run_ffmpeg(
     stdout: bool = False,
     who: str = "transcode",
     timeout_variable: str = "TRANSCODE_TIMEOUT",
+    cpu_limit: float | None = None,
+    cpu_variable: str = "",
 ) -> FfmpegRun:
     """Run ffmpeg until it exits or the loop time `deadline` passes; killed when cancelled or late.
 
     Its stderr (and its stdout too when `stdout`, for `-version` and `-h`) is collected in a bounded way.
+    With `cpu_limit`, the kernel stops it after that many seconds of CPU time (RLIMIT_CPU, all its
+    threads together; `cpu_variable` names the setting).
     Raises RetryableError when it cannot be started, is killed by a signal, or runs out of time; its
     reason starts with `who` (the processor that ran it) and names `timeout_variable`.
     """
@@ -267,6 +317,13 @@ async def run_ffmpeg(
         )
     except OSError as exc:
         raise RetryableError(f"{who}: cannot run ffmpeg: {exc.strerror or exc}") from None
+    if cpu_limit is not None:
+        # Set from here, a moment after the start (a preexec_fn is unsafe in a process with threads).
+        # Soft and hard limits equal: SIGKILL at the limit (ffmpeg takes SIGXCPU for a polite stop,
+        # and can keep its encoder threads busy well past it).
+        seconds = max(1, round(cpu_limit))
+        with contextlib.suppress(ProcessLookupError):  # it may have ended already
+            resource.prlimit(proc.pid, resource.RLIMIT_CPU, (seconds, seconds))
     run = FfmpegRun()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     try:
@@ -283,7 +340,10 @@ async def run_ffmpeg(
                 proc.kill()
             await proc.wait()
     if run.returncode < 0:
-        raise RetryableError(f"{who}: ffmpeg was killed by {signal.Signals(-run.returncode).name}")
+        killer = signal.Signals(-run.returncode).name
+        if cpu_limit is not None and killer == "SIGKILL":
+            killer += f" (at {cpu_variable}, {cpu_limit:g}s of CPU time, or short of memory)"
+        raise RetryableError(f"{who}: ffmpeg was killed by {killer}")
     run.tail = list(tail)
     return run
 
@@ -332,11 +392,12 @@ class Transcode(Processor):
     """Converts audio and video to 16 kHz mono 16-bit WAV with ffmpeg, loudness-normalised (EBU R128).
 
     The WAV goes to the message's work directory as `files["audio"]`, for `transcribe`. Reports
-    the duration and the input's codec, sample rate and channels. Undecodable media, or media
-    without audio, is dead-lettered `unsupported_media`.
+    the duration and the input's codec, sample rate and channels. Undecodable media, or audio
+    without an audio stream, is dead-lettered `unsupported_media`; a video without one is skipped.
     """
 
     settings_class = TranscodeSettings
+    needs = Need.PLAINTEXT
     content_types = ("audio/*", "video/*")
     settings: TranscodeSettings
 
@@ -347,23 +408,13 @@ class Transcode(Processor):
 
     async def start(self) -> None:
         self.ffmpeg = find_ffmpeg(self.settings.ffmpeg)
-        version = re.match(r"ffmpeg version (\S+)", await self._ask(["-version"]))
-        if version is None:
-            raise ConfigError("TRANSCODE_FFMPEG", "the binary does not answer `-version` as ffmpeg does")
-        if self.normalize and "Unknown filter" in await self._ask(["-h", "filter=loudnorm"]):
+        version = await ffmpeg_version(self.ffmpeg, "TRANSCODE_FFMPEG")
+        if self.normalize and "Unknown filter" in await ask_ffmpeg(
+            self.ffmpeg, ["-h", "filter=loudnorm"], "TRANSCODE_FFMPEG"
+        ):
             log.warning("this ffmpeg has no loudnorm filter: audio is transcoded without loudness normalisation")
             self.normalize = False
-        log.info("transcode: using ffmpeg", path=self.ffmpeg, version=version.group(1), normalize=self.normalize)
-
-    async def _ask(self, args: list[str]) -> str:
-        loop = asyncio.get_running_loop()
-        try:
-            run = await run_ffmpeg(
-                self.ffmpeg, ["-hide_banner", *args], loop.time() + START_TIMEOUT, START_TIMEOUT, stdout=True
-            )
-        except RetryableError as exc:
-            raise ConfigError("TRANSCODE_FFMPEG", exc.reason.removeprefix("transcode: ")) from None
-        return "\n".join(run.lines)
+        log.info("transcode: using ffmpeg", path=self.ffmpeg, version=version, normalize=self.normalize)
 
     async def run(self, ctx: ProcessingContext) -> None:
         target = ctx.work_dir / "audio.wav"
@@ -372,7 +423,10 @@ class Transcode(Processor):
         if ctx.size == 0:  # an empty upload is empty audio: a success with nothing in it
             await asyncio.to_thread(write_empty_wav, target)
         else:
-            source, normalized = await self._convert(ctx, target)
+            try:
+                source, normalized = await self._convert(ctx, target)
+            except NoAudioStream as exc:
+                raise skipped_if_video(ctx, exc) from None
         wav = read_pcm_wav(target)
         if wav is None:
             raise RetryableError("transcode: ffmpeg reported success but its WAV output is unreadable")
@@ -434,7 +488,18 @@ async def to_wav(
     if run.says(*RESOURCE_ERRORS):
         raise RetryableError(f"{who}: {run.reason(source, name)}")
     if run.opened and run.audio is None:
-        raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"{who}: {name} has no audio stream")
+        raise NoAudioStream(f"{who}: {name} {NO_AUDIO_STREAM}")
     raise PermanentError(
         ErrorClass.UNSUPPORTED_MEDIA, f"{who}: ffmpeg cannot decode {name}: {run.reason(source, name)}"
     )
+
+
+def skipped_if_video(ctx: ProcessingContext, exc: NoAudioStream) -> PermanentError | StepSkipped:
+    """A video without sound is a video, and not for a step that wants its audio: that step is
+    skipped. Audio without an audio stream is broken: it stays `unsupported_media`."""
+    return StepSkipped(exc.reason) if matches_any(ctx.content_type, ("video/*",)) else exc
+
+
+def found_no_audio(ctx: ProcessingContext) -> str | None:
+    """Why an earlier step skipped this upload for want of an audio stream, if one did."""
+    return next((reason for reason in ctx.skipped.values() if reason.endswith(NO_AUDIO_STREAM)), None)

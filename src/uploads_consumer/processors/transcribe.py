@@ -28,9 +28,23 @@ from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError
 from uploads_consumer.events import FileUploadEvent
 from uploads_consumer.observability import PREFIX
-from uploads_consumer.processors import ProcessingContext, Processor, ProcessorEnvironment, ProcessorSettings
+from uploads_consumer.processors import (
+    Need,
+    ProcessingContext,
+    Processor,
+    ProcessorEnvironment,
+    ProcessorSettings,
+    StepSkipped,
+)
 from uploads_consumer.processors.save import place_bytes
-from uploads_consumer.processors.transcode import find_ffmpeg, read_pcm_wav, to_wav
+from uploads_consumer.processors.transcode import (
+    NoAudioStream,
+    find_ffmpeg,
+    found_no_audio,
+    read_pcm_wav,
+    skipped_if_video,
+    to_wav,
+)
 
 DECODE_TIMEOUT = 600.0  # longest ffmpeg run turning an upload `transcode` did not convert into a WAV
 MAX_OUTPUT_TEXT = 10_000  # characters of the transcript in the result event; the files hold all of it
@@ -214,6 +228,7 @@ class Transcribe(Processor):
     """
 
     settings_class = TranscribeSettings
+    needs = Need.PLAINTEXT
     content_types = ("audio/*", "video/*")
     external_effect = True
     settings: TranscribeSettings
@@ -256,6 +271,8 @@ class Transcribe(Processor):
 
     async def run(self, ctx: ProcessingContext) -> None:
         transcoded = "audio" in ctx.files
+        if not transcoded and (reason := found_no_audio(ctx)):
+            raise StepSkipped(f"no audio to transcribe ({reason})")
         audio = ctx.files.get("audio", ctx.plaintext_path)
         name = ctx.metadata.clean_filename
         if is_empty_audio(audio, transcoded):
@@ -265,17 +282,20 @@ class Transcribe(Processor):
                 # A WAV on disk is read a piece at a time; decoding the upload in memory would hold all
                 # of its audio at once (230 MB an hour).
                 wav = ctx.work_dir / "transcribe.wav"
-                await to_wav(
-                    self._ffmpeg,
-                    audio,
-                    wav,
-                    name,
-                    normalize=False,
-                    timeout=DECODE_TIMEOUT,
-                    logger=ctx.log,
-                    who="transcribe",
-                    timeout_variable="its time limit",
-                )
+                try:
+                    await to_wav(
+                        self._ffmpeg,
+                        audio,
+                        wav,
+                        name,
+                        normalize=False,
+                        timeout=DECODE_TIMEOUT,
+                        logger=ctx.log,
+                        who="transcribe",
+                        timeout_variable="its time limit",
+                    )
+                except NoAudioStream as exc:
+                    raise skipped_if_video(ctx, exc) from None
                 audio, transcoded = wav, True
             filename, content_type = (f"{name}.wav", "audio/wav") if transcoded else (name, ctx.content_type)
             async with self._slots:
