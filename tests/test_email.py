@@ -259,6 +259,8 @@ async def test_a_file_name_with_a_line_break_cannot_add_a_header(processor):
     [
         "ada@example.com\r\nBcc: eve@example.net",
         "ada@example.com\nBcc: eve@example.net",
+        "ada@example.com\r\n",
+        "ada@exam ple.com",
         "ada@example.com,eve@example.net",
         "ada@example.com eve@example.net",
         "Ada <ada@example.com>",
