@@ -5,6 +5,7 @@
 #   docker run --rm -e NATS_URL=... uploads-consumer status      # any other command
 #   docker build --build-arg EXTRAS=transcribe -t uploads-consumer:voice .   # with transcode + transcribe
 #   docker build --build-arg EXTRAS=transcribe,images -t uploads-consumer:media .   # + image (libvips) and video
+#   docker build --build-arg EXTRAS=email -t uploads-consumer:email .   # with email (aiosmtplib); combine: EXTRAS=transcribe,email
 
 # --- build: install the package and its dependencies into a virtual environment -----------
 FROM python:3.11-slim AS build

@@ -612,6 +612,30 @@ def test_compose_clamav_is_a_pinned_release_that_the_consumer_scans_with_before_
         assert f"# {variable}: " in text
 
 
+def test_compose_mail_profile_runs_a_catcher_that_the_commented_email_lines_point_at(monkeypatch, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from uploads_consumer.processors import ProcessorEnvironment, load_processor
+    from uploads_consumer.processors.email import Email
+
+    services = compose()["services"]
+    mailpit = services["mailpit"]
+    assert mailpit["profiles"] == ["mail"] and mailpit["image"].startswith("axllent/mailpit:")
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "UNVERIFIED" in text, "the catcher's tag is said to be unchecked until someone pulls it"
+    # The EMAIL_* lines the operator uncomments, as compose would read them once uncommented.
+    lines = re.findall(r"^\s*# (EMAIL_[A-Z_]+: .*)$", text, re.M)
+    example = {k: interpolate(v) for k, v in yaml.safe_load("\n".join(lines)).items()}
+    assert urlsplit(example["EMAIL_SMTP_URL"]).hostname == "mailpit"
+    assert example["EMAIL_SUBJECT"] == "New upload ${filename}", "$$ keeps the template's $ from compose"
+    for name in processor_variables("email"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in example.items():
+        monkeypatch.setenv(name, value)
+    environment = ProcessorEnvironment(tmp_path, ("email",), 300.0, CollectorRegistry())
+    assert isinstance(load_processor("email", environment).instance, Email)  # every value validates
+
+
 # --- systemd -----------------------------------------------------------------------------
 
 UNIT = ROOT / "deploy" / "systemd" / "uploads-consumer.service"

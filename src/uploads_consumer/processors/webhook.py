@@ -37,6 +37,7 @@ from uploads_consumer.processors import (
     ProcessorSettings,
     variable_for,
 )
+from uploads_consumer.processors.announce import human_size, transcription, upload_name
 
 log = get_logger("uploads_consumer.processors.webhook")
 
@@ -94,17 +95,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def human_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} byte{'s' if size != 1 else ''}"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 def preview(text: str) -> str:
     """The first words of a transcript, cut short with an ellipsis."""
     words = text.split()
@@ -118,12 +108,10 @@ def summary_line(ctx: ProcessingContext) -> str:
     """Who uploaded what, its size and type where they were read, and the transcript's first words
     when there is one."""
     facts = ctx.facts()
-    name = facts["original_filename"] or ctx.event.s3_data_key.rpartition("/")[2].removesuffix(".enc")
     known = [human_size(facts["size"])] if facts["size"] is not None else []
     known += [facts["content_type"]] if facts["content_type"] else []
-    line = f"{ctx.event.email} uploaded {name}" + (f" ({', '.join(known)})" if known else "")
-    texts = [out.get("text") for step, out in ctx.outputs.items() if step.partition(":")[0] == "transcribe"]
-    text = next((t for t in texts if isinstance(t, str) and t.strip()), None)
+    line = f"{ctx.event.email} uploaded {upload_name(ctx)}" + (f" ({', '.join(known)})" if known else "")
+    text = transcription(ctx).get("text")
     if text is not None:
         line += f': "{preview(text)}"'
     return line
