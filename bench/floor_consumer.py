@@ -6,11 +6,15 @@ written (no fsync), and a plain `msg.ack()` (no confirmation). No idempotency ch
 no retries, no dead letters, no size limits. Path-style addressing on S3_ENDPOINT_URL; configured by
 the daemon's environment variables. Not part of the product: the benchmark's floor only.
 
-With `--same-work` it also does the two per-file jobs the daemon cannot skip and that are not plumbing:
-it sniffs the content type with the daemon's own libmagic call, and places the file as the daemon's
-`save` does (hard link from a private file, `fsync` of the file and its folder, in a worker thread).
-The daemon's CPU over this floor's is then what its plumbing costs (NATS round trips, streaming,
-the pipeline), the per-file work taken out.
+With `--same-work` it also does the work the daemon cannot skip and that is not its own plumbing:
+- the two per-file jobs: it sniffs the content type with the daemon's own libmagic call, and places
+  the file as the daemon's `save` does (hard link from a private file, `fsync` of the file and its
+  folder, in a worker thread);
+- the same confirmed NATS operations, with nats-py as the daemon calls it: the idempotency lookup
+  (`kv.get`, alongside the S3 GETs), the result event (`js.publish`, acknowledged by the stream), the
+  idempotency record (`kv.put`) and a confirmed ack (a request to the reply subject).
+The daemon's CPU over this floor's is then what its own code costs (streaming, the pipeline, the
+settler, logs, metrics), the work every correct consumer does taken out.
 """
 
 from __future__ import annotations
@@ -22,16 +26,20 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import nats
 import nats.errors
+import nats.js.errors
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 from yarl import URL
 
 IN_FLIGHT = 64
@@ -78,14 +86,27 @@ async def the_daemons_work(out_root: Path, event: dict, name: str, plaintext: by
         private.unlink()
 
 
-async def handle(msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path, same_work: bool, job: int) -> None:
+async def lookup(kv: KeyValue | None, key: str) -> bool:
+    if kv is None:
+        return False
+    try:
+        await kv.get(key)
+        return True
+    except KeyNotFoundError:
+        return False
+
+
+async def handle(
+    msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path, same_work: bool, job: int, nc: Any, kv: KeyValue | None
+) -> None:
     try:
         event = json.loads(msg.data)
         if isinstance(event, str):
             event = json.loads(event)
         bucket = event["bucket_name"]
-        metadata_body, encrypted = await asyncio.gather(
-            s3.get(bucket, event["s3_metadata_key"]), s3.get(bucket, event["s3_data_key"])
+        key = f"{event['event_id']}.floor"
+        metadata_body, encrypted, _seen = await asyncio.gather(
+            s3.get(bucket, event["s3_metadata_key"]), s3.get(bucket, event["s3_data_key"]), lookup(kv, key)
         )
         metadata = json.loads(metadata_body)
         kek = base64.b64decode(metadata["kek"])
@@ -94,11 +115,18 @@ async def handle(msg: Msg, s3: SignedGetter, master: AESGCM, out_root: Path, sam
         name = metadata["original_filename"].removesuffix(".encrypted")
         if same_work:
             await the_daemons_work(out_root, event, name, plaintext, job)
+            result = {"event_id": event["event_id"], "size": len(plaintext), "status": "processed"}
+            await nc.jetstream().publish(
+                "file.processed", json.dumps(result).encode(), headers={"Nats-Msg-Id": f"{key}:processed"}
+            )
+            assert kv is not None
+            await kv.put(key, b"1")
+            await nc.request(msg.reply, b"+ACK", timeout=5)
         else:
             target = out_root / event["email"] / event["file_uuid"] / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(plaintext)
-        await msg.ack()
+            await msg.ack()
     except Exception as exc:  # noqa: BLE001 - no guarantees: left unacknowledged, redelivered after ack_wait
         print(f"failed: {type(exc).__name__}: {exc}", flush=True)
 
@@ -121,7 +149,15 @@ async def main() -> None:
     if same_work:
         (out_root / ".incoming").mkdir(parents=True, exist_ok=True)
     nc = await nats.connect(os.environ.get("NATS_URL", "nats://localhost:4222"))
-    sub = await nc.jetstream().pull_subscribe("file.uploads", durable="file_processor", stream="FILE_UPLOADS")
+    js = nc.jetstream()
+    kv = None
+    if same_work:  # made before the first delivery, as the daemon's setup does
+        kv = await js.create_key_value(bucket="floor_done", history=1, ttl=7 * 86400)
+        try:
+            await js.stream_info("FILE_PROCESSED")
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(name="FILE_PROCESSED", subjects=["file.processed"])
+    sub = await js.pull_subscribe("file.uploads", durable="file_processor", stream="FILE_UPLOADS")
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     tasks: set[asyncio.Task[None]] = set()
@@ -136,7 +172,7 @@ async def main() -> None:
             continue
         for msg in msgs:
             jobs += 1
-            task = asyncio.create_task(handle(msg, s3, master, out_root, same_work, jobs))
+            task = asyncio.create_task(handle(msg, s3, master, out_root, same_work, jobs, nc, kv))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
     if tasks:
