@@ -154,6 +154,19 @@ class Metrics:
         self.ready = Gauge(
             PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", c, registry=r
         ).labels(consumer)
+        # The audit trail's (AUDIT_URL); exported at 0 without one, so dashboards and alerts always find them.
+        self.audit_records = Counter(
+            PREFIX + "audit_records", "Audit records made durable (in the store, or in the local spool).", c, registry=r
+        ).labels(consumer)
+        self.audit_spool_depth = Gauge(
+            PREFIX + "audit_spool_depth", "Audit records in the local spool, not yet in the store.", c, registry=r
+        ).labels(consumer)
+        self.audit_flush_errors = Counter(
+            PREFIX + "audit_flush_errors",
+            "Failed attempts to write audit records (to the local journal, or from the spool to the store).",
+            c,
+            registry=r,
+        ).labels(consumer)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

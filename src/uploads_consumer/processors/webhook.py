@@ -118,7 +118,7 @@ def summary_line(ctx: ProcessingContext) -> str:
     """Who uploaded what, its size and type where they were read, and the transcript's first words
     when there is one."""
     facts = ctx.facts()
-    name = facts["original_filename"] or ctx.event.s3_data_key.rpartition("/")[2].removesuffix(".enc")
+    name = facts["original_filename"] or ctx.event.stored_name
     known = [human_size(facts["size"])] if facts["size"] is not None else []
     known += [facts["content_type"]] if facts["content_type"] else []
     line = f"{ctx.event.email} uploaded {name}" + (f" ({', '.join(known)})" if known else "")
