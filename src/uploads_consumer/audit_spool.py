@@ -61,6 +61,7 @@ class Spool:
         self.local = SqliteStore(directory / (re.sub(r"[^A-Za-z0-9_.-]", "_", writer) + ".db"))
         self._lock: int | None = None
         self._orphans: list[tuple[SqliteStore, int]] = []
+        self._unreadable: set[Path] = set()
         self.depth = 0
         self._wake = asyncio.Event()
         self._moved = asyncio.Event()
@@ -163,7 +164,7 @@ class Spool:
             self._moved.set()
 
     async def _adopt_orphans(self) -> None:
-        mine = {self.local.path, *(orphan.path for orphan, _ in self._orphans)}
+        mine = {self.local.path, *(orphan.path for orphan, _ in self._orphans), *self._unreadable}
         for path in sorted(self._dir.glob("*.db")):
             if path in mine or (fd := _lock(path.with_suffix(".lock"))) is None:
                 continue  # ours, or its process lives
@@ -171,10 +172,12 @@ class Spool:
             try:
                 await orphan.open()
                 count = await orphan.count()
-            except BaseException:
+            except Exception as exc:  # noqa: BLE001 - left for a person to look at; our own spool goes on
                 await orphan.close()
                 os.close(fd)
-                raise
+                self._unreadable.add(path)
+                log.error("cannot read the audit spool of a process that stopped", spool=str(path), error=describe(exc))
+                continue
             self._orphans.append((orphan, fd))
             self._count(count)
             log.warning("taking over the audit spool of a process that stopped", spool=str(path), records=count)

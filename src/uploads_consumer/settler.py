@@ -208,7 +208,9 @@ class Settler:
             await self._dead_letters.publish(msg, decision.error_class, decision.reason)
         except Exception as exc:  # noqa: BLE001 - never terminate without the copy
             return CopyFailed(describe(exc))
-        settlement = Settlement(Recorded.DEAD_LETTERED, received, None, str(decision.error_class), decision.reason)
+        settlement = Settlement(
+            Recorded.DEAD_LETTERED, received, error_class=str(decision.error_class), reason=decision.reason
+        )
         await self._confirm(msg, b"+TERM", settlement)
         self._metrics.messages.labels("dead_lettered").inc()
         self._metrics.dead_letters.labels(str(decision.error_class)).inc()

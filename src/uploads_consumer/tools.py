@@ -314,7 +314,8 @@ async def audit_tail(settings: Settings, lines: int, as_json: bool, interval: fl
     shown: set[int] = set()
     try:
         while True:
-            for record_id, record in await store.after(max(floor, top - TAIL_LOOKBACK), 1000):
+            # More than the look-back per poll: each one gets past what it has already shown.
+            for record_id, record in await store.after(max(floor, top - TAIL_LOOKBACK), TAIL_LOOKBACK + 1000):
                 if record_id in shown:
                     continue
                 print(json.dumps(record, ensure_ascii=False) if as_json else _tail_line(record), flush=True)
