@@ -22,7 +22,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 # Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only:
-# transcode, video), images (libvips, bundled by the pyvips-binary wheel: image).
+# transcode, video), images (libvips, bundled by the pyvips-binary wheel: image), audit (AUDIT_URL:
+# aiosqlite and asyncpg).
 ARG EXTRAS=""
 RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}" && pip check
 

@@ -5,6 +5,7 @@
     python bench/run.py --rounds 3 --profile /tmp/ours.txt   # medians of 3 interleaved rounds; py-spy profiles
     python bench/run.py --same-work        # also the floor doing the daemon's per-file work (sniff, durable save)
     python bench/run.py --webhook-only     # also ours with PROCESSORS=webhook (the event only, no S3) to a local receiver
+    python bench/run.py --audit            # also ours with an audit trail: AUDIT_URL=sqlite, and a PostgreSQL store
 
 The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
 our daemon's CPU per upload and throughput are reported as ratios to it.
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -34,7 +36,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from uploads_consumer.config import Settings
-from uploads_consumer.embedded import DaemonProcess, NatsServer, S3Server, clean_environment, free_port
+from uploads_consumer.embedded import DaemonProcess, NatsServer, PostgresServer, S3Server, clean_environment, free_port
 from uploads_consumer.envelope import MasterKeyRing, ObjectDecryptor, encrypt_stream
 from uploads_consumer.producer import publish_event, upload_file
 from uploads_consumer.provision import provision
@@ -383,6 +385,12 @@ def main() -> int:
         "that needs only the event, so no S3 request; its CPU and throughput against ours with the defaults",
     )
     parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="also run ours with AUDIT_URL=sqlite:///… and with AUDIT_URL=postgresql://… (a private server started "
+        "with initdb and pg_ctl, Debian's postgresql): what the audit trail costs per upload, against ours without",
+    )
+    parser.add_argument(
         "--no-baseline",
         action="store_true",
         help="leave out the seed's consumer (one upload at a time: the slowest part of a round)",
@@ -427,8 +435,16 @@ def main() -> int:
     rounds: dict[str, list[Run]] = {name: [] for name in consumers}
     large_runs: dict[str, Run] = {}
     ceilings: list[float] = []
+    audit_db = PostgresServer() if args.audit else None
     with tempfile.TemporaryDirectory(prefix="uploads-bench-") as tmp:
         work = Path(tmp)
+        if audit_db is not None:  # one store for every round, as a deployment has (records only add up)
+            audit_db.start()
+            ours = [sys.executable, "-m", "uploads_consumer"]
+            consumers["ours audit=sqlite"] = ["env", f"AUDIT_URL=sqlite:///{work}/audit.db", *ours]
+            spool = f"AUDIT_SPOOL_DIR={work}/audit-spool"
+            consumers["ours audit=postgresql"] = ["env", f"AUDIT_URL={audit_db.url()}", spool, *ours]
+            rounds.update({name: [] for name in consumers if name not in rounds})
         small = make_files(work / "small", args.small, args.small_size)
         large = make_files(work / "large", 1, args.large_mib * MiB) if args.large_mib else []
         with S3Server(log_path=work / "s3.log") as s3:
@@ -458,6 +474,9 @@ def main() -> int:
                         print(f"{name}: {args.large_mib} MiB in {large_runs[name].seconds:.1f}s", flush=True)
             finally:
                 proxy.stop()
+                if audit_db is not None:
+                    audit_db.stop()
+                    shutil.rmtree(audit_db.base_dir, ignore_errors=True)
     streaming, one_shot = measure_crypto()
 
     results = {name: median_run(runs) for name, runs in rounds.items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,12 @@ PACKAGES = {
     "clamd": "clamav-daemon",
     "espeak-ng": "espeak-ng",
     "shellcheck": "shellcheck",
+    "initdb": "postgresql",
+    "pg_ctl": "postgresql",
 }
+# Debian keeps PostgreSQL's server tools off PATH, in a folder per major version.
+POSTGRES_BINS = sorted(Path("/usr/lib/postgresql").glob("[0-9]*/bin"), key=lambda p: -int(p.parent.name))
+EXTRA_PATHS = ":".join(["/usr/sbin", "/sbin", "/usr/local/sbin", *map(str, POSTGRES_BINS)])
 
 
 def in_ci() -> bool:
@@ -26,7 +32,7 @@ def in_ci() -> bool:
 
 def require_tool(binary: str) -> str:
     """The binary's path; else skip (locally) or fail (CI=true) naming the apt-get line that provides it."""
-    path = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin:/usr/local/sbin")
+    path = shutil.which(binary) or shutil.which(binary, path=EXTRA_PATHS)
     if path:
         return path
     reason = f"{binary} not found: sudo apt-get install -y --no-install-recommends {PACKAGES[binary]}"

@@ -1,4 +1,4 @@
-"""Command line: `uploads-consumer [run|setup|status|publish|dlq|decrypt|demo]`."""
+"""Command line: `uploads-consumer [run|setup|status|publish|dlq|audit|decrypt|demo]`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ examples:
   ENCRYPTION_MASTER_KEY=... NATS_URL=nats://nats:4222 uploads-consumer   # the daemon
   uploads-consumer setup                      # create streams, consumer and bucket
   uploads-consumer status --json
+  uploads-consumer audit report --since 7d --by user
 """
 
 
@@ -164,6 +165,28 @@ def cmd_processors(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from uploads_consumer import tools
+
+    settings = _settings()
+    if args.audit_command == "verify":
+        return asyncio.run(tools.audit_verify(settings))
+    if args.audit_command == "report":
+        return asyncio.run(tools.audit_report(settings, args.since, args.by, args.consumer, args.json))
+    if args.audit_command == "tail":
+        return asyncio.run(tools.audit_tail(settings, args.lines, args.json))
+    return asyncio.run(tools.audit_migrate(settings))
+
+
+def _duration(text: str) -> float:
+    from uploads_consumer.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from uploads_consumer.demo import run_demo
 
@@ -276,6 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="replay every dead-lettered message")
     which.add_argument("--seq", type=int, nargs="+", metavar="N", help="dead-letter stream sequences to replay")
     dr.add_argument("--consumer", metavar="NAME", help="only the dead letters this consumer made")
+    p = add("audit", cmd_audit, "the audit trail AUDIT_URL names: verify its chains, report usage, follow it")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+
+    def audit_action(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        return asub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
+
+    audit_action(
+        "verify",
+        "walk every writer's hash chain; exit 1 naming the first broken record (edited, deleted, reordered)",
+        "example:\n  AUDIT_URL=sqlite:////var/lib/uploads-consumer/audit.db uploads-consumer audit verify",
+    )
+    ar = audit_action(
+        "report",
+        "uploads, bytes and failures per day, user, content type or outcome, computed by the database",
+        "examples:\n  uploads-consumer audit report\n  uploads-consumer audit report --since 30d --by user\n"
+        "  uploads-consumer audit report --by type --json",
+    )
+    ar.add_argument("--since", type=_duration, default=7 * 86400.0, metavar="DURATION", help="how far back (7d)")
+    ar.add_argument("--by", choices=("day", "user", "type", "outcome"), default="day", help="the groups (day)")
+    ar.add_argument("--consumer", metavar="NAME", help="whose records (default: NATS_CONSUMER_NAME)")
+    ar.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    at = audit_action(
+        "tail",
+        "print the last records, then each new one as it is stored, until interrupted",
+        "examples:\n  uploads-consumer audit tail\n  uploads-consumer audit tail -n 50 --json | jq .outcome",
+    )
+    at.add_argument("-n", "--lines", type=int, default=10, metavar="N", help="records to show first (10)")
+    at.add_argument("--json", action="store_true", help="one JSON record per line, hashes included")
+    audit_action(
+        "migrate",
+        "create or upgrade the audit tables, then exit (run it as the tables' owner; see the contract)",
+        "example:\n  AUDIT_URL=postgresql://audit_owner@db/audit uploads-consumer audit migrate",
+    )
     p = add(
         "decrypt",
         cmd_decrypt,

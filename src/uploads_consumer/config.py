@@ -29,6 +29,7 @@ MIN_RETRY_DELAY = 0.1
 FETCH_TIMEOUT_DEFAULT = 5.0
 # NATS refuses these in a durable name (and a name is also a subject token and a bucket-name part here).
 _CONSUMER_NAME = re.compile(r"^[^\s.*>/\\]+$")
+AUDIT_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
@@ -168,6 +169,12 @@ class Settings(BaseSettings):
     log_format: str | None = None
     shutdown_grace: Duration = 30.0
 
+    audit_url: SecretStr | None = None
+    """`sqlite:///path` or `postgresql://…`; unset: no audit trail. May hold a password: a secret."""
+    audit_spool_dir: Path | None = None
+    """Unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool`; see `audit_spool_path`."""
+    audit_spool_max: int = Field(default=100_000, ge=1)
+
     @model_validator(mode="before")
     @classmethod
     def _derived_defaults(cls, data: Any) -> Any:
@@ -231,6 +238,15 @@ class Settings(BaseSettings):
             raise ValueError("must be -1 (unlimited) or a positive count")
         return value
 
+    @field_validator("audit_url")
+    @classmethod
+    def _audit_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            url = value.get_secret_value()
+            if not url.startswith(AUDIT_SCHEMES) or url in AUDIT_SCHEMES:  # never echo it: it may hold a password
+                raise ValueError("must be sqlite:///PATH (four slashes for an absolute path) or postgresql://…")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -259,6 +275,11 @@ class Settings(BaseSettings):
     def replay_subject(self) -> str:
         """Where `dlq replay` puts a dead letter of this consumer back: only this consumer's filter has it."""
         return replay_subject(self.nats_subject, self.nats_consumer_name)
+
+    @property
+    def audit_spool_path(self) -> Path:
+        """Where a writer to a PostgreSQL audit store keeps the records the store has not taken yet."""
+        return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool"
 
     @property
     def allowed_buckets(self) -> frozenset[str]:

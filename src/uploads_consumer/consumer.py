@@ -17,6 +17,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
@@ -57,6 +58,7 @@ class UploadConsumer:
         # here, before anything connects.
         self.session = NatsSession(settings, self._stopping)
         self._store = ObjectStore(settings)  # opened by run(), before the processors start
+        self._audit = open_trail(settings, self.metrics, self._stopping)  # likewise; closed last
         env = ProcessorEnvironment(
             download_path=settings.decrypt_download_path.resolve(),
             chain=tuple(processor_name(spec) for spec in settings.processors),
@@ -106,7 +108,7 @@ class UploadConsumer:
         await health.start()
         started: list[LoadedProcessor] = []
         try:
-            async with self._store as store:
+            async with self._store as store, self._audit:
                 try:
                     for processor in self._processors:  # heavy resources now, not on the first message
                         await processor.start()
@@ -139,7 +141,9 @@ class UploadConsumer:
             self.session, s, self.metrics, self._deliver, self._copy_abandoned, self.inflight.ack_wait_changed
         )
         self.session.on_reconnected.append(source.on_reconnected)
-        self._settler = Settler(nc, dead_letters, self.metrics, s.retry_backoff, source.limits, self._stopping)
+        self._settler = Settler(
+            nc, dead_letters, self.metrics, s.retry_backoff, source.limits, self._stopping, self._audit
+        )
         log.info(
             "consuming",
             stream=s.nats_stream_name,
@@ -245,7 +249,7 @@ class UploadConsumer:
         if isinstance(outcome, ShuttingDown) and self._source is not None:
             await self._source.wait_quiet(SETTLE_TIMEOUT - 2)  # else the nak'ed message comes right back to us
         assert self._settler is not None
-        await self._settler.settle(lambda: held.msg, outcome)
+        await self._settler.settle(lambda: held.msg, outcome, began)
         self.metrics.processing_seconds.observe(time.monotonic() - began)
 
     async def _process(self, held: Held) -> Outcome:

@@ -530,3 +530,93 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+POSTGRES_PACKAGE = "postgresql"  # Debian's: initdb and pg_ctl in /usr/lib/postgresql/N/bin, not on PATH
+
+
+def postgres_bin_dir() -> Path:
+    """The folder of initdb and pg_ctl: from PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
+    if debian:
+        return debian[-1].parent
+    raise MissingExtra(f"initdb not found: sudo apt-get install -y --no-install-recommends {POSTGRES_PACKAGE}")
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster: `initdb` into a temporary folder, run by `pg_ctl` on a free loopback
+    port (trust authentication, no fsync: for tests and benchmarks). Stoppable and startable again on
+    the same port and data. initdb refuses to run as root: as root, both run as the `postgres` user
+    (Debian's package makes it), via runuser."""
+
+    def __init__(self, base_dir: Path | None = None, port: int | None = None, bin_dir: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.bin_dir = bin_dir or postgres_bin_dir()
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="uploads-pg-"))
+        self.data_dir = self.base_dir / "data"
+        self.log_path = self.base_dir / "postgres.log"
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            import pwd
+
+            names = {entry.pw_name for entry in pwd.getpwall()}
+            self._user = "postgres" if "postgres" in names else "nobody"
+
+    def _pg(self, tool: str, *args: str) -> None:
+        command = [str(self.bin_dir / tool), *args]
+        if self._user is not None:
+            command = ["runuser", "-u", self._user, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr.strip()}\n{self.log_text()[-2000:]}")
+
+    def start(self) -> None:
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            if self._user is not None:
+                import pwd
+
+                entry = pwd.getpwnam(self._user)
+                os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
+            self._pg(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            )
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.base_dir} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._pg("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.log_path), "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        """A fast shutdown: open sessions are ended (what clients see when a database goes away)."""
+        if (self.data_dir / "postmaster.pid").exists():
+            self._pg("pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def url(self, user: str = "postgres", database: str = "postgres", password: str | None = None) -> str:
+        login = f"{user}:{password}" if password else user
+        return f"postgresql://{login}@127.0.0.1:{self.port}/{database}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)

@@ -29,6 +29,11 @@ class FileUploadEvent(BaseModel):
     bucket_name: StrictStr
     timestamp: StrictInt
 
+    @property
+    def stored_name(self) -> str:
+        """The upload's name as stored: the last part of `s3_data_key`, less `.enc` (no metadata read)."""
+        return self.s3_data_key.rpartition("/")[2].removesuffix(".enc")
+
     @field_validator("event_id", "file_uuid")
     @classmethod
     def _uuid(cls, value: str) -> str:

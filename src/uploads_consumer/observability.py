@@ -96,6 +96,10 @@ class Metrics:
         def family(metric: Any) -> _Family:
             return _Family(metric, consumer)
 
+        def single(kind: type[Counter] | type[Gauge], name: str, text: str) -> Any:
+            """A metric with no label but `consumer`: this process's one series of it."""
+            return kind(PREFIX + name, text, c, registry=r).labels(consumer)
+
         self.messages = family(Counter(PREFIX + "messages", "Messages by final outcome.", [*c, "outcome"], registry=r))
         for outcome in ("acked", "duplicate", "nacked", "dead_lettered"):
             self.messages.labels(outcome)
@@ -121,16 +125,10 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
             registry=r,
         ).labels(consumer)
-        self.bytes_decrypted = Counter(
-            PREFIX + "bytes_decrypted", "Plaintext bytes decrypted and verified.", c, registry=r
-        ).labels(consumer)
-        self.in_flight = Gauge(PREFIX + "in_flight", "Messages being processed now.", c, registry=r).labels(consumer)
-        self.consumer_pending = Gauge(
-            PREFIX + "consumer_pending", "Messages not yet delivered (lag).", c, registry=r
-        ).labels(consumer)
-        self.consumer_ack_pending = Gauge(
-            PREFIX + "consumer_ack_pending", "Messages delivered, not yet settled.", c, registry=r
-        ).labels(consumer)
+        self.bytes_decrypted = single(Counter, "bytes_decrypted", "Plaintext bytes decrypted and verified.")
+        self.in_flight = single(Gauge, "in_flight", "Messages being processed now.")
+        self.consumer_pending = single(Gauge, "consumer_pending", "Messages not yet delivered (lag).")
+        self.consumer_ack_pending = single(Gauge, "consumer_ack_pending", "Messages delivered, not yet settled.")
         self.processor_duration = family(
             Histogram(
                 PREFIX + "processor_duration_seconds",
@@ -148,12 +146,20 @@ class Metrics:
                 registry=r,
             )
         )
-        self.redeliveries = Counter(
-            PREFIX + "redeliveries", "Messages received with a delivery count above 1.", c, registry=r
-        ).labels(consumer)
-        self.ready = Gauge(
-            PREFIX + "ready", "1 while /readyz answers 200, else 0 (set at each scrape).", c, registry=r
-        ).labels(consumer)
+        self.redeliveries = single(Counter, "redeliveries", "Messages received with a delivery count above 1.")
+        self.ready = single(Gauge, "ready", "1 while /readyz answers 200, else 0 (set at each scrape).")
+        # The audit trail's (AUDIT_URL); exported at 0 without one, so dashboards and alerts always find them.
+        self.audit_records = single(
+            Counter, "audit_records", "Audit records made durable (in the store, or in the local spool)."
+        )
+        self.audit_spool_depth = single(
+            Gauge, "audit_spool_depth", "Audit records in the local spool, not yet in the store."
+        )
+        self.audit_flush_errors = single(
+            Counter,
+            "audit_flush_errors",
+            "Failed attempts to write audit records (to the local journal, or from the spool to the store).",
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,6 +16,8 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from uploads_consumer.audit import Audit, NoAudit, Settlement
+from uploads_consumer.audit import Outcome as Recorded
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.observability import Metrics, get_logger
@@ -135,6 +137,7 @@ class Settler:
         backoff: tuple[float, ...],
         limits: Callable[[bool], Awaitable[Limits]],
         stopping: asyncio.Event,
+        audit: Audit | None = None,
     ) -> None:
         self._nc = nc
         self._dead_letters = dead_letters
@@ -142,9 +145,11 @@ class Settler:
         self._backoff = backoff
         self._limits = limits
         self._stopping = stopping
+        self._audit = audit or NoAudit()
 
-    async def settle(self, msg: Callable[[], Msg], outcome: Outcome) -> None:
-        """`msg` gives the newest delivery of the message (a redelivery may replace it meanwhile)."""
+    async def settle(self, msg: Callable[[], Msg], outcome: Outcome, received: float | None = None) -> None:
+        """`msg` gives the newest delivery of the message (a redelivery may replace it meanwhile);
+        `received`, when it arrived (time.monotonic()), for the audit record's duration."""
         if isinstance(outcome, Exception) and not isinstance(outcome, UploadsError | ShuttingDown):
             log.error("unexpected error while processing", exc_info=outcome)
         try:
@@ -153,7 +158,7 @@ class Settler:
             limits = await self._limits(not settled)
             decision = decide(outcome, msg().metadata.num_delivered, limits, self._backoff)
             while isinstance(decision, DeadLetter):
-                failed = await self.dead_letter(msg(), decision)
+                failed = await self.dead_letter(msg(), decision, received)
                 if failed is None:
                     return
                 after = decide(failed, msg().metadata.num_delivered, await self._limits(True), self._backoff)
@@ -168,15 +173,18 @@ class Settler:
                     )
                     return
             if isinstance(decision, Nak):
-                await self.nak(msg(), decision)
+                await self.nak(msg(), decision, received)
             elif isinstance(decision, Ack):
-                await self.ack(msg(), decision, outcome.result if isinstance(outcome, Processed) else None)
+                await self.ack(msg(), decision, outcome.result if isinstance(outcome, Processed) else None, received)
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
             log.error("settling failed; the message will be redelivered", error=describe(exc))
 
-    async def ack(self, msg: Msg, decision: Ack, result: dict[str, Any] | None = None) -> None:
+    async def ack(
+        self, msg: Msg, decision: Ack, result: dict[str, Any] | None = None, received: float | None = None
+    ) -> None:
+        recorded = Recorded.DUPLICATE if decision.duplicate else Recorded.PROCESSED
         try:
-            await self._confirm(msg, b"+ACK")
+            await self._confirm(msg, b"+ACK", Settlement(recorded, received, result))
         except Exception as exc:  # noqa: BLE001 - the effect is recorded: a redelivery is a duplicate
             log.warning("ack not confirmed; a redelivery will be recognised as a duplicate", error=describe(exc))
             return
@@ -188,26 +196,31 @@ class Settler:
             result = result or {}
             log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
 
-    async def nak(self, msg: Msg, decision: Nak) -> None:
+    async def nak(self, msg: Msg, decision: Nak, received: float | None = None) -> None:
         payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)
-        await self._confirm(msg, payload)
+        await self._confirm(msg, payload, Settlement(Recorded.RETRIED, received, reason=decision.reason))
         self._metrics.messages.labels("nacked").inc()
         log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
 
-    async def dead_letter(self, msg: Msg, decision: DeadLetter) -> CopyFailed | None:
+    async def dead_letter(self, msg: Msg, decision: DeadLetter, received: float | None = None) -> CopyFailed | None:
         """Store the copy, then terminate the original. Returns CopyFailed when the copy is not stored."""
         try:
             await self._dead_letters.publish(msg, decision.error_class, decision.reason)
         except Exception as exc:  # noqa: BLE001 - never terminate without the copy
             return CopyFailed(describe(exc))
-        await self._confirm(msg, b"+TERM")
+        settlement = Settlement(
+            Recorded.DEAD_LETTERED, received, error_class=str(decision.error_class), reason=decision.reason
+        )
+        await self._confirm(msg, b"+TERM", settlement)
         self._metrics.messages.labels("dead_lettered").inc()
         self._metrics.dead_letters.labels(str(decision.error_class)).inc()
         log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
         return None
 
-    async def _confirm(self, msg: Msg, payload: bytes) -> None:
-        """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish)."""
+    async def _confirm(self, msg: Msg, payload: bytes, settlement: Settlement) -> None:
+        """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish).
+        Its audit record is durable first: the server never has a settlement the audit trail lacks."""
+        await self._audit.record(msg, settlement)
         await self._nc.request(msg.reply, payload, timeout=ACK_TIMEOUT)
 
     async def _wait(self, seconds: float) -> bool:

@@ -12,7 +12,7 @@ def upload_name(ctx: ProcessingContext) -> str:
     """The clean file name when the metadata was read; with the event alone, the stored name (the last
     part of `s3_data_key`, less `.enc`)."""
     name = ctx.facts()["original_filename"]
-    return str(name) if name else ctx.event.s3_data_key.rpartition("/")[2].removesuffix(".enc")
+    return str(name) if name else ctx.event.stored_name
 
 
 def human_size(size: int) -> str:
