@@ -38,6 +38,8 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
     )
     structlog.configure(
         processors=[
+            # First: a line below LOG_LEVEL costs one level check, not the whole chain (time, context).
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,

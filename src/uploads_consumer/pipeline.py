@@ -228,7 +228,10 @@ class Pipeline:
                 else None
             )
             try:
-                seen, done = await asyncio.gather(self._ledger.seen(key), self._ledger.steps(key, self._external))
+                if self._external:  # both lookups at once: one round trip
+                    seen, done = await asyncio.gather(self._ledger.seen(key), self._ledger.steps(key, self._external))
+                else:
+                    seen, done = await self._ledger.seen(key), {}
                 if seen:
                     return Duplicate(key)
                 return await self._process(event, key, self._need_now(done), done, meta, ahead, log)
