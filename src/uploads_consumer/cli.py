@@ -33,11 +33,12 @@ def _settings() -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from uploads_consumer import tracing
     from uploads_consumer.consumer import run_daemon
     from uploads_consumer.observability import setup_logging
 
     settings = _settings()
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, processors=tracing.log_processors())
     # The master key, processors and connection files are checked when the daemon is built,
     # before it connects: each problem is a ConfigError, exit 2.
     return run_daemon(settings)
