@@ -8,6 +8,8 @@ import base64
 import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 
 import pytest
@@ -97,6 +99,16 @@ async def test_an_upload_is_traced_from_its_traceparent_through_every_step_and_o
             {"Nats-Msg-Id": untraced.event_id},
         ],
     )
+    # `uploads-consumer publish` with tracing on starts the trace itself.
+    published = subprocess.run(
+        [sys.executable, "-m", "uploads_consumer", "publish", str(make_files(tmp_path / "cli", 1)[0])],
+        env={**daemon_env, **tracing_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert published.returncode == 0, published.stderr
+
     # The upload with a traceparent: two deliveries (flaky_once fails the first), both under its trace.
     [done] = await otlp.wait_for(lambda: consumer_spans(otlp, good_trace, "acked"), what="the acked delivery")
     [retried] = consumer_spans(otlp, good_trace, "nacked")
@@ -179,6 +191,12 @@ async def test_an_upload_is_traced_from_its_traceparent_through_every_step_and_o
         what="the untraced upload",
     )
     assert root.parent_span_id == "" and root.links == [] and root.trace_id not in (good_trace, bad_trace)
+
+    # `uploads-consumer publish`: the daemon's delivery is a child of the command's send span.
+    [sent] = await otlp.wait_for(lambda: [s for s in otlp.spans if s.name == "send file.uploads"], what="publish")
+    assert sent.kind == "producer" and sent.parent_span_id == ""
+    [continued] = await otlp.wait_for(lambda: consumer_spans(otlp, sent.trace_id, "acked"), what="its delivery")
+    assert continued.parent_span_id == sent.span_id
 
     # Logs lead to their trace: the lines about the traced upload carry its trace id and a span id.
     lines = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
