@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import structlog
 from helpers import (
     dead_letters,
     make_files,
@@ -293,6 +294,15 @@ def test_tracing_is_on_only_with_an_otlp_endpoint_and_not_disabled(monkeypatch, 
         monkeypatch.setenv(name, value)
     assert tracing.wanted() is wanted
     assert bool(tracing.log_processors()) is wanted
+
+
+def test_with_an_endpoint_but_without_the_otel_extra_tracing_stays_off_and_says_so(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # as if not installed: importing it fails
+    with structlog.testing.capture_logs() as logs:
+        assert tracing.start() is False
+    assert tracing._tracer is None and tracing.log_processors() == []
+    assert "not installed (extra `otel`)" in logs[0]["event"]
 
 
 def test_off_every_hook_is_a_shared_no_op():
