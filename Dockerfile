@@ -23,7 +23,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 # Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only:
 # transcode, video), images (libvips, bundled by the pyvips-binary wheel: image), audit (AUDIT_URL:
-# aiosqlite and asyncpg).
+# aiosqlite and asyncpg), otel (tracing, off until OTEL_EXPORTER_OTLP_ENDPOINT is set).
 ARG EXTRAS=""
 RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}" && pip check
 

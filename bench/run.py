@@ -6,6 +6,7 @@
     python bench/run.py --same-work        # also the floor doing the daemon's per-file work (sniff, durable save)
     python bench/run.py --webhook-only     # also ours with PROCESSORS=webhook (the event only, no S3) to a local receiver
     python bench/run.py --audit            # also ours with an audit trail: AUDIT_URL=sqlite, and a PostgreSQL store
+    python bench/run.py --tracing          # also ours with tracing on, exporting to a local OTLP/HTTP receiver
 
 The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
 our daemon's CPU per upload and throughput are reported as ratios to it.
@@ -169,34 +170,34 @@ async def measure_consumer(
         await nc.close()
 
 
-class Receiver:
-    """A webhook receiver that answers 204 at once, in a thread of its own; counts what it gets."""
+class LocalServer:
+    """An HTTP server on a free loopback port that answers POSTs to `path` at once, in a thread of its
+    own: its CPU is not charged to the consumer measured. `received` says what a request was worth."""
+
+    path = "/"
 
     def __init__(self) -> None:
         import threading
 
         self.port = free_port()
-        self.count = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="receiver").start()
+        threading.Thread(target=self._run, daemon=True, name=type(self).__name__).start()
         self._ready.wait(10)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+    def received(self, body: bytes) -> int:
+        """Count what a request brought; returns the status to answer."""
+        raise NotImplementedError
 
     def _run(self) -> None:
         from aiohttp import web
 
-        async def hook(request: web.Request) -> web.Response:
-            await request.read()
-            self.count += 1
-            return web.Response(status=204)
+        async def handle(request: web.Request) -> web.Response:
+            return web.Response(status=self.received(await request.read()))
 
         async def serve() -> None:
             app = web.Application()
-            app.router.add_post("/hook", hook)
+            app.router.add_post(self.path, handle)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
@@ -205,6 +206,40 @@ class Receiver:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(serve())
         self._loop.run_forever()
+
+
+class Receiver(LocalServer):
+    """A webhook receiver that answers 204; counts what it gets."""
+
+    path = "/hook"
+    count = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def received(self, body: bytes) -> int:
+        self.count += 1
+        return 204
+
+
+class OtlpSink(LocalServer):
+    """An OTLP/HTTP trace receiver: counts the spans it is sent, so a run with tracing on shows that it
+    really traced."""
+
+    path = "/v1/traces"
+    spans = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def received(self, body: bytes) -> int:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        export = ExportTraceServiceRequest.FromString(body)
+        self.spans += sum(len(s.spans) for r in export.resource_spans for s in r.scope_spans)
+        return 200
 
 
 def run_consumer(
@@ -391,6 +426,12 @@ def main() -> int:
         "with initdb and pg_ctl, Debian's postgresql): what the audit trail costs per upload, against ours without",
     )
     parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run ours with tracing on (OTEL_EXPORTER_OTLP_ENDPOINT at a local OTLP/HTTP receiver, every "
+        "upload sampled): its CPU per upload beside ours with tracing off, in the same rounds",
+    )
+    parser.add_argument(
         "--no-baseline",
         action="store_true",
         help="leave out the seed's consumer (one upload at a time: the slowest part of a round)",
@@ -430,9 +471,20 @@ def main() -> int:
         secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
         webhook = ["PROCESSORS=webhook", f"WEBHOOK_URL={receiver.url}", f"WEBHOOK_SECRET={secret}"]
         consumers["ours webhook-only"] = ["env", *webhook, sys.executable, "-m", "uploads_consumer"]
+    sink = OtlpSink() if args.tracing else None
+    if sink is not None:
+        # Batches leave every 200 ms rather than 5 s, so that their export falls inside the measured
+        # window (first delivery to last ack) instead of after it: if anything, this costs more.
+        tracing = [f"OTEL_EXPORTER_OTLP_ENDPOINT={sink.endpoint}", "OTEL_BSP_SCHEDULE_DELAY=200"]
+        consumers["ours tracing"] = ["env", *tracing, sys.executable, "-m", "uploads_consumer"]
+        # What an operator would do on a busy consumer: keep one trace in ten (the uploads here carry
+        # no traceparent, so each is a new trace and the ratio applies).
+        ratio = ["OTEL_TRACES_SAMPLER=parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG=0.1"]
+        consumers["ours tracing 10%"] = ["env", *tracing, *ratio, sys.executable, "-m", "uploads_consumer"]
     global PROFILE
     PROFILE = args.profile
     rounds: dict[str, list[Run]] = {name: [] for name in consumers}
+    spans: dict[str, int] = {}
     large_runs: dict[str, Run] = {}
     ceilings: list[float] = []
     audit_db = PostgresServer() if args.audit else None
@@ -458,8 +510,11 @@ def main() -> int:
                         flush=True,
                     )
                     for name, command in consumers.items():
+                        before = sink.spans if sink is not None else 0
                         run = run_consumer(name, command, s3, proxy, work, small, master_key, 900, round_no, receiver)
                         rounds[name].append(run)
+                        if sink is not None:  # the daemon has stopped, its last spans sent
+                            spans[name] = spans.get(name, 0) + sink.spans - before
                         print(
                             f"round {round_no}: {name}: {run.per_second:.1f} uploads/s, "
                             f"{run.cpu_ms_per_upload:.2f} CPU ms/upload ({run.loop_cpu_ms_per_upload:.2f} on the loop), "
@@ -551,6 +606,17 @@ def main() -> int:
             print(
                 f"throughput: {name} / ours = {statistics.median(speeds):.2f}×"
                 + (each + ", ".join(f"{x:.2f}×" for x in speeds) + ")" if each else "")
+            )
+    if sink is not None:
+        print("tracing, CPU ms per upload (median; per round):")
+        print(f"  off: {o.cpu_ms_per_upload:.2f}; " + ", ".join(f"{r.cpu_ms_per_upload:.2f}" for r in rounds["ours"]))
+        for name in ("ours tracing", "ours tracing 10%"):
+            on = results[name]
+            print(
+                f"  {name.removeprefix('ours tracing').strip() or 'on'}: {on.cpu_ms_per_upload:.2f} "
+                f"(+{on.cpu_ms_per_upload - o.cpu_ms_per_upload:.2f}); "
+                + ", ".join(f"{r.cpu_ms_per_upload:.2f}" for r in rounds[name])
+                + f"; {spans.get(name, 0) / (args.small * args.rounds):.1f} spans received per upload"
             )
     if "ours" in large_runs and "baseline" in large_runs:
         print(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from pathlib import Path
 
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
@@ -97,3 +99,12 @@ async def skip_me(ctx) -> None:
 async def see_skips(ctx) -> None:
     """Reports the steps skipped before it, with their reasons."""
     ctx.report("skipped", dict(ctx.skipped))
+
+
+async def tracing_probe(ctx) -> None:
+    """Reports the OpenTelemetry modules loaded in the daemon and the names of its threads."""
+    ctx.report("otel_modules", sorted(m for m in sys.modules if m.partition(".")[0] == "opentelemetry"))
+    ctx.report("threads", sorted(t.name for t in threading.enumerate()))
+
+
+tracing_probe.needs = "event"

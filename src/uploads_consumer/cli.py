@@ -34,11 +34,12 @@ def _settings() -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from uploads_consumer import tracing
     from uploads_consumer.consumer import run_daemon
     from uploads_consumer.observability import setup_logging
 
     settings = _settings()
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, processors=tracing.log_processors())
     # The master key, processors and connection files are checked when the daemon is built,
     # before it connects: each problem is a ConfigError, exit 2.
     return run_daemon(settings)
@@ -100,9 +101,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from uploads_consumer import tracing
     from uploads_consumer.tools import publish_files
 
-    return asyncio.run(publish_files(_settings(), args.files, args.email, args.bucket, args.repeat))
+    settings = _settings()
+    if tracing.wanted():  # each event then carries the traceparent of its publish
+        from uploads_consumer.observability import setup_logging
+
+        setup_logging(settings.log_level, settings.log_format)
+        tracing.start()
+    try:
+        return asyncio.run(publish_files(settings, args.files, args.email, args.bucket, args.repeat))
+    finally:
+        tracing.shutdown()
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:

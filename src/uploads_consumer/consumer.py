@@ -17,6 +17,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from uploads_consumer import tracing
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
 from uploads_consumer.deadletter import DeadLetterPublisher
@@ -120,6 +121,7 @@ class UploadConsumer:
                     except ShuttingDown:
                         pass  # asked to stop before consuming began
                     finally:
+                        tracing.begin_shutdown()  # the last spans leave while NATS drains
                         await self.session.close()
                 finally:
                     for processor in reversed(started):
@@ -239,17 +241,19 @@ class UploadConsumer:
         if meta.num_delivered > 1:
             self.metrics.redeliveries.inc()
         outcome: Outcome
-        if await self.inflight.acquire_slot(self._stopping):
-            try:
-                outcome = await self._process(held)
-            finally:
-                self.inflight.release_slot()
-        else:
-            outcome = ShuttingDown()
-        if isinstance(outcome, ShuttingDown) and self._source is not None:
-            await self._source.wait_quiet(SETTLE_TIMEOUT - 2)  # else the nak'ed message comes right back to us
-        assert self._settler is not None
-        await self._settler.settle(lambda: held.msg, outcome, began)
+        with tracing.delivery(held.msg, self.settings.nats_consumer_name):
+            if await self.inflight.acquire_slot(self._stopping):
+                try:
+                    outcome = await self._process(held)
+                finally:
+                    self.inflight.release_slot()
+            else:
+                outcome = ShuttingDown()
+            if isinstance(outcome, ShuttingDown) and self._source is not None:
+                await self._source.wait_quiet(SETTLE_TIMEOUT - 2)  # else the nak'ed message comes right back to us
+            assert self._settler is not None
+            with tracing.span("settle"):
+                await self._settler.settle(lambda: held.msg, outcome, began)
         self.metrics.processing_seconds.observe(time.monotonic() - began)
 
     async def _process(self, held: Held) -> Outcome:
@@ -259,6 +263,7 @@ class UploadConsumer:
         except PermanentError as exc:
             return exc
         structlog.contextvars.bind_contextvars(event_id=event.event_id, file_uuid=event.file_uuid)
+        tracing.set_attribute("messaging.message.id", event.event_id)
         self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
         assert self._pipeline is not None
         work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(self._pipeline.run(event, log))
@@ -276,19 +281,21 @@ class UploadConsumer:
         js, nc = self.session.js, self.session.nc
         if js is None or nc is None:
             raise RetryableError(f"publishing to {subject}: not connected to NATS")
-        # A message over the server's max_payload can never be stored, however often it is retried
-        # (and one whose headers push it over would cost the connection): the upload ends here.
-        size = len(body) + len("NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
-        if size > nc.max_payload:
-            raise PermanentError(
-                ErrorClass.TOO_LARGE,
-                f"the message for {subject} is {size} bytes, over the NATS server's max_payload of "
-                f"{nc.max_payload}: raise max_payload in the server's configuration, then replay it",
-            )
-        try:
-            await js.publish(subject, body, headers=headers, timeout=10)
-        except Exception as exc:
-            raise RetryableError(f"publishing to {subject} failed: {describe(exc)}") from exc
+        with tracing.producer(subject, len(body), headers.get("Nats-Msg-Id")):
+            headers = tracing.inject(headers)  # the next hop continues this upload's trace
+            # A message over the server's max_payload can never be stored, however often it is retried
+            # (and one whose headers push it over would cost the connection): the upload ends here.
+            size = len(body) + len("NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+            if size > nc.max_payload:
+                raise PermanentError(
+                    ErrorClass.TOO_LARGE,
+                    f"the message for {subject} is {size} bytes, over the NATS server's max_payload of "
+                    f"{nc.max_payload}: raise max_payload in the server's configuration, then replay it",
+                )
+            try:
+                await js.publish(subject, body, headers=headers, timeout=10)
+            except Exception as exc:
+                raise RetryableError(f"publishing to {subject} failed: {describe(exc)}") from exc
 
     async def _copy_abandoned(self, stream_seq: int, deliveries: int) -> None:
         """The server stopped delivering a message (its max_deliver) that nobody settled: copy it."""
@@ -347,7 +354,11 @@ def run_daemon(settings: Settings) -> int:
             loop_factory = uvloop.new_event_loop
         except ImportError:  # an optional speed-up (Linux/macOS); asyncio's own loop works too
             pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
+    tracing.start()  # only with an OTLP endpoint set (OTEL_EXPORTER_OTLP_ENDPOINT)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
+    finally:
+        tracing.shutdown()  # within tracing.FLUSH_TIMEOUT, begun as the in-flight work settled
     log.info("stopped")
     return 0

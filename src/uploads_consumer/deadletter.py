@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
+from uploads_consumer import tracing
 from uploads_consumer.errors import ErrorClass, one_line
 
 
@@ -53,6 +54,7 @@ class DeadLetterPublisher:
         await self._store(stored.data or b"", headers, stored.time)
 
     async def _store(self, body: bytes, headers: dict[str, str], published: datetime | None) -> None:
+        headers = tracing.inject(headers)  # whoever reads the dead letter finds its trace
         ack = await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
         if not ack.duplicate:
             return

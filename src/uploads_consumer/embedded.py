@@ -27,11 +27,12 @@ class MissingExtra(RuntimeError):
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
-    """This process's environment without any uploads-consumer variable, plus `extra`: what a
-    child daemon should see, so that the caller's own configuration never leaks into it."""
+    """This process's environment without any uploads-consumer or OpenTelemetry (`OTEL_*`) variable,
+    plus `extra`: what a child daemon should see, so that the caller's own configuration never leaks
+    into it."""
     from uploads_consumer.config import VARIABLES
 
-    env = {k: v for k, v in os.environ.items() if k.upper() not in VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in VARIABLES and not k.upper().startswith("OTEL_")}
     env.update(extra)
     return env
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -16,10 +16,13 @@ from uploads_consumer.errors import ErrorClass
 PREFIX = "uploads_consumer_"
 
 
-def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = None) -> None:
+def setup_logging(
+    level: str = "INFO", fmt: str | None = None, stream: Any = None, processors: Sequence[Any] = ()
+) -> None:
     """One format for the whole process: console on a terminal, JSON otherwise.
 
     Third-party stdlib loggers (nats, botocore, aiohttp) are routed through the same renderer.
+    `processors` add fields to every line (the caller's: trace ids, when tracing is on).
     """
     stream = stream or sys.stderr
     if fmt is None:
@@ -29,6 +32,7 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, stream: Any = Non
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *processors,
     ]
     renderer: Any = (
         # plain tracebacks: with `rich` installed structlog's default would print every frame's locals (keys included)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uploads_consumer import tracing
 from uploads_consumer.config import Settings
 from uploads_consumer.content_type import HEAD_BYTES, content_type
 from uploads_consumer.dedupe import Deduplicator, key_for
@@ -228,10 +229,13 @@ class Pipeline:
                 else None
             )
             try:
-                if self._external:  # both lookups at once: one round trip
-                    seen, done = await asyncio.gather(self._ledger.seen(key), self._ledger.steps(key, self._external))
-                else:
-                    seen, done = await self._ledger.seen(key), {}
+                with tracing.span("idempotency lookup"):
+                    if self._external:  # both lookups at once: one round trip
+                        seen, done = await asyncio.gather(
+                            self._ledger.seen(key), self._ledger.steps(key, self._external)
+                        )
+                    else:
+                        seen, done = await self._ledger.seen(key), {}
                 if seen:
                     return Duplicate(key)
                 return await self._process(event, key, self._need_now(done), done, meta, ahead, log)
@@ -281,9 +285,10 @@ class Pipeline:
                     info = await self._store.head(event.bucket_name, event.s3_data_key)
                     check_length(info.size, metadata)
                 else:
-                    plaintext = self._plaintext_file(self._keyring.unwrap(metadata.kek), metadata, job)
-                    info = await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
-                    size, sha256 = plaintext.verify()
+                    with tracing.span("decrypt"):
+                        plaintext = self._plaintext_file(self._keyring.unwrap(metadata.kek), metadata, job)
+                        info = await self._store.download(event.bucket_name, event.s3_data_key, plaintext, limit, ahead)
+                        size, sha256 = plaintext.verify()
                     kind = content_type(plaintext.head, metadata.clean_filename)
                 stored = StoredObject(event.bucket_name, event.s3_data_key, info.size, info.etag, event.s3_metadata_key)
             ctx = ProcessingContext(
@@ -317,7 +322,8 @@ class Pipeline:
             "processed_at": int(time.time() * 1000),
         }
         await self._publish_result(result)
-        await self._ledger.mark(key)
+        with tracing.span("idempotency record"):
+            await self._ledger.mark(key)
         return Processed(result)
 
     def _job_dir(self) -> Path:
@@ -358,12 +364,14 @@ class Pipeline:
                 outcomes.labels(processor.name, "skipped").inc()
                 continue
             try:
-                await self._run_processor(processor, ctx, log)
+                with tracing.span("processor", processor.name):
+                    await self._run_processor(processor, ctx, log)
             except StepSkipped:  # the processor found the upload is not for it: as if its types did not match
                 skipped.append(processor.name)
                 continue
             if processor.external_effect:
-                await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
+                with tracing.span("checkpoint", processor.name):
+                    await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
             try:
                 await processor.recorded(ctx)
             except Exception as exc:  # noqa: BLE001 - the step is done and recorded; it is not undone

@@ -13,6 +13,7 @@ from typing import IO
 
 from nats.js import JetStreamContext
 
+from uploads_consumer import tracing
 from uploads_consumer.envelope import ENCRYPTED_SUFFIX, MasterKeyRing, encrypt_stream, metadata_json
 from uploads_consumer.events import FileUploadEvent
 from uploads_consumer.storage import ObjectStore
@@ -56,4 +57,6 @@ async def upload_file(
 
 
 async def publish_event(js: JetStreamContext, subject: str, event: FileUploadEvent) -> None:
-    await js.publish(subject, event_json(event), headers={"Nats-Msg-Id": event.event_id}, timeout=10)
+    body = event_json(event)
+    with tracing.producer(subject, len(body), event.event_id):  # the consumer's spans continue this trace
+        await js.publish(subject, body, headers=tracing.inject({"Nats-Msg-Id": event.event_id}), timeout=10)

@@ -16,6 +16,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from uploads_consumer import tracing
 from uploads_consumer.audit import Audit, NoAudit, Settlement
 from uploads_consumer.audit import Outcome as Recorded
 from uploads_consumer.deadletter import DeadLetterPublisher
@@ -188,6 +189,7 @@ class Settler:
         except Exception as exc:  # noqa: BLE001 - the effect is recorded: a redelivery is a duplicate
             log.warning("ack not confirmed; a redelivery will be recognised as a duplicate", error=describe(exc))
             return
+        tracing.settled("duplicate" if decision.duplicate else "acked")
         if decision.duplicate:
             self._metrics.messages.labels("duplicate").inc()
             log.info("duplicate acknowledged")
@@ -200,6 +202,7 @@ class Settler:
         payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)
         await self._confirm(msg, payload, Settlement(Recorded.RETRIED, received, reason=decision.reason))
         self._metrics.messages.labels("nacked").inc()
+        tracing.settled("nacked", delay=decision.delay)
         log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
 
     async def dead_letter(self, msg: Msg, decision: DeadLetter, received: float | None = None) -> CopyFailed | None:
@@ -214,6 +217,7 @@ class Settler:
         await self._confirm(msg, b"+TERM", settlement)
         self._metrics.messages.labels("dead_lettered").inc()
         self._metrics.dead_letters.labels(str(decision.error_class)).inc()
+        tracing.settled("dead_lettered", str(decision.error_class))
         log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
         return None
 

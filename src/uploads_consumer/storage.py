@@ -40,7 +40,7 @@ from botocore.httpsession import get_cert_path
 from botocore.utils import get_environ_proxies, is_valid_ipv6_endpoint_url, percent_encode
 from yarl import URL
 
-from uploads_consumer import __version__
+from uploads_consumer import __version__, tracing
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 
@@ -381,10 +381,11 @@ class ObjectStore:
 
     async def head(self, bucket: str, key: str) -> ObjectInfo:
         """An object's length and ETag, without its bytes (not_found when it is missing)."""
-        try:
-            response = await self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            raise map_s3_error(exc, f"head object s3://{bucket}/{key}", self._configured(bucket)) from exc
+        with tracing.s3("HeadObject", bucket):
+            try:
+                response = await self.client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                raise map_s3_error(exc, f"head object s3://{bucket}/{key}", self._configured(bucket)) from exc
         return ObjectInfo(int(response["ContentLength"]), _etag(response.get("ETag")))
 
     @property
@@ -409,19 +410,25 @@ class ObjectStore:
     # -- the GET
 
     async def _get(self, bucket: str, key: str, what: str) -> ObjectBody:
-        """GET an object; its errors mapped (not_found or retryable), with `what` as their context."""
-        try:
-            endpoint = await self._endpoint(bucket)
-            if endpoint is not None:
-                try:
-                    return await self._signed_get(endpoint, key)
-                except _Redirected:
-                    self._endpoints[bucket] = None
-            return _BotocoreBody(await self._client.get_object(Bucket=bucket, Key=key))
-        except UploadsError:
-            raise
-        except Exception as exc:
-            raise map_s3_error(exc, what, self._configured(bucket)) from exc
+        """GET an object; its errors mapped (not_found or retryable), with `what` as their context.
+        Traced until the response's headers: its body is read by the caller (in `decrypt`)."""
+        with tracing.s3("GetObject", bucket):
+            try:
+                endpoint = await self._endpoint(bucket)
+                body: ObjectBody | None = None
+                if endpoint is not None:
+                    try:
+                        body = await self._signed_get(endpoint, key)
+                    except _Redirected:
+                        self._endpoints[bucket] = None
+                if body is None:
+                    body = _BotocoreBody(await self._client.get_object(Bucket=bucket, Key=key))
+            except UploadsError:
+                raise
+            except Exception as exc:
+                raise map_s3_error(exc, what, self._configured(bucket)) from exc
+            tracing.set_attribute("http.response.body.size", body.length)
+            return body
 
     def _configured(self, bucket: str) -> str | None:
         return bucket if bucket in self._settings.allowed_buckets else None

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from uploads_consumer import tracing
 from uploads_consumer.config import CsvList
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
 
@@ -95,6 +96,9 @@ class StepSkipped(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = one_line(reason)
         super().__init__(self.reason)
+
+
+tracing.not_a_failure(StepSkipped)  # its span is marked skipped, not failed
 
 
 class ProcessingContext:

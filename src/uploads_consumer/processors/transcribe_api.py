@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from uploads_consumer import tracing
 from uploads_consumer.config import MIN_RETRY_DELAY
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, one_line
 from uploads_consumer.observability import get_logger
@@ -130,7 +131,9 @@ class WhisperApi:
         upload = await asyncio.to_thread(audio.open, "rb")
         try:  # aiohttp streams the file in chunks, reading them off the event loop
             form.add_field("file", upload, filename=filename, content_type=content_type)
-            async with self._session.post(self.url, data=form, allow_redirects=False) as response:
+            async with self._session.post(
+                self.url, data=form, headers=tracing.inject({}), allow_redirects=False
+            ) as response:
                 status, delay = response.status, response.headers.get("Retry-After")
                 body = await self._read(response)
         except (aiohttp.ClientError, TimeoutError) as exc:

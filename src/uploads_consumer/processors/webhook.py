@@ -25,7 +25,7 @@ import aiohttp
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from uploads_consumer import __version__
+from uploads_consumer import __version__, tracing
 from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.observability import get_logger
@@ -239,7 +239,10 @@ class Webhook(Processor):
         body = json.dumps(self.payload(ctx), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         try:
             async with self._session.post(
-                self._url, data=body, headers=self.headers(ctx.event.event_id, body), allow_redirects=False
+                self._url,
+                data=body,
+                headers=tracing.inject(self.headers(ctx.event.event_id, body)),  # the receiver continues the trace
+                allow_redirects=False,
             ) as response:
                 status, phrase = response.status, response.reason or ""
                 retry_after = response.headers.get("Retry-After")
