@@ -333,3 +333,30 @@ async def test_ack_wait_alone_is_enough_the_pull_timeout_follows_it(start_daemon
     refused = start_daemon("refused.log", ACK_WAIT="5s", FETCH_TIMEOUT="5s", HTTP_PORT=str(free_port()))
     assert refused.proc.wait(30) == 2
     assert "FETCH_TIMEOUT: must be shorter than ACK_WAIT (5s)" in refused.log_text()
+
+
+async def test_dlq_replay_refuses_where_another_consumer_would_take_in_the_replay_subject_too(
+    settings_for, nats_server, daemon_env
+):
+    """A consumer made elsewhere without a filter (or with a wildcard one) would get any replay subject."""
+    from helpers import provision_now
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    await provision_now(settings_for(NATS_CONSUMER_NAME="notify"))
+    nc = await connect(nats_server.url)
+    try:
+        await nc.jetstream(timeout=10).add_consumer(
+            "FILE_UPLOADS", ConsumerConfig(durable_name="catchall", ack_policy=AckPolicy.EXPLICIT)
+        )
+    finally:
+        await nc.close()
+    await publish_raw(
+        nats_server.url,
+        "file.uploads.dlq",
+        [b'{"not": "an upload"}'],
+        [{"Uploads-Consumer": "notify", "Uploads-Error-Class": "invalid_message", "Nats-Msg-Id": "y"}],
+    )
+    refused = dlq_cli(daemon_env, "replay", "--all")
+    assert refused.returncode == 1 and "replayed 0 messages" in refused.stdout
+    assert "file.uploads.replay.notify would reach catchall too" in refused.stderr
+    assert len(await dead_letters(nats_server.url)) == 1, "left in place"

@@ -141,6 +141,14 @@ async def _ensure_consumer(
         )
         return
     cfg = info.config
+    if cfg.deliver_subject:
+        raise ProvisionError(
+            f"consumer {name} on {stream} is a push consumer; the daemon needs a pull consumer (delete it or set NATS_CONSUMER_NAME)"
+        )
+    if cfg.ack_policy not in (AckPolicy.EXPLICIT, "explicit"):
+        raise ProvisionError(
+            f"consumer {name} on {stream} has ack policy {cfg.ack_policy}; the daemon needs explicit acks"
+        )
     filters = consumer_filters(cfg)
     if replayable and filters and settings.replay_subject not in filters:
         if enable_replay:
@@ -154,15 +162,6 @@ async def _ensure_consumer(
                 f"give it back a dead letter without the stream's other consumers seeing it again; run "
                 f"`uploads-consumer setup --enable-replay` to add that filter"
             )
-    if cfg.deliver_subject:
-        raise ProvisionError(
-            f"consumer {name} on {stream} is a push consumer; the daemon needs a pull consumer (delete it or set NATS_CONSUMER_NAME)"
-        )
-    if cfg.ack_policy not in (AckPolicy.EXPLICIT, "explicit"):
-        raise ProvisionError(
-            f"consumer {name} on {stream} has ack policy {cfg.ack_policy}; the daemon needs explicit acks"
-        )
-    filters = consumer_filters(cfg)
     if filters and not any(subject_matches(f, settings.nats_subject) for f in filters):
         report.warnings.append(
             f"consumer {name} filters {', '.join(filters)}, which does not include {settings.nats_subject}"

@@ -155,8 +155,13 @@ class ReplayRoutes:
         self._captured = stream_subjects
         self._filters = {c.name: consumer_filters(c.config) for c in consumers}
 
-    def _reads(self, filters: list[str], subject: str) -> bool:
-        return not filters or any(subject_matches(f, subject) for f in filters)
+    def _others_reading(self, consumer: str, subject: str) -> list[str]:
+        """The other consumers of the stream a message on `subject` would reach."""
+        return sorted(
+            n
+            for n, f in self._filters.items()
+            if n != consumer and (not f or any(subject_matches(p, subject) for p in f))
+        )
 
     def subject_for(self, consumer: str) -> str:
         """The subject to republish on; raises UploadsError saying why there is none."""
@@ -165,8 +170,13 @@ class ReplayRoutes:
             raise UploadsError(f"consumer {consumer} does not exist on {s.nats_stream_name} (any more)")
         own = replay_subject(s.nats_subject, consumer)
         if own in self._filters[consumer] and any(subject_matches(p, own) for p in self._captured):
-            return own
-        others = sorted(n for n, f in self._filters.items() if n != consumer and self._reads(f, s.nats_subject))
+            also = self._others_reading(consumer, own)  # no filter at all, or a wildcard: they would see it
+            if not also:
+                return own
+            raise UploadsError(
+                f"{own} would reach {', '.join(also)} too (their filters take it in); narrow their filters, then replay"
+            )
+        others = self._others_reading(consumer, s.nats_subject)
         if not others:
             return s.nats_subject
         raise UploadsError(
