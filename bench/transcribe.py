@@ -252,7 +252,7 @@ def main() -> int:
     if args.direct:
         return direct(args)
     if not args.cpu_threads:  # the daemon's choice for one transcription at a time, for both sides
-        from uploads_consumer.processors.transcribe_local import threads_per_transcription
+        from uploads_consumer.processors.transcribe.local import threads_per_transcription
 
         args.cpu_threads = threads_per_transcription(0, 1)
 

@@ -32,8 +32,8 @@ from uploads_consumer.embedded import free_port
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
 from uploads_consumer.processors import ProcessorEnvironment, load_processor, load_settings_for
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
-from uploads_consumer.processors.transcribe_api import language_code, parse_verbose_json, retry_after
-from uploads_consumer.processors.transcribe_local import pcm_samples
+from uploads_consumer.processors.transcribe.api import language_code, parse_verbose_json, retry_after
+from uploads_consumer.processors.transcribe.local import pcm_samples
 
 TESTS = str(Path(__file__).parent)
 MESSAGE_FIELDS = [
@@ -156,7 +156,7 @@ def test_each_invalid_setting_is_a_configuration_error_naming_its_variable(monke
 
 
 def test_threads_per_transcription_share_the_usable_cores_unless_set():
-    from uploads_consumer.processors.transcribe_local import threads_per_transcription, usable_cores
+    from uploads_consumer.processors.transcribe.local import threads_per_transcription, usable_cores
 
     assert threads_per_transcription(6, concurrency=2) == 6
     assert threads_per_transcription(0, concurrency=1) == min(4, usable_cores())
@@ -611,7 +611,7 @@ def two_phrases_with_a_pause(folder: Path) -> Path:
 
 
 def test_long_audio_is_cut_in_its_quietest_moment(tmp_path):
-    from uploads_consumer.processors.transcribe_local import pcm_samples, piece_bounds
+    from uploads_consumer.processors.transcribe.local import pcm_samples, piece_bounds
 
     samples = pcm_samples(two_phrases_with_a_pause(tmp_path))
     seconds = len(samples) / 16_000

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uploads_consumer.errors import ConfigError, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors.transcode import SAMPLE_RATE, read_pcm_wav
-from uploads_consumer.processors.transcribe import Segment, Transcript
+from uploads_consumer.processors.transcribe.transcript import Segment, Transcript
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from uploads_consumer.processors.transcribe import TranscribeSettings
+    from uploads_consumer.processors.transcribe.settings import TranscribeSettings
 
 log = get_logger("uploads_consumer.processors.transcribe")
 T = TypeVar("T")
