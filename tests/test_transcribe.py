@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 import wave
 from pathlib import Path
@@ -169,6 +171,50 @@ def test_an_empty_result_subject_turns_publishing_off(monkeypatch):
     settings = load_settings_for("transcribe", TranscribeSettings)
     env = ProcessorEnvironment(Path("/nonexistent"), ("transcribe",), 30, CollectorRegistry())
     assert Transcribe("transcribe", settings, env).streams() == []
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "MALLOC_", "TRANSCRIBE_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+LOAD_TRANSCRIBE = """
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from uploads_consumer.processors import ProcessorEnvironment, load_processor
+load_processor("transcribe", ProcessorEnvironment(Path("/nonexistent"), ("transcribe",), 30, CollectorRegistry()))
+"""
+
+
+def test_a_fork_while_a_transcription_thread_multiplies_matrices_does_not_hang_it():
+    # The daemon forks (uvloop spawns ffmpeg with fork()) while the feature extractor runs numpy's
+    # OpenBLAS in a transcription thread; a threaded OpenBLAS call caught by a fork never returns.
+    work = """
+import os, sys, threading, time
+import numpy as np
+mel, power = np.ones((80, 201), np.float32), np.ones((201, 3000), np.float32)
+done = 0
+def extract():
+    global done
+    while True:
+        mel @ power
+        done += 1
+threading.Thread(target=extract, daemon=True).start()
+for _ in range(50):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    before = done
+    time.sleep(0.2)
+    if done == before:
+        print("the thread's matrix product never returned", file=sys.stderr, flush=True)
+        os._exit(1)  # the stuck thread would hold the interpreter's exit too
+"""
+    run = run_python(LOAD_TRANSCRIBE + work, TRANSCRIBE_MODEL="tiny.en")
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ---- in-process, with the real model ------------------------------------------------------------------

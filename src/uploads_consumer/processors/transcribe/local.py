@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +109,21 @@ def threads_per_transcription(configured: int, concurrency: int) -> int:
     return configured or min(4, max(1, usable_cores() // concurrency))
 
 
+def keep_blas_single_threaded() -> None:
+    """numpy's OpenBLAS gets no threads of its own. A fork while one of its threaded calls runs in
+    another thread leaves that call waiting for ever at full CPU (its atfork handler stops the pool
+    under it), and the daemon forks: uvloop spawns each ffmpeg with fork(). The only BLAS call on
+    the way is the feature extractor's small product, which threads do not speed up. It must be
+    said before numpy loads; when something loaded it earlier, a warning says how to say it."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    elif os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        log.warning(
+            "numpy was loaded before transcribe could keep OpenBLAS to one thread: set OPENBLAS_NUM_THREADS=1, "
+            "or a transcription may hang when ffmpeg starts"
+        )
+
+
 def _settle(future: asyncio.Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
     if future.done():  # cancelled meanwhile
         return
@@ -168,6 +184,7 @@ def piece_bounds(samples: np.ndarray[Any, Any], piece: float = PIECE_SECONDS) ->
 
 class FasterWhisper:
     def __init__(self, settings: TranscribeSettings) -> None:
+        keep_blas_single_threaded()  # at load, before any other processor starts
         self.settings = settings
         self._model: Any = None
         self.threads = threads_per_transcription(settings.cpu_threads, settings.concurrency)
