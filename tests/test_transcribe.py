@@ -217,6 +217,26 @@ for _ in range(50):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_memory_a_transcription_thread_frees_is_given_back():
+    work = """
+import threading
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+def transcribe():
+    for _ in range(3):
+        buffer = bytearray(24 << 20)  # an encoder's buffers: large, freed, allocated again
+        del buffer
+before = rss()
+thread = threading.Thread(target=transcribe)
+thread.start()
+thread.join()
+print(rss() - before)
+"""
+    run = run_python(LOAD_TRANSCRIBE + work, TRANSCRIBE_MODEL="tiny.en")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) < 8 << 10, "kB kept after the thread freed its 24 MiB"
+
+
 # ---- in-process, with the real model ------------------------------------------------------------------
 
 

