@@ -36,6 +36,7 @@ from uploads_consumer.processors import ProcessorEnvironment, load_processor, lo
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
 from uploads_consumer.processors.transcribe.api import language_code, parse_verbose_json, retry_after
 from uploads_consumer.processors.transcribe.local import pcm_samples
+from uploads_consumer.processors.transcribe.windows import encoder_frames, group_windows, level, repeats_itself
 
 TESTS = str(Path(__file__).parent)
 MESSAGE_FIELDS = [
@@ -125,6 +126,7 @@ def test_retry_after_in_seconds_or_as_a_date_is_capped_at_the_longest_backoff():
         ),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_LANGUAGE": "english"}, "TRANSCRIBE_LANGUAGE", "language code"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_VAD": "maybe"}, "TRANSCRIBE_VAD", "boolean"),
+        ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_TRIM_WINDOWS": "often"}, "TRANSCRIBE_TRIM_WINDOWS", "boolean"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_CONCURRENCY": "0"}, "TRANSCRIBE_CONCURRENCY", "greater than"),
         ({"TRANSCRIBE_BACKEND": "azure"}, "TRANSCRIBE_BACKEND", "'faster-whisper' or 'openai'"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_API_URL", "is required"),
@@ -171,6 +173,42 @@ def test_an_empty_result_subject_turns_publishing_off(monkeypatch):
     settings = load_settings_for("transcribe", TranscribeSettings)
     env = ProcessorEnvironment(Path("/nonexistent"), ("transcribe",), 30, CollectorRegistry())
     assert Transcribe("transcribe", settings, env).streams() == []
+
+
+def test_speech_regions_are_grouped_into_windows_of_at_most_thirty_seconds_of_speech():
+    second = 16_000
+    regions = [{"start": a * second, "end": b * second} for a, b in ((0, 10), (12, 22), (30, 39), (40, 75), (80, 81))]
+    windows = group_windows(regions)
+    assert [(w.start // second, w.end // second) for w in windows] == [(0, 39), (40, 75), (80, 81)]
+    assert windows[0].regions == ((0, 10 * second), (12 * second, 22 * second), (30 * second, 39 * second))
+    assert windows[0].speech_samples == 29 * second, "the silence between regions is not counted: it is left out"
+
+
+def test_a_window_is_encoded_at_its_own_length_and_three_seconds_at_least_ten_at_most_thirty():
+    assert encoder_frames(1500, trim=True) == 1800  # 15 s of speech: 18 s
+    assert encoder_frames(1501, trim=True) == 1900, "whole seconds"
+    assert encoder_frames(200, trim=True) == 1000
+    assert encoder_frames(2900, trim=True) == 3000
+    assert encoder_frames(200, trim=False) == 3000
+
+
+def rms_dbfs(samples) -> float:
+    return float(20 * np.log10(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))))
+
+
+def test_speech_is_brought_to_twenty_decibels_below_full_scale_and_near_silence_is_not_blown_up():
+    tone = np.sin(np.arange(16_000) / 5).astype(np.float32)
+    assert rms_dbfs(level(tone * 10 ** (-35 / 20))) == pytest.approx(-20, abs=0.01)
+    assert rms_dbfs(level(tone)) == pytest.approx(-20, abs=0.01), "loud speech is lowered as well"
+    faint = tone * 10 ** (-90 / 20)
+    assert rms_dbfs(level(faint)) == pytest.approx(rms_dbfs(faint) + 40, abs=0.01), "raised by 40 dB at most"
+    assert not level(np.zeros(100, np.float32)).any()
+
+
+def test_a_transcript_that_loops_is_recognised_as_one():
+    assert repeats_itself("On Wednesday, " + "Monday, " * 40)
+    assert not repeats_itself("Remember to send the slides to the team by Monday. On Friday the lab moved 12 chairs.")
+    assert not repeats_itself("")
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -307,6 +345,55 @@ async def test_a_language_an_english_only_model_does_not_know_is_refused_at_star
     assert caught.value.variable == "TRANSCRIBE_LANGUAGE" and "English-only" in caught.value.reason
 
 
+@pytest.mark.parametrize(("trim", "frames"), [("true", 1000), ("false", 3000)])
+async def test_a_short_window_is_encoded_at_its_own_length_unless_trimming_is_off(tmp_path, monkeypatch, trim, frames):
+    processor = await local_transcriber(monkeypatch, TRANSCRIBE_TRIM_WINDOWS=trim)
+    model = processor._backend._model
+    encoded: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda features: encoded.append(features.shape[-1]) or encode(features))
+    wav = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "go.wav")  # 2 s of speech: 10 s, the least
+    transcript = await processor._backend.transcribe(wav, "go.wav", "audio/wav")
+    await processor.close()
+    assert heard(transcript.text, GO_FORWARD), transcript.text
+    assert encoded == [frames], "Whisper's encoder given 10 s of features rather than 30"
+
+
+async def test_quiet_speech_reaches_the_model_at_the_level_of_ordinary_speech(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    model = processor._backend._model
+    heard_at: list[float] = []
+    extract = model.feature_extractor
+    monkeypatch.setattr(model, "feature_extractor", lambda audio: heard_at.append(rms_dbfs(audio)) or extract(audio))
+    quiet = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "quiet.wav", "-af", "volume=-35dB")
+    transcript = await processor._backend.transcribe(quiet, "quiet.wav", "audio/wav")
+    await processor.close()
+    assert heard(transcript.text, GO_FORWARD), transcript.text
+    assert heard_at == [pytest.approx(-20, abs=0.1)], "levelled: no transcode loudness normalisation needed"
+
+
+async def test_a_window_whose_answer_loops_is_heard_again_at_thirty_seconds_then_without_repeats(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    windows = processor._backend._windows
+    asked: list[tuple[int, int]] = []
+
+    def decode(encoded, language, no_repeat_ngram_size=0):
+        asked.append((encoded.shape[1], no_repeat_ngram_size))
+        return ("Go forward." if no_repeat_ngram_size else "Go forward, " * 60), False
+
+    monkeypatch.setattr(windows, "_decode", decode)
+    wav = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "go.wav")
+    transcript = await processor._backend.transcribe(wav, "go.wav", "audio/wav")
+    await processor.close()
+    assert asked == [(500, 0), (1500, 0), (1500, 3)], "trimmed, then 30 s, then no three tokens twice"
+    assert transcript.text == "Go forward."
+
+
+def encode_wav(source: Path, target: Path, *args: str) -> Path:
+    """What transcode makes: 16 kHz mono 16-bit WAV."""
+    return encode(source, target, *args, "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le")
+
+
 # ---- through the daemon ------------------------------------------------------------------------------------
 
 
@@ -322,6 +409,8 @@ async def test_speech_in_mp3_and_wav_is_transcribed_saved_and_published(
     await wait_settled(nats_server.url, 2, daemon=daemon, timeout=120)
     audio_seconds = daemon.metric("uploads_consumer_audio_seconds_total")
     assert daemon.terminate() == 0
+    [loaded] = [json.loads(line) for line in daemon.log_text().splitlines() if "transcription model loaded" in line]
+    assert (loaded["compute_type"], loaded["cpu_threads"]) == ("int8_float32", 1), "by default: int8, one thread"
 
     stored = await read_stream(nats_server.url, "TRANSCRIPTIONS")
     assert sorted(m.headers["Nats-Msg-Id"] for m in stored) == sorted(f"{e.event_id}:transcription" for e in events)
@@ -673,7 +762,7 @@ def two_phrases_with_a_pause(folder: Path) -> Path:
     spoken = folder / "spoken.wav"
     ssml = f"<speak>{GO_FORWARD}. <break time='2000ms'/> {TURN_LEFT}.</speak>"
     subprocess.run([espeak, "-m", "-w", str(spoken), ssml], check=True, capture_output=True)
-    return encode(spoken, folder / "pcm.wav", "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le")
+    return encode_wav(spoken, folder / "pcm.wav")
 
 
 def test_long_audio_is_cut_in_its_quietest_moment(tmp_path):

@@ -38,16 +38,24 @@ class TranscribeSettings(ProcessorSettings):
         description="faster-whisper (required): a CTranslate2 model directory, or a name (tiny.en, small, large-v3)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="faster-whisper: auto, cpu or cuda")
-    compute_type: str = Field(default="default", description="faster-whisper: int8, float16, float32, … (CTranslate2)")
+    compute_type: str = Field(
+        default="auto", description="faster-whisper: auto (the fastest the device has), int8, float16, … (CTranslate2)"
+    )
     language: str = Field(default="", description="a language code such as en; empty: detect it")
     beam_size: int = Field(default=5, ge=1, le=20, description="faster-whisper: beam search width")
-    vad: bool = Field(default=True, description="faster-whisper: skip non-speech (Silero VAD)")
+    vad: bool = Field(
+        default=True, description="faster-whisper: recognise the speech Silero VAD finds, in windows of up to 30 s"
+    )
+    trim_windows: bool = Field(
+        default=True,
+        description="faster-whisper with VAD: encode a window at its own length (plus 3 s) rather than padded to 30 s",
+    )
     concurrency: int = Field(default=1, ge=1, le=64, description="transcriptions at once in this process")
     cpu_threads: int = Field(
-        default=0,
+        default=1,
         ge=0,
         le=256,
-        description="faster-whisper: threads per transcription (0: usable cores / concurrency, at most 4)",
+        description="faster-whisper: threads per transcription (1: the least CPU; 0: usable cores / concurrency, at most 4)",
     )
     api_url: str = Field(default="", description="openai (required): base URL, e.g. https://api.openai.com/v1")
     api_key: SecretStr | None = Field(default=None, description="openai: bearer token")
