@@ -703,7 +703,7 @@ def broken_model(folder: Path) -> Path:
         ({"TRANSCRIBE_MODEL": "/nonexistent/model"}, "TRANSCRIBE_MODEL: no such directory"),
         ({"TRANSCRIBE_MODEL": "{tmp}"}, "TRANSCRIBE_MODEL: the directory holds no CTranslate2 model"),
         ({"TRANSCRIBE_MODEL": "{broken}"}, "TRANSCRIBE_MODEL: cannot load the model"),
-        ({"TRANSCRIBE_DEVICE": "cuda"}, "TRANSCRIBE_DEVICE: cannot load the model"),
+        ({"TRANSCRIBE_DEVICE": "cuda"}, "TRANSCRIBE_DEVICE: cuda, but CTranslate2 finds no CUDA GPU here"),
         ({"TRANSCRIBE_BEAM_SIZE": "wide"}, "TRANSCRIBE_BEAM_SIZE: "),
         ({"TRANSCRIBE_LANGUAGE": "fr"}, "TRANSCRIBE_LANGUAGE: this model does not know that language"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_API_URL: is required"),

@@ -225,6 +225,12 @@ class FasterWhisper:
             logging.getLogger("faster_whisper").setLevel(logging.WARNING)
             ctranslate2.set_log_level(logging.ERROR)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a model fetched by name: no progress bars
+        if s.device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            raise ConfigError(
+                "TRANSCRIBE_DEVICE",
+                "cuda, but CTranslate2 finds no CUDA GPU here (it needs an NVIDIA driver, CUDA 12 and cuDNN 9): "
+                "use auto or cpu",
+            )
         reference, local = model_reference(s.model)
         began = time.monotonic()
         try:
