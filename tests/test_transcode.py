@@ -122,7 +122,7 @@ async def test_mp3_speech_becomes_16khz_mono_16bit_wav_with_the_input_described(
     assert audio.parent == tmp_path / "work"
     assert wav_layout(audio) == (16_000, 1, 2)
     out = ctx.outputs["transcode"]
-    assert (out["codec"], out["sample_rate"], out["channels"], out["normalized"]) == ("mp3", 22050, 1, True)
+    assert (out["codec"], out["sample_rate"], out["channels"], out["normalized"]) == ("mp3", 22050, 1, False)
     assert 1.2 < out["duration_seconds"] < 2.5
 
 
@@ -146,14 +146,14 @@ async def test_the_audio_of_a_video_is_extracted(tmp_path, monkeypatch):
 async def test_quiet_speech_is_normalised_to_a_useful_level(tmp_path, monkeypatch):
     quiet = encode(synthesise(GO_FORWARD, tmp_path), tmp_path / "quiet.wav", "-af", "volume=-35dB")
     assert peak_db(quiet) < -30
-    ctx = await transcode(await transcoder(monkeypatch), quiet, tmp_path / "work")
+    ctx = await transcode(await transcoder(monkeypatch, TRANSCODE_NORMALIZE="true"), quiet, tmp_path / "work")
     assert peak_db(ctx.files["audio"]) > -12
     assert ctx.outputs["transcode"]["normalized"] is True
 
 
-async def test_normalisation_can_be_turned_off(tmp_path, monkeypatch):
+async def test_normalisation_is_off_unless_asked_for(tmp_path, monkeypatch):
     quiet = encode(synthesise(GO_FORWARD, tmp_path), tmp_path / "quiet.wav", "-af", "volume=-35dB")
-    ctx = await transcode(await transcoder(monkeypatch, TRANSCODE_NORMALIZE="false"), quiet, tmp_path / "work")
+    ctx = await transcode(await transcoder(monkeypatch), quiet, tmp_path / "work")
     assert abs(peak_db(ctx.files["audio"]) - peak_db(quiet)) < 2
     assert ctx.outputs["transcode"]["normalized"] is False
 
@@ -292,7 +292,7 @@ async def test_a_normalisation_that_silences_a_short_clip_is_dropped_with_a_warn
     if not re.match(r"ffmpeg version (\d+:)?5\.", version):
         pytest.skip("no FFmpeg 5.x on PATH (Debian 12: apt-get install ffmpeg) to show loudnorm's fault with")
     clip = synthesise("the quick brown fox jumps over the lazy dog", tmp_path)
-    processor = await transcoder(monkeypatch, TRANSCODE_FFMPEG=system)
+    processor = await transcoder(monkeypatch, TRANSCODE_FFMPEG=system, TRANSCODE_NORMALIZE="true")
     with structlog.testing.capture_logs() as logs:
         ctx = await transcode(processor, clip, tmp_path / "work")
     assert ctx.outputs["transcode"]["normalized"] is False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 import wave
 from pathlib import Path
@@ -33,8 +35,9 @@ from uploads_consumer.embedded import free_port
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
 from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor, load_settings_for
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
-from uploads_consumer.processors.transcribe_api import language_code, parse_verbose_json, retry_after
-from uploads_consumer.processors.transcribe_local import pcm_samples
+from uploads_consumer.processors.transcribe.api import language_code, parse_verbose_json, retry_after
+from uploads_consumer.processors.transcribe.local import pcm_samples
+from uploads_consumer.processors.transcribe.windows import encoder_frames, group_windows, level, repeats_itself
 
 TESTS = str(Path(__file__).parent)
 MESSAGE_FIELDS = [
@@ -124,6 +127,7 @@ def test_retry_after_in_seconds_or_as_a_date_is_capped_at_the_longest_backoff():
         ),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_LANGUAGE": "english"}, "TRANSCRIBE_LANGUAGE", "language code"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_VAD": "maybe"}, "TRANSCRIBE_VAD", "boolean"),
+        ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_TRIM_WINDOWS": "often"}, "TRANSCRIBE_TRIM_WINDOWS", "boolean"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_CONCURRENCY": "0"}, "TRANSCRIBE_CONCURRENCY", "greater than"),
         ({"TRANSCRIBE_BACKEND": "azure"}, "TRANSCRIBE_BACKEND", "'faster-whisper' or 'openai'"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_API_URL", "is required"),
@@ -157,7 +161,7 @@ def test_each_invalid_setting_is_a_configuration_error_naming_its_variable(monke
 
 
 def test_threads_per_transcription_share_the_usable_cores_unless_set():
-    from uploads_consumer.processors.transcribe_local import threads_per_transcription, usable_cores
+    from uploads_consumer.processors.transcribe.local import threads_per_transcription, usable_cores
 
     assert threads_per_transcription(6, concurrency=2) == 6
     assert threads_per_transcription(0, concurrency=1) == min(4, usable_cores())
@@ -170,6 +174,106 @@ def test_an_empty_result_subject_turns_publishing_off(monkeypatch):
     settings = load_settings_for("transcribe", TranscribeSettings)
     env = ProcessorEnvironment(Path("/nonexistent"), ("transcribe",), 30, CollectorRegistry())
     assert Transcribe("transcribe", settings, env).streams() == []
+
+
+def test_speech_regions_are_grouped_into_windows_of_at_most_thirty_seconds_of_speech():
+    second = 16_000
+    regions = [{"start": a * second, "end": b * second} for a, b in ((0, 10), (12, 22), (30, 39), (40, 75), (80, 81))]
+    windows = group_windows(regions)
+    assert [(w.start // second, w.end // second) for w in windows] == [(0, 39), (40, 75), (80, 81)]
+    assert windows[0].regions == ((0, 10 * second), (12 * second, 22 * second), (30 * second, 39 * second))
+    assert windows[0].speech_samples == 29 * second, "the silence between regions is not counted: it is left out"
+
+
+def test_a_window_is_encoded_at_its_own_length_and_three_seconds_at_least_ten_at_most_thirty():
+    assert encoder_frames(1500, trim=True) == 1800  # 15 s of speech: 18 s
+    assert encoder_frames(1501, trim=True) == 1900, "whole seconds"
+    assert encoder_frames(200, trim=True) == 1000
+    assert encoder_frames(2900, trim=True) == 3000
+    assert encoder_frames(200, trim=False) == 3000
+
+
+def rms_dbfs(samples) -> float:
+    return float(20 * np.log10(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))))
+
+
+def test_speech_is_brought_to_twenty_decibels_below_full_scale_and_near_silence_is_not_blown_up():
+    tone = np.sin(np.arange(16_000) / 5).astype(np.float32)
+    assert rms_dbfs(level(tone * 10 ** (-35 / 20))) == pytest.approx(-20, abs=0.01)
+    assert rms_dbfs(level(tone)) == pytest.approx(-20, abs=0.01), "loud speech is lowered as well"
+    faint = tone * 10 ** (-90 / 20)
+    assert rms_dbfs(level(faint)) == pytest.approx(rms_dbfs(faint) + 40, abs=0.01), "raised by 40 dB at most"
+    assert not level(np.zeros(100, np.float32)).any()
+
+
+def test_a_transcript_that_loops_is_recognised_as_one():
+    assert repeats_itself("On Wednesday, " + "Monday, " * 40)
+    assert not repeats_itself("Remember to send the slides to the team by Monday. On Friday the lab moved 12 chairs.")
+    assert not repeats_itself("")
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "MALLOC_", "TRANSCRIBE_"))}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+LOAD_TRANSCRIBE = """
+from pathlib import Path
+from prometheus_client import CollectorRegistry
+from uploads_consumer.processors import ProcessorEnvironment, load_processor
+load_processor("transcribe", ProcessorEnvironment(Path("/nonexistent"), ("transcribe",), 30, CollectorRegistry()))
+"""
+
+
+def test_a_fork_while_a_transcription_thread_multiplies_matrices_does_not_hang_it():
+    # The daemon forks (uvloop spawns ffmpeg with fork()) while the feature extractor runs numpy's
+    # OpenBLAS in a transcription thread; a threaded OpenBLAS call caught by a fork never returns.
+    work = """
+import os, sys, threading, time
+import numpy as np
+mel, power = np.ones((80, 201), np.float32), np.ones((201, 3000), np.float32)
+done = 0
+def extract():
+    global done
+    while True:
+        mel @ power
+        done += 1
+threading.Thread(target=extract, daemon=True).start()
+for _ in range(50):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    before = done
+    time.sleep(0.2)
+    if done == before:
+        print("the thread's matrix product never returned", file=sys.stderr, flush=True)
+        os._exit(1)  # the stuck thread would hold the interpreter's exit too
+"""
+    run = run_python(LOAD_TRANSCRIBE + work, TRANSCRIBE_MODEL="tiny.en")
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_memory_a_transcription_thread_frees_is_given_back():
+    work = """
+import threading
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+def transcribe():
+    for _ in range(3):
+        buffer = bytearray(24 << 20)  # an encoder's buffers: large, freed, allocated again
+        del buffer
+before = rss()
+thread = threading.Thread(target=transcribe)
+thread.start()
+thread.join()
+print(rss() - before)
+"""
+    run = run_python(LOAD_TRANSCRIBE + work, TRANSCRIBE_MODEL="tiny.en")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) < 8 << 10, "kB kept after the thread freed its 24 MiB"
 
 
 # ---- in-process, with the real model ------------------------------------------------------------------
@@ -251,6 +355,55 @@ async def test_a_language_an_english_only_model_does_not_know_is_refused_at_star
     assert caught.value.variable == "TRANSCRIBE_LANGUAGE" and "English-only" in caught.value.reason
 
 
+@pytest.mark.parametrize(("trim", "frames"), [("true", 1000), ("false", 3000)])
+async def test_a_short_window_is_encoded_at_its_own_length_unless_trimming_is_off(tmp_path, monkeypatch, trim, frames):
+    processor = await local_transcriber(monkeypatch, TRANSCRIBE_TRIM_WINDOWS=trim)
+    model = processor._backend._model
+    encoded: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda features: encoded.append(features.shape[-1]) or encode(features))
+    wav = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "go.wav")  # 2 s of speech: 10 s, the least
+    transcript = await processor._backend.transcribe(wav, "go.wav", "audio/wav")
+    await processor.close()
+    assert heard(transcript.text, GO_FORWARD), transcript.text
+    assert encoded == [frames], "Whisper's encoder given 10 s of features rather than 30"
+
+
+async def test_quiet_speech_reaches_the_model_at_the_level_of_ordinary_speech(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    model = processor._backend._model
+    heard_at: list[float] = []
+    extract = model.feature_extractor
+    monkeypatch.setattr(model, "feature_extractor", lambda audio: heard_at.append(rms_dbfs(audio)) or extract(audio))
+    quiet = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "quiet.wav", "-af", "volume=-35dB")
+    transcript = await processor._backend.transcribe(quiet, "quiet.wav", "audio/wav")
+    await processor.close()
+    assert heard(transcript.text, GO_FORWARD), transcript.text
+    assert heard_at == [pytest.approx(-20, abs=0.1)], "levelled: no transcode loudness normalisation needed"
+
+
+async def test_a_window_whose_answer_loops_is_heard_again_at_thirty_seconds_then_without_repeats(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch)
+    windows = processor._backend._windows
+    asked: list[tuple[int, int]] = []
+
+    def decode(encoded, language, no_repeat_ngram_size=0):
+        asked.append((encoded.shape[1], no_repeat_ngram_size))
+        return ("Go forward." if no_repeat_ngram_size else "Go forward, " * 60), False
+
+    monkeypatch.setattr(windows, "_decode", decode)
+    wav = encode_wav(synthesise(GO_FORWARD, tmp_path), tmp_path / "go.wav")
+    transcript = await processor._backend.transcribe(wav, "go.wav", "audio/wav")
+    await processor.close()
+    assert asked == [(500, 0), (1500, 0), (1500, 3)], "trimmed, then 30 s, then no three tokens twice"
+    assert transcript.text == "Go forward."
+
+
+def encode_wav(source: Path, target: Path, *args: str) -> Path:
+    """What transcode makes: 16 kHz mono 16-bit WAV."""
+    return encode(source, target, *args, "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le")
+
+
 # ---- through the daemon ------------------------------------------------------------------------------------
 
 
@@ -266,6 +419,8 @@ async def test_speech_in_mp3_and_wav_is_transcribed_saved_and_published(
     await wait_settled(nats_server.url, 2, daemon=daemon, timeout=120)
     audio_seconds = daemon.metric("uploads_consumer_audio_seconds_total")
     assert daemon.terminate() == 0
+    [loaded] = [json.loads(line) for line in daemon.log_text().splitlines() if "transcription model loaded" in line]
+    assert (loaded["compute_type"], loaded["cpu_threads"]) == ("int8_float32", 1), "by default: int8, one thread"
 
     stored = await read_stream(nats_server.url, "TRANSCRIPTIONS")
     assert sorted(m.headers["Nats-Msg-Id"] for m in stored) == sorted(f"{e.event_id}:transcription" for e in events)
@@ -558,7 +713,7 @@ def broken_model(folder: Path) -> Path:
         ({"TRANSCRIBE_MODEL": "/nonexistent/model"}, "TRANSCRIBE_MODEL: no such directory"),
         ({"TRANSCRIBE_MODEL": "{tmp}"}, "TRANSCRIBE_MODEL: the directory holds no CTranslate2 model"),
         ({"TRANSCRIBE_MODEL": "{broken}"}, "TRANSCRIBE_MODEL: cannot load the model"),
-        ({"TRANSCRIBE_DEVICE": "cuda"}, "TRANSCRIBE_DEVICE: cannot load the model"),
+        ({"TRANSCRIBE_DEVICE": "cuda"}, "TRANSCRIBE_DEVICE: cuda, but CTranslate2 finds no CUDA GPU here"),
         ({"TRANSCRIBE_BEAM_SIZE": "wide"}, "TRANSCRIBE_BEAM_SIZE: "),
         ({"TRANSCRIBE_LANGUAGE": "fr"}, "TRANSCRIBE_LANGUAGE: this model does not know that language"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_API_URL: is required"),
@@ -617,11 +772,11 @@ def two_phrases_with_a_pause(folder: Path) -> Path:
     spoken = folder / "spoken.wav"
     ssml = f"<speak>{GO_FORWARD}. <break time='2000ms'/> {TURN_LEFT}.</speak>"
     subprocess.run([espeak, "-m", "-w", str(spoken), ssml], check=True, capture_output=True)
-    return encode(spoken, folder / "pcm.wav", "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le")
+    return encode_wav(spoken, folder / "pcm.wav")
 
 
 def test_long_audio_is_cut_in_its_quietest_moment(tmp_path):
-    from uploads_consumer.processors.transcribe_local import pcm_samples, piece_bounds
+    from uploads_consumer.processors.transcribe.local import pcm_samples, piece_bounds
 
     samples = pcm_samples(two_phrases_with_a_pause(tmp_path))
     seconds = len(samples) / 16_000

@@ -2,11 +2,13 @@
 
 ffmpeg does the work as a child process (no shell, its own session, a minimal environment:
 it parses untrusted media, so it never sees the daemon's secrets), reading the verified plaintext
-from disk and writing the WAV into the message's private work directory. Loudness is normalised
-with EBU R128 `loudnorm` in the same pass; the input's and the output's levels are measured on
-the way (`volumedetect`), because one-pass `loudnorm` in older FFmpeg releases (Debian 12's 5.1)
-turns some clips of about 3 s nearly silent. When normalising fails or does that, the file is
-converted again without it and a warning says so.
+from disk and writing the WAV into the message's private work directory. With TRANSCODE_NORMALIZE,
+loudness is normalised with EBU R128 `loudnorm` in the same pass; the input's and the output's
+levels are measured on the way (`volumedetect`), because one-pass `loudnorm` in older FFmpeg
+releases (Debian 12's 5.1) turns some clips of about 3 s nearly silent. When normalising fails or
+does that, the file is converted again without it and a warning says so. It is off by default:
+`loudnorm` works at 192 kHz and cost as much CPU as half of a transcription with tiny.en, and
+`transcribe` brings the speech it hears to one level itself.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ class TranscodeSettings(ProcessorSettings):
     ffmpeg: str | None = Field(
         default=None, description="the ffmpeg binary (default: the one imageio-ffmpeg bundles, else ffmpeg on PATH)"
     )
-    normalize: bool = Field(default=True, description="EBU R128 loudness normalisation (loudnorm)")
+    normalize: bool = Field(
+        default=False, description="EBU R128 loudness normalisation (loudnorm); transcribe levels speech itself"
+    )
     timeout: PositiveDuration = Field(default=600.0, description="longest ffmpeg run for one file; longer is transient")
 
 
@@ -389,7 +393,7 @@ def ffmpeg_arguments(source: Path, target: Path, normalize: bool) -> list[str]:
 
 
 class Transcode(Processor):
-    """Converts audio and video to 16 kHz mono 16-bit WAV with ffmpeg, loudness-normalised (EBU R128).
+    """Converts audio and video to 16 kHz mono 16-bit WAV with ffmpeg, loudness-normalised (EBU R128) if asked.
 
     The WAV goes to the message's work directory as `files["audio"]`, for `transcribe`. Reports
     the duration and the input's codec, sample rate and channels. Undecodable media, or audio

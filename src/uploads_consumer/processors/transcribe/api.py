@@ -24,7 +24,8 @@ from uploads_consumer import tracing
 from uploads_consumer.config import MIN_RETRY_DELAY
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, one_line
 from uploads_consumer.observability import get_logger
-from uploads_consumer.processors.transcribe import Segment, TranscribeSettings, Transcript
+from uploads_consumer.processors.transcribe.settings import TranscribeSettings
+from uploads_consumer.processors.transcribe.transcript import Segment, Transcript
 
 log = get_logger("uploads_consumer.processors.transcribe")
 

@@ -3,9 +3,11 @@
 The model is loaded once, at start. Each transcription runs in a thread of its own (CTranslate2
 releases the GIL), never on the event loop; the processor lets TRANSCRIBE_CONCURRENCY run at once.
 While one runs, the daemon keeps sending progress for the message, so audio of any length stays
-alive. A cancelled transcription (shutdown) stops at its next segment, at the end of the 30-second
-window the model is working on; the process waits for that before it exits, because ending it
-under a running model crashes it (SIGSEGV in the C++ runtime's teardown).
+alive. A cancelled transcription (shutdown) stops at its next window (windows.py) or segment, at
+the end of the 30-second window the model is working on; the process waits for that before it
+exits, because ending it under a running model crashes it (SIGSEGV in the C++ runtime's teardown).
+With TRANSCRIBE_VAD (the default) the speech is recognised in windows (windows.py); without it,
+faster-whisper's own algorithm runs over the piece.
 
 Memory: faster-whisper computes the features of all the audio it is given at once, about 60 MB
 a minute of audio (measured: 10 minutes of speech took the peak RSS from 410 to 845 MiB). Long
@@ -18,10 +20,12 @@ much as a 30-second file, and any length does the same.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,12 +35,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uploads_consumer.errors import ConfigError, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors.transcode import SAMPLE_RATE, read_pcm_wav
-from uploads_consumer.processors.transcribe import Segment, Transcript
+from uploads_consumer.processors.transcribe.transcript import Segment, Transcript
+from uploads_consumer.processors.transcribe.windows import Recognised, Stopped, WindowRecogniser
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from uploads_consumer.processors.transcribe import TranscribeSettings
+    from uploads_consumer.processors.transcribe.settings import TranscribeSettings
 
 log = get_logger("uploads_consumer.processors.transcribe")
 T = TypeVar("T")
@@ -44,10 +49,7 @@ T = TypeVar("T")
 PIECE_SECONDS = 120.0
 QUIET_SEARCH_SECONDS = 10.0  # where, before a piece's end, the cut looks for the quietest moment
 QUIET_FRAME = SAMPLE_RATE // 10
-
-
-class Stopped(Exception):
-    """The transcription was cancelled; its thread gives up at the next segment."""
+VAD_MIN_SILENCE_MS = 160  # faster-whisper's BatchedInferencePipeline's; 500 measured the same, 2000 worse
 
 
 def model_reference(value: str) -> tuple[str, bool]:
@@ -106,6 +108,37 @@ def threads_per_transcription(configured: int, concurrency: int) -> int:
     most 4 (CTranslate2's own default). More threads than cores is far worse than fewer: OpenMP's
     threads spin while they wait for each other."""
     return configured or min(4, max(1, usable_cores() // concurrency))
+
+
+def keep_blas_single_threaded() -> None:
+    """numpy's OpenBLAS gets no threads of its own. A fork while one of its threaded calls runs in
+    another thread leaves that call waiting for ever at full CPU (its atfork handler stops the pool
+    under it), and the daemon forks: uvloop spawns each ffmpeg with fork(). The only BLAS call on
+    the way is the feature extractor's small product, which threads do not speed up. It must be
+    said before numpy loads; when something loaded it earlier, a warning says how to say it."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    elif os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        log.warning(
+            "numpy was loaded before transcribe could keep OpenBLAS to one thread: set OPENBLAS_NUM_THREADS=1, "
+            "or a transcription may hang when ffmpeg starts"
+        )
+
+
+def return_freed_memory() -> None:
+    """Make glibc's malloc give back what a transcription frees. By default it keeps it: once a large
+    buffer (the encoder's, the decoder's) has been freed, its dynamic mmap threshold grows and the
+    next ones come from the heap, which does not shrink, and every thread may get an arena of its own.
+    A fixed 1 MiB threshold and two arenas (what MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX say, which
+    win when set) took the peak RSS of the daemon from 375 to 302 MiB on eight memos (tiny.en)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl has no such tuning, and keeps little)
+    for variable, option, value in (("MALLOC_MMAP_THRESHOLD_", -3, 1 << 20), ("MALLOC_ARENA_MAX", -8, 2)):
+        if variable not in os.environ:
+            mallopt(option, value)
 
 
 def _settle(future: asyncio.Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
@@ -168,8 +201,11 @@ def piece_bounds(samples: np.ndarray[Any, Any], piece: float = PIECE_SECONDS) ->
 
 class FasterWhisper:
     def __init__(self, settings: TranscribeSettings) -> None:
+        keep_blas_single_threaded()  # at load, before any other processor starts
+        return_freed_memory()
         self.settings = settings
         self._model: Any = None
+        self._windows: WindowRecogniser | None = None  # with TRANSCRIBE_VAD
         self.threads = threads_per_transcription(settings.cpu_threads, settings.concurrency)
         self._running: set[threading.Event] = set()
         self._forever = threading.Event()  # never set: what the model's thread waits on
@@ -189,6 +225,12 @@ class FasterWhisper:
             logging.getLogger("faster_whisper").setLevel(logging.WARNING)
             ctranslate2.set_log_level(logging.ERROR)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a model fetched by name: no progress bars
+        if s.device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            raise ConfigError(
+                "TRANSCRIBE_DEVICE",
+                "cuda, but CTranslate2 finds no CUDA GPU here (it needs an NVIDIA driver, CUDA 12 and cuDNN 9): "
+                "use auto or cpu",
+            )
         reference, local = model_reference(s.model)
         began = time.monotonic()
         try:
@@ -203,6 +245,8 @@ class FasterWhisper:
                 "this model does not know that language"
                 + (" (it is English-only: use en or leave it empty)" if supported == ["en"] else ""),
             )
+        if s.vad:
+            self._windows = WindowRecogniser(self._model, s.beam_size, s.trim_windows, VAD_MIN_SILENCE_MS)
         inner = self._model.model
         log.info(
             "transcription model loaded",
@@ -271,22 +315,32 @@ class FasterWhisper:
         try:
             for start, end in piece_bounds(samples, self.piece_seconds):
                 offset = start / SAMPLE_RATE
-                pieces, info = self._model.transcribe(
-                    as_float(samples[start:end]), language=language, beam_size=s.beam_size, vad_filter=s.vad
-                )
-                for piece in pieces:  # a generator: the work happens as it is consumed
-                    if stop.is_set():
-                        raise Stopped()
-                    text = piece.text.strip()
-                    if text:
-                        segments.append(Segment(offset + float(piece.start), offset + float(piece.end), text))
-                language = language or info.language  # detected on the first piece, kept for the others
+                piece = as_float(samples[start:end])
+                if self._windows is not None:
+                    found, language = self._windows.recognise(piece, language, stop)
+                else:
+                    found, language = self._in_order(piece, language, stop)
+                # The language is detected in the first piece and kept for the others.
+                segments += [Segment(offset + r.start, offset + r.end, r.text) for r in found]
         except (Stopped, PermanentError):
             raise
         except Exception as exc:
             raise RetryableError(f"transcribe: {describe(exc)}") from exc
         text = " ".join(segment.text for segment in segments)
         return Transcript(text, language or "", len(samples) / SAMPLE_RATE, tuple(segments))
+
+    def _in_order(self, audio: Any, language: str | None, stop: threading.Event) -> tuple[list[Recognised], str]:
+        """Without VAD: faster-whisper's own algorithm, 30-second windows one after the other, each
+        conditioned on the text before it, with timestamps (a segment per phrase)."""
+        pieces, info = self._model.transcribe(audio, language=language, beam_size=self.settings.beam_size)
+        found = []
+        for piece in pieces:  # a generator: the work happens as it is consumed
+            if stop.is_set():
+                raise Stopped()
+            text = piece.text.strip()
+            if text:
+                found.append(Recognised(float(piece.start), float(piece.end), text))
+        return found, language or info.language
 
     def _decode(self, audio: Path, filename: str) -> Any:
         # `transcribe` always hands over a 16 kHz mono WAV on disk (transcode's, or one it made with
