@@ -128,6 +128,7 @@ def test_retry_after_in_seconds_or_as_a_date_is_capped_at_the_longest_backoff():
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_LANGUAGE": "english"}, "TRANSCRIBE_LANGUAGE", "language code"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_VAD": "maybe"}, "TRANSCRIBE_VAD", "boolean"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_TRIM_WINDOWS": "often"}, "TRANSCRIBE_TRIM_WINDOWS", "boolean"),
+        ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_WINDOW_SECONDS": "45"}, "TRANSCRIBE_WINDOW_SECONDS", "less than"),
         ({"TRANSCRIBE_MODEL": "tiny.en", "TRANSCRIBE_CONCURRENCY": "0"}, "TRANSCRIBE_CONCURRENCY", "greater than"),
         ({"TRANSCRIBE_BACKEND": "azure"}, "TRANSCRIBE_BACKEND", "'faster-whisper' or 'openai'"),
         ({"TRANSCRIBE_BACKEND": "openai"}, "TRANSCRIBE_API_URL", "is required"),
@@ -367,6 +368,26 @@ async def test_a_short_window_is_encoded_at_its_own_length_unless_trimming_is_of
     await processor.close()
     assert heard(transcript.text, GO_FORWARD), transcript.text
     assert encoded == [frames], "Whisper's encoder given 10 s of features rather than 30"
+
+
+@pytest.mark.parametrize(("most", "windows"), [(None, 2), ("30", 1)])
+async def test_a_window_holds_at_most_twenty_seconds_of_speech_unless_told_otherwise(
+    tmp_path, monkeypatch, most, windows
+):
+    processor = await local_transcriber(monkeypatch, **({"TRANSCRIBE_WINDOW_SECONDS": most} if most else {}))
+    recogniser = processor._backend._windows
+    speech: list[float] = []
+    features = recogniser._features
+    monkeypatch.setattr(
+        recogniser,
+        "_features",
+        lambda audio, window: speech.append(window.speech_samples / 16_000) or features(audio, window),
+    )
+    wav = encode_wav(synthesise(varied_sentences(6), tmp_path), tmp_path / "memo.wav")  # about 25 s of speech
+    await processor._backend.transcribe(wav, "memo.wav", "audio/wav")
+    await processor.close()
+    assert 20 < sum(speech) < 30, speech
+    assert len(speech) == windows and max(speech) <= float(most or 20), speech
 
 
 async def test_quiet_speech_reaches_the_model_at_the_level_of_ordinary_speech(tmp_path, monkeypatch):

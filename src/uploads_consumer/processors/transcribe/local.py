@@ -246,7 +246,9 @@ class FasterWhisper:
                 + (" (it is English-only: use en or leave it empty)" if supported == ["en"] else ""),
             )
         if s.vad:
-            self._windows = WindowRecogniser(self._model, s.beam_size, s.trim_windows, VAD_MIN_SILENCE_MS)
+            self._windows = WindowRecogniser(
+                self._model, s.beam_size, s.trim_windows, VAD_MIN_SILENCE_MS, s.window_seconds
+            )
         inner = self._model.model
         log.info(
             "transcription model loaded",

@@ -44,7 +44,14 @@ class TranscribeSettings(ProcessorSettings):
     language: str = Field(default="", description="a language code such as en; empty: detect it")
     beam_size: int = Field(default=5, ge=1, le=20, description="faster-whisper: beam search width")
     vad: bool = Field(
-        default=True, description="faster-whisper: recognise the speech Silero VAD finds, in windows of up to 30 s"
+        default=True,
+        description="faster-whisper: recognise the speech Silero VAD finds, in windows of TRANSCRIBE_WINDOW_SECONDS",
+    )
+    window_seconds: float = Field(
+        default=20.0,
+        ge=10.0,
+        le=30.0,
+        description="faster-whisper with VAD: the most speech a window holds, 10 to 30 s (20: less memory than 30)",
     )
     trim_windows: bool = Field(
         default=True,

@@ -1,7 +1,7 @@
 """Recognition in speech windows: what the `faster-whisper` backend does when TRANSCRIBE_VAD is on.
 
 Silero VAD (faster-whisper's) finds the speech; the speech regions, without the silence between
-them, are grouped into windows of at most 30 seconds, and each window is recognised on its own
+them, are grouped into windows of at most TRANSCRIBE_WINDOW_SECONDS of speech (20), and each window is recognised on its own
 (no text carried from one to the next, no timestamp tokens: one segment per window, timed by the
 speech it holds). This is the scheme of faster-whisper's BatchedInferencePipeline, one window at
 a time.
@@ -114,13 +114,16 @@ def repeats_itself(text: str) -> bool:
 class WindowRecogniser:
     """Recognises float32 16 kHz audio window by window with a loaded faster-whisper WhisperModel."""
 
-    def __init__(self, model: Any, beam_size: int, trim: bool, min_silence_ms: int) -> None:
+    def __init__(
+        self, model: Any, beam_size: int, trim: bool, min_silence_ms: int, most: float = WINDOW_SECONDS
+    ) -> None:
         from faster_whisper.vad import VadOptions
 
         self.model = model
         self.beam_size = beam_size
         self.trim = trim
-        self.vad = VadOptions(min_silence_duration_ms=min_silence_ms, max_speech_duration_s=WINDOW_SECONDS)
+        self.most = most  # seconds of speech a window holds at most
+        self.vad = VadOptions(min_silence_duration_ms=min_silence_ms, max_speech_duration_s=most)
         self._tokenizers: dict[str, Any] = {}
 
     def recognise(self, audio: Any, language: str | None, stop: threading.Event) -> tuple[list[Recognised], str]:
@@ -130,7 +133,7 @@ class WindowRecogniser:
         found: list[Recognised] = []
         if language is None and not self.model.model.is_multilingual:
             language = "en"
-        for window in group_windows(get_speech_timestamps(audio, self.vad)):
+        for window in group_windows(get_speech_timestamps(audio, self.vad), self.most):
             if stop.is_set():
                 raise Stopped()
             features = self._features(audio, window)
