@@ -1,9 +1,9 @@
 """Recognition in speech windows: what the `faster-whisper` backend does when TRANSCRIBE_VAD is on.
 
 Silero VAD (faster-whisper's) finds the speech; the speech regions, without the silence between
-them, are grouped into windows of at most TRANSCRIBE_WINDOW_SECONDS of speech (20), and each window is recognised on its own
-(no text carried from one to the next, no timestamp tokens: one segment per window, timed by the
-speech it holds). This is the scheme of faster-whisper's BatchedInferencePipeline, one window at
+them, are grouped into windows of at most TRANSCRIBE_WINDOW_SECONDS of speech (20), and each
+window is recognised on its own (no text carried from one to the next, no timestamp tokens: one
+segment per window, timed by the speech it holds). This is the scheme of faster-whisper's BatchedInferencePipeline, one window at
 a time.
 
 One more step is ours: Whisper's encoder is given the window's own length (plus WINDOW_MARGIN,
