@@ -234,13 +234,26 @@ async def test_each_ffmpeg_run_gets_the_cpu_time_limit(tmp_path, monkeypatch):
     processor = await video_processor(monkeypatch, tmp_path, VIDEO_CPU_LIMIT="7s")
     task = asyncio.ensure_future(probe(processor, fifo, tmp_path))
     pid = await wait_for_ffmpeg()
-    limits = Path(f"/proc/{pid}/limits").read_text()
+    cpu = await cpu_time_limit_once_set(pid)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    [cpu] = [line.split() for line in limits.splitlines() if line.startswith("Max cpu time")]
-    assert cpu[3:5] == ["7", "7"], cpu
+    assert cpu == ["7", "7"]
     assert ffmpeg_children() == []
+
+
+async def cpu_time_limit_once_set(pid: int, timeout: float = 10) -> list[str]:
+    """The soft and hard RLIMIT_CPU of a process, once they are no longer unlimited (or when `timeout` ends).
+
+    The limit is set a moment after the start, and the child shows in /proc before the start returns."""
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + timeout
+    while True:
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        [cpu] = [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max cpu time")]
+        if cpu != ["unlimited", "unlimited"] or loop.time() > ends:
+            return cpu
+        await asyncio.sleep(0.01)
 
 
 async def test_ffmpeg_over_its_cpu_time_limit_is_stopped_and_the_failure_is_transient():
