@@ -829,6 +829,37 @@ def test_kubernetes_settings_load_and_the_master_key_is_a_file_mounted_from_a_se
     Settings(**values)
 
 
+CONTRACT = (ROOT / "docs" / "contract.md").read_text()
+SECRET_VARIABLES = re.compile(r"AUDIT_URL|.*_(PASSWORD|SECRET)$")
+
+
+def commented_env_entries() -> list[dict]:
+    """The optional entries deployment.yaml shows commented out in the container's env, as they read uncommented."""
+    text = (K8S / "deployment.yaml").read_text()
+    lines = [m.group(1) for m in re.finditer(r"(?m)^ {12}# ((?:- name:| {2}value| {4}secretKeyRef).*)$", text)]
+    return yaml.safe_load("\n".join(lines)) or []
+
+
+def commented_env_example() -> dict[str, str]:
+    """The optional settings env.example shows commented out (`#NAME=value`)."""
+    return dict(re.findall(r"(?m)^#([A-Z][A-Z0-9_]*)=(.*)$", ENV_EXAMPLE.read_text()))
+
+
+def test_the_optional_settings_the_deployment_files_show_are_documented_and_keep_secrets_in_secrets():
+    entries = commented_env_entries()
+    names = [e["name"] for e in entries]
+    assert {"AUDIT_URL", "EMAIL_SMTP_URL", "OTEL_EXPORTER_OTLP_ENDPOINT", "WEBHOOK_URL"} <= set(names)
+    assert not set(names) & set(container_env()), "an optional entry repeats one that is set"
+    example = commented_env_example()
+    for name in [*names, *example]:
+        assert f"`{name}`" in CONTRACT, f"{name} is not a variable the contract documents"
+    for entry in entries:
+        if SECRET_VARIABLES.fullmatch(entry["name"]):
+            assert entry["valueFrom"]["secretKeyRef"]["key"], entry
+        else:
+            assert isinstance(entry["value"], str), entry
+
+
 def test_kubernetes_runs_as_the_images_non_root_user_on_a_read_only_root():
     spec = pod_spec()
     c = container()
