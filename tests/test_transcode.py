@@ -239,6 +239,55 @@ async def test_a_playlist_in_disguise_cannot_make_ffmpeg_fetch_a_url(tmp_path, m
     assert asked == [], "ffmpeg reached out to the network"
 
 
+# An ffconcat list is recognised by its content and names files beside it; the work folder holds
+# other uploads' plaintext. A control character makes it binary to the sniffer, so its name decides.
+CONCAT_LIST = "ffconcat version 1.0\n#\x01\nfile someone-elses.part\n"
+
+
+async def test_a_list_of_other_files_is_not_opened(tmp_path, monkeypatch):
+    shutil.copy(speech_mp3(GO_FORWARD, tmp_path), tmp_path / "someone-elses.part")
+    listing = tmp_path / "plain-2.part"
+    listing.write_text(CONCAT_LIST)
+    with pytest.raises(PermanentError) as caught:
+        await transcode(await transcoder(monkeypatch), listing, tmp_path / "work", name="memo.mp3")
+    assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
+    assert caught.value.reason == "transcode: memo.mp3 is not in an audio or video format it opens"
+
+
+# What a phone, a recorder or an editor writes still opens: each as the daemon names plaintext (*.part,
+# so ffmpeg goes by the content alone), made by the bundled ffmpeg's encoders.
+AUDIO_FORMATS = {
+    "mp3": [],
+    "wav": [],
+    "flac": [],
+    "ogg": ["-c:a", "libvorbis"],
+    "opus": ["-c:a", "libopus"],
+    "m4a": ["-c:a", "aac"],
+    "aac": ["-c:a", "aac"],
+    "aiff": [],
+    "caf": ["-c:a", "alac"],
+    "wv": [],
+    "ac3": [],
+    "amr": ["-ar", "8000"],
+    "3gp": ["-c:a", "libopencore_amrnb", "-ar", "8000"],
+    "mka": [],
+    "webm": ["-c:a", "libopus"],
+    "wma": ["-c:a", "wmav2"],
+    "mp2": ["-c:a", "mp2"],
+    "au": [],
+}
+
+
+@pytest.mark.parametrize("extension", AUDIO_FORMATS)
+async def test_common_audio_formats_are_opened(tmp_path, monkeypatch, extension):
+    made = tmp_path / f"tone.{extension}"
+    args = [ffmpeg(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=1"]
+    subprocess.run([*args, "-ac", "1", *AUDIO_FORMATS[extension], "-y", str(made)], check=True, capture_output=True)
+    plaintext = made.rename(tmp_path / "plain-1.part")
+    ctx = await transcode(await transcoder(monkeypatch), plaintext, tmp_path / "work", name=made.name)
+    assert ctx.outputs["transcode"]["duration_seconds"] == pytest.approx(1, abs=0.1)
+
+
 # ---- ffmpeg stuck, killed, gone ---------------------------------------------------------------------
 # A FIFO nobody writes to makes the real ffmpeg wait for its input for as long as we like.
 
@@ -334,7 +383,7 @@ async def test_a_binary_that_is_not_ffmpeg_is_refused_at_start(monkeypatch):
 # ---- through the daemon ----------------------------------------------------------------------------------
 
 
-async def test_corrupt_audio_is_dead_lettered_unsupported_media_and_a_video_without_sound_skips_transcode(
+async def test_corrupt_audio_and_a_file_list_are_dead_lettered_unsupported_media_and_a_silent_video_skips_transcode(
     tmp_path, settings_for, start_daemon, nats_server
 ):
     from uploads_consumer.content_type import sniff
@@ -343,20 +392,27 @@ async def test_corrupt_audio_is_dead_lettered_unsupported_media_and_a_video_with
     corrupt.parent.mkdir()
     corrupt.write_bytes(np.random.default_rng(3).bytes(6000))
     assert sniff(corrupt, corrupt.name) == "audio/mpeg", "libmagic sees nothing; the name says audio"
+    listing = tmp_path / "in" / "memo.mp3"
+    listing.write_text(CONCAT_LIST)
+    assert sniff(listing, listing.name) == "audio/mpeg"
     screen = video(tmp_path / "in" / "screen.mp4")
     daemon = start_daemon(PROCESSORS="save,transcode")
     await wait_ready(daemon)
-    events = await publish_uploads(settings_for(), [corrupt, screen])
-    await wait_settled(nats_server.url, 2, daemon=daemon)
+    events = await publish_uploads(settings_for(), [corrupt, listing, screen])
+    await wait_settled(nats_server.url, 3, daemon=daemon)
     skips = daemon.metric("uploads_consumer_processor_outcomes_total", 'outcome="skipped",processor="transcode"')
     assert daemon.terminate() == 0
     assert skips == 1
     dead = {json.loads(m.data)["event_id"]: m.headers for m in await read_stream(nats_server.url, "FILE_UPLOADS_DLQ")}
-    assert list(dead) == [events[0].event_id]
+    assert set(dead) == {events[0].event_id, events[1].event_id}
     assert dead[events[0].event_id]["Uploads-Error-Class"] == "unsupported_media"
     assert "Invalid data found" in dead[events[0].event_id]["Uploads-Error"]
+    assert dead[events[1].event_id]["Uploads-Error-Class"] == "unsupported_media"
+    assert (
+        dead[events[1].event_id]["Uploads-Error"] == "transcode: memo.mp3 is not in an audio or video format it opens"
+    )
     [result] = [json.loads(m.data) for m in await read_stream(nats_server.url, "FILE_PROCESSED")]
-    assert result["event_id"] == events[1].event_id
+    assert result["event_id"] == events[2].event_id
     assert (result["processors"], result["skipped"]) == (["save"], ["transcode"])
 
 

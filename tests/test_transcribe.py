@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -330,6 +331,19 @@ async def test_plaintext_that_is_not_audio_is_unsupported_media(tmp_path, monkey
     await processor.close()
     assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
     assert "memo.m4a" in caught.value.reason and str(bogus) not in caught.value.reason
+
+
+async def test_without_transcode_a_list_of_other_files_is_not_opened(tmp_path, monkeypatch):
+    # transcribe decodes the upload itself with transcode's ffmpeg arguments, whitelist included.
+    processor = await local_transcriber(monkeypatch)
+    shutil.copy(speech_mp3(GO_FORWARD, tmp_path), tmp_path / "someone-elses.part")
+    listing = tmp_path / "plain-2.part"
+    listing.write_text("ffconcat version 1.0\nfile someone-elses.part\n")
+    with pytest.raises(PermanentError) as caught:
+        await processor.run(context(listing, tmp_path / "work", name="memo.mp3"))
+    await processor.close()
+    assert caught.value.error_class is ErrorClass.UNSUPPORTED_MEDIA
+    assert caught.value.reason == "transcribe: memo.mp3 is not in an audio or video format it opens"
 
 
 async def test_without_transcode_a_video_without_sound_is_skipped(tmp_path, monkeypatch):

@@ -53,6 +53,17 @@ HEAD_LINES = 200  # ffmpeg's description of the input comes first ...
 TAIL_LINES = 100  # ... its errors and the level measurements last; the middle may be any size
 DESCRIBING_LINES = 64  # the lines naming the inputs' and outputs' streams, kept wherever they come
 START_TIMEOUT = 30.0
+# The demuxers ffmpeg may open an upload with (its names, `ffmpeg -demuxers`). Only these: a few
+# demuxers open other files by what the upload says (concat, hls, dash, imf, image2, …), so a text
+# file in disguise could have another upload's plaintext read into this one's transcript; and the
+# hundreds of rare formats left out see little fuzzing. `video` opens only the containers.
+VIDEO_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,asf,mpeg,mpegts,ogg,m4v,h264,hevc,mxf,dv,nut,rm,ivf"
+AUDIO_DEMUXERS = (
+    "mp3,wav,w64,flac,ogg,aac,loas,aiff,caf,amr,ac3,eac3,dts,dtshd,truehd,mlp,ape,wv,tta,tak,mpc,mpc8,au,voc,"
+    "gsm,oma,xwma,dsf,qcp"
+)
+MEDIA_DEMUXERS = f"{AUDIO_DEMUXERS},{VIDEO_DEMUXERS}"
+NOT_ON_WHITELIST = "Format not on whitelist"  # ffmpeg's words for an input no listed demuxer opens
 # Lines of ffmpeg's stderr that say something went wrong on our side, not in the file.
 RESOURCE_ERRORS = ("No space left on device", "Disk quota exceeded", "Cannot allocate memory", "Permission denied")
 _BOILERPLATE = re.compile(
@@ -368,9 +379,12 @@ def ffmpeg_arguments(source: Path, target: Path, normalize: bool) -> list[str]:
         "-hide_banner",
         "-nostdin",
         "-nostats",
-        # Only local files: a playlist or reference file in disguise cannot make ffmpeg fetch URLs.
+        # Only local files, and only media demuxers: a playlist or reference file in disguise can make
+        # ffmpeg neither fetch URLs nor read other files.
         "-protocol_whitelist",
         "file",
+        "-format_whitelist",
+        MEDIA_DEMUXERS,
         "-i",
         str(source),
         "-filter_complex",
@@ -493,6 +507,8 @@ async def to_wav(
         raise RetryableError(f"{who}: {run.reason(source, name)}")
     if run.opened and run.audio is None:
         raise NoAudioStream(f"{who}: {name} {NO_AUDIO_STREAM}")
+    if run.says(NOT_ON_WHITELIST):
+        raise PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"{who}: {name} is not in an audio or video format it opens")
     raise PermanentError(
         ErrorClass.UNSUPPORTED_MEDIA, f"{who}: ffmpeg cannot decode {name}: {run.reason(source, name)}"
     )

@@ -42,7 +42,9 @@ from uploads_consumer.processors import (
 )
 from uploads_consumer.processors.save import place_file
 from uploads_consumer.processors.transcode import (
+    NOT_ON_WHITELIST,
     RESOURCE_ERRORS,
+    VIDEO_DEMUXERS,
     FfmpegRun,
     InputAudio,
     ask_ffmpeg,
@@ -54,8 +56,6 @@ from uploads_consumer.processors.transcode import (
 
 log = get_logger("uploads_consumer.processors.video")
 
-# ffmpeg's names of the demuxers of the containers videos come in (`ffmpeg -demuxers`).
-VIDEO_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,asf,mpeg,mpegts,ogg,m4v,h264,hevc,mxf,dv,nut,rm,ivf"
 POSTER_AT_CAP = 10.0  # a poster time given as a share of the duration is at most this many seconds in
 POSTER_MAX_BYTES = 16 << 20
 PREVIEW_MAX_BYTES = 32 << 20
@@ -307,7 +307,7 @@ class Video(Processor):
     def _unreadable(self, run: FfmpegRun, source: Path, name: str) -> UnreadableVideo:
         if run.says(*RESOURCE_ERRORS):
             return RetryableError(f"video: {run.reason(source, name)}")
-        if run.says("Format not on whitelist"):
+        if run.says(NOT_ON_WHITELIST):
             return PermanentError(ErrorClass.UNSUPPORTED_MEDIA, f"video: {name} is not in a video container it opens")
         return PermanentError(
             ErrorClass.UNSUPPORTED_MEDIA, f"video: ffmpeg cannot read {name}: {run.reason(source, name)}"
