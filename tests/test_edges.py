@@ -7,10 +7,12 @@ the last delivery, a dead-letter stream that is away, a stream re-created, a ful
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -131,13 +133,22 @@ async def test_a_crash_on_the_last_delivery_is_copied_from_the_max_deliveries_ad
     [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
     await until(lambda: first.metric("uploads_consumer_in_flight") == 1, 30, "work under way", first)
     first.kill()  # SIGKILL on its only delivery: the server will never deliver it again
-    second = start_daemon("second.log", **plugins(tmp_path, "save"))
+    audit = tmp_path / "audit.db"
+    second = start_daemon("second.log", **plugins(tmp_path, "save"), AUDIT_URL=f"sqlite:///{audit}")
     await until(lambda: dead_letter_count(nats_server.url), 60, "the advisory's copy", second)
     [copy] = await dead_letters(nats_server.url)
     assert copy.headers["Uploads-Error-Class"] == "max_deliveries"
     assert copy.headers["Uploads-Stream-Seq"] == "1"
     assert json.loads(copy.data)["event_id"] == event.event_id
+    await until(lambda: second.metric("uploads_consumer_audit_records_total"), 10, "its audit record", second)
     assert second.terminate() == 0
+    # The audit trail says what became of the upload, though no settlement of ours ended it.
+    with contextlib.closing(sqlite3.connect(audit)) as db:
+        db.row_factory = sqlite3.Row
+        [record] = [dict(row) for row in db.execute("SELECT * FROM audit_records")]
+    assert (record["outcome"], record["error_class"]) == ("dead_lettered", "max_deliveries")
+    assert (record["event_id"], record["stream_seq"], record["deliveries"]) == (event.event_id, 1, 1)
+    assert record["reason"] == copy.headers["Uploads-Error"]
 
 
 async def test_a_dead_letter_stream_that_is_away_on_the_last_delivery_holds_the_message_until_stored(

@@ -1,7 +1,8 @@
 """The audit trail: one record for every settlement, durable before the server hears of the settlement.
 
-The settle path calls one object, `record(msg, settlement)`, just before it sends an ack, a nak or a
-term: an `AuditTrail`, or `NoAudit` when AUDIT_URL is unset. Each record is chained to the previous
+The settle path calls one object, `record(delivered, settlement)`, just before it sends an ack, a nak
+or a term (and once a copy of a message the server gave up on is stored): an `AuditTrail`, or
+`NoAudit` when AUDIT_URL is unset. Each record is chained to the previous
 record of its writer (one chain per process: the SHA-256 of its canonical form and that of the record
 before it) and appended, fsynced, to a `Journal`: the SQLite store itself, or the local spool of a
 PostgreSQL store (audit_spool.py). Several settlements waiting at once are written in one transaction.
@@ -162,6 +163,21 @@ class Settlement:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """The message a record is about: its place in its stream, its delivery count and its body."""
+
+    stream: str
+    stream_seq: int
+    deliveries: int
+    data: bytes
+
+    @classmethod
+    def of(cls, msg: Msg) -> Delivered:
+        meta = msg.metadata
+        return cls(meta.stream, meta.sequence.stream, meta.num_delivered, msg.data)
+
+
 class Journal(Protocol):
     """Where records become durable: `append` returns once they are on disk (or in the store)."""
 
@@ -230,10 +246,10 @@ class AuditTrail:
         # The end of this chain, for whoever keeps the logs: a deleted last record leaves no gap in it.
         log.info("audit trail closed", writer=self.writer, seq=self.seq, hash=self.head)
 
-    async def record(self, msg: Msg, settlement: Settlement) -> None:
+    async def record(self, delivered: Delivered, settlement: Settlement) -> None:
         """Make the settlement's record durable. Past the journal's bound, the settlement then waits
         (the message stays ours) until there is room again, or the daemon stops."""
-        entry = self.entry(msg, settlement)
+        entry = self.entry(delivered, settlement)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((entry, done))
         if self._writing is None or self._writing.done():
@@ -243,10 +259,9 @@ class AuditTrail:
         if self.journal.full():
             await self.journal.wait_for_room(self._stopping)
 
-    def entry(self, msg: Msg, settlement: Settlement) -> Record:
+    def entry(self, delivered: Delivered, settlement: Settlement) -> Record:
         """The record, less its place in the chain."""
-        meta = msg.metadata
-        event = _event(msg.data)
+        event = _event(delivered.data)
         result = settlement.result or {}
         received = settlement.received
         return {
@@ -255,9 +270,9 @@ class AuditTrail:
             "consumer": self._consumer,
             "host": self.host,
             "pid": self.pid,
-            "stream": meta.stream,
-            "stream_seq": meta.sequence.stream,
-            "deliveries": meta.num_delivered,
+            "stream": delivered.stream,
+            "stream_seq": delivered.stream_seq,
+            "deliveries": delivered.deliveries,
             "event_id": event.event_id if event else None,
             "file_uuid": event.file_uuid if event else None,
             "email": _text(event.email) if event else None,
@@ -316,7 +331,7 @@ class NoAudit:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def record(self, msg: Msg, settlement: Settlement) -> None:
+    async def record(self, delivered: Delivered, settlement: Settlement) -> None:
         return None
 
 

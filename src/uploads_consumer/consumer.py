@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer import tracing
+from uploads_consumer.audit import Delivered
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
 from uploads_consumer.deadletter import DeadLetterPublisher
@@ -330,9 +331,9 @@ class UploadConsumer:
                     return
                 delay = min(delay * 2, 30.0)
                 continue
-            self.metrics.messages.labels("dead_lettered").inc()
-            self.metrics.dead_letters.labels(str(ErrorClass.MAX_DELIVERIES)).inc()
-            log.warning("dead-lettered a message the server stopped delivering", error_class="max_deliveries")
+            assert self._settler is not None
+            copied = Delivered(s.nats_stream_name, stream_seq, deliveries, stored.data or b"")
+            await self._settler.abandoned_copied(copied, reason)
             return
 
 

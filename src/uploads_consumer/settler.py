@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from uploads_consumer import tracing
-from uploads_consumer.audit import Audit, NoAudit, Settlement
+from uploads_consumer.audit import Audit, Delivered, NoAudit, Settlement
 from uploads_consumer.audit import Outcome as Recorded
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
@@ -221,10 +221,22 @@ class Settler:
         log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
         return None
 
+    async def abandoned_copied(self, delivered: Delivered, reason: str) -> None:
+        """A message the server stopped delivering by itself (its max_deliver) has had its dead-letter
+        copy stored: there is nothing to send the server, only the record, the metrics and the log."""
+        settlement = Settlement(Recorded.DEAD_LETTERED, error_class=str(ErrorClass.MAX_DELIVERIES), reason=reason)
+        try:
+            await self._audit.record(delivered, settlement)
+        except Exception as exc:  # noqa: BLE001 - only when stopping with the store away: the copy is stored
+            log.error("the audit record of a copied message was not written", error=describe(exc))
+        self._metrics.messages.labels("dead_lettered").inc()
+        self._metrics.dead_letters.labels(str(ErrorClass.MAX_DELIVERIES)).inc()
+        log.warning("dead-lettered a message the server stopped delivering", error_class="max_deliveries")
+
     async def _confirm(self, msg: Msg, payload: bytes, settlement: Settlement) -> None:
         """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish).
         Its audit record is durable first: the server never has a settlement the audit trail lacks."""
-        await self._audit.record(msg, settlement)
+        await self._audit.record(Delivered.of(msg), settlement)
         await self._nc.request(msg.reply, payload, timeout=ACK_TIMEOUT)
 
     async def _wait(self, seconds: float) -> bool:
