@@ -163,6 +163,16 @@ async def test_probe_figures_are_exact_and_the_poster_is_the_frame_at_its_time(t
     assert at_its_time < min(elsewhere) / 2, (at_its_time, elsewhere)
 
 
+async def test_a_phone_clip_says_its_rotation_and_its_poster_is_upright(tmp_path, monkeypatch):
+    stored = clip(tmp_path / "stored.mp4", seconds=1)
+    turned = tmp_path / "phone.mp4"  # the same frames, with a display matrix saying "turn by 90°", as a phone writes
+    args = [ffmpeg(), "-hide_banner", "-loglevel", "error", "-display_rotation", "90", "-i", str(stored)]
+    subprocess.run([*args, "-c", "copy", "-y", str(turned)], check=True, capture_output=True)
+    out = await probe(await video_processor(monkeypatch, tmp_path, VIDEO_POSTER_SIZE="160"), turned, tmp_path)
+    assert (out["width"], out["height"], out["rotation"]) == (320, 240, 90.0)
+    assert (out["poster_width"], out["poster_height"]) == (120, 160)
+
+
 async def test_a_preview_is_a_short_small_silent_h264_mp4(tmp_path, monkeypatch):
     video = clip(tmp_path / "talk.mp4", seconds=3, audio="sine")
     processor = await video_processor(

@@ -72,7 +72,8 @@ _BOILERPLATE = re.compile(
 _LOG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-f]+\] ")
 _LEVEL = re.compile(r"^\[volumedetect@(input|output) @ [^\]]+\] (n_samples|max_volume): (\S+)")
 _AUDIO_STREAM = re.compile(r"^\s*Stream #0:\d+\S*: Audio: (.*)$")
-_DESCRIBING = re.compile(r"^(Input #|Output #|\s+Duration: |\s*Stream #\d+:\d+|\s+displaymatrix: )")
+# Older FFmpeg releases print the display matrix as `displaymatrix: rotation of …`, newer ones `Display Matrix: …`.
+_DESCRIBING = re.compile(r"^(Input #|Output #|\s+Duration: |\s*Stream #\d+:\d+|\s+(?i:display ?matrix): )")
 _CHANNEL_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6, "octagonal": 8}
 
 
