@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import resource
+import secrets
 import sqlite3
 import subprocess
 import time
@@ -34,6 +35,7 @@ from helpers import (
     wait_settled,
 )
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from otlp_receiver import OtlpReceiver
 
 from uploads_consumer.producer import event_json
 
@@ -130,13 +132,32 @@ async def test_a_crash_on_the_last_delivery_is_copied_from_the_max_deliveries_ad
     await make_consumer(nats_server.url, ack_wait=3, max_deliver=1)
     first = start_daemon(**plugins(tmp_path, "uc_test_plugins:slow,save", UC_TEST_SLOW_SECONDS="60"))
     await wait_ready(first, nats_server.url)
-    [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1))
+    [event] = await publish_uploads(settings_for(), make_files(tmp_path / "in", 1), publish=False)
+    trace_id = secrets.token_hex(16)
+    upstream = {"Nats-Msg-Id": event.event_id, "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    await publish_raw(nats_server.url, SUBJECT, [event_json(event)], [upstream])
     await until(lambda: first.metric("uploads_consumer_in_flight") == 1, 30, "work under way", first)
     first.kill()  # SIGKILL on its only delivery: the server will never deliver it again
     audit = tmp_path / "audit.db"
-    second = start_daemon("second.log", **plugins(tmp_path, "save"), AUDIT_URL=f"sqlite:///{audit}")
-    await until(lambda: dead_letter_count(nats_server.url), 60, "the advisory's copy", second)
+    otlp = OtlpReceiver()
+    await otlp.start()
+    try:
+        second = start_daemon(
+            "second.log",
+            **plugins(tmp_path, "save"),
+            AUDIT_URL=f"sqlite:///{audit}",
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        await until(lambda: dead_letter_count(nats_server.url), 60, "the advisory's copy", second)
+        # The copy is made in the upload's own trace, and carries it on.
+        [span] = await otlp.wait_for(lambda: [s for s in otlp.trace(trace_id) if s.kind == "consumer"])
+    finally:
+        await otlp.stop()
+    assert (span.attributes["uploads.outcome"], span.attributes["error.type"]) == ("dead_lettered", "max_deliveries")
+    assert span.attributes["messaging.nats.stream_sequence"] == 1
     [copy] = await dead_letters(nats_server.url)
+    assert copy.headers["traceparent"].split("-")[1:3] == [trace_id, span.span_id]
     assert copy.headers["Uploads-Error-Class"] == "max_deliveries"
     assert copy.headers["Uploads-Stream-Seq"] == "1"
     assert json.loads(copy.data)["event_id"] == event.event_id

@@ -317,9 +317,16 @@ class UploadConsumer:
         while True:
             try:
                 stored = await js.get_msg(s.nats_stream_name, seq=stream_seq)
-                await self._dead_letters.publish_stored(
-                    stored, s.nats_stream_name, deliveries, ErrorClass.MAX_DELIVERIES, reason
-                )
+                copied = Delivered(s.nats_stream_name, stream_seq, deliveries, stored.data or b"")
+                subject, size, stream = stored.subject or "", len(copied.data), s.nats_stream_name
+                consumer = s.nats_consumer_name
+                # In the upload's own trace, which the copy's headers then carry on.
+                with tracing.given_up(subject, stored.headers, size, stream, stream_seq, deliveries, consumer):
+                    await self._dead_letters.publish_stored(
+                        stored, s.nats_stream_name, deliveries, ErrorClass.MAX_DELIVERIES, reason
+                    )
+                    assert self._settler is not None
+                    await self._settler.abandoned_copied(copied, reason)
             except NotFoundError:
                 log.warning("a message reached max_deliver but is no longer in its stream; nothing to copy")
                 return
@@ -331,9 +338,6 @@ class UploadConsumer:
                     return
                 delay = min(delay * 2, 30.0)
                 continue
-            assert self._settler is not None
-            copied = Delivered(s.nats_stream_name, stream_seq, deliveries, stored.data or b"")
-            await self._settler.abandoned_copied(copied, reason)
             return
 
 

@@ -231,6 +231,7 @@ class Settler:
             log.error("the audit record of a copied message was not written", error=describe(exc))
         self._metrics.messages.labels("dead_lettered").inc()
         self._metrics.dead_letters.labels(str(ErrorClass.MAX_DELIVERIES)).inc()
+        tracing.settled("dead_lettered", str(ErrorClass.MAX_DELIVERIES))
         log.warning("dead-lettered a message the server stopped delivering", error_class="max_deliveries")
 
     async def _confirm(self, msg: Msg, payload: bytes, settlement: Settlement) -> None:

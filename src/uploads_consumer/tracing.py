@@ -19,7 +19,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -156,6 +156,16 @@ def delivery(msg: Msg, consumer: str) -> contextlib.AbstractContextManager[None]
     return _delivery_span(_tracer, msg, consumer)
 
 
+def given_up(
+    subject: str, headers: Mapping[str, str] | None, size: int, stream: str, seq: int, deliveries: int, consumer: str
+) -> contextlib.AbstractContextManager[None]:
+    """The consumer span around the dead-letter copy of a message the server stopped delivering (its
+    max_deliver), read back from its stream: in the upload's trace, as its deliveries were."""
+    if _tracer is None:
+        return _OFF
+    return _consumer_span(_tracer, subject, headers, size, stream, seq, deliveries, consumer)
+
+
 def span(name: str, target: str = "") -> contextlib.AbstractContextManager[None]:
     """A step of the current delivery, named `name` or `name target` (`processor webhook:ops`)."""
     if _tracer is None:
@@ -234,24 +244,39 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 
 
 def _delivery_span(tracer: Tracer, msg: Msg, consumer: str) -> _Current:
+    meta = msg.metadata
+    return _consumer_span(
+        tracer, msg.subject, msg.headers, len(msg.data), meta.stream, meta.sequence.stream, meta.num_delivered, consumer
+    )
+
+
+def _consumer_span(
+    tracer: Tracer,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    size: int,
+    stream: str,
+    seq: int,
+    deliveries: int,
+    consumer: str,
+) -> _Current:
     trace = _otel.trace
     # NATS keeps a header's case; W3C names are lower-case, but a producer may write `Traceparent`.
-    parent = _otel.propagate.extract({name.lower(): value for name, value in (msg.headers or {}).items()})
+    parent = _otel.propagate.extract({name.lower(): str(value) for name, value in (headers or {}).items()})
     upstream = trace.get_current_span(parent).get_span_context()
-    meta = msg.metadata
     attributes: dict[str, Any] = {
         "messaging.system": "nats",
         "messaging.operation.type": "process",
         "messaging.operation.name": "process",
-        "messaging.destination.name": msg.subject,
+        "messaging.destination.name": subject,
         "messaging.consumer.group.name": consumer,
-        "messaging.message.body.size": len(msg.data),
-        "messaging.nats.stream": meta.stream,
-        "messaging.nats.stream_sequence": meta.sequence.stream,
-        "messaging.nats.delivery_count": meta.num_delivered,
+        "messaging.message.body.size": size,
+        "messaging.nats.stream": stream,
+        "messaging.nats.stream_sequence": seq,
+        "messaging.nats.delivery_count": deliveries,
     }
     span = tracer.start_span(
-        f"process {msg.subject}",
+        f"process {subject}",
         context=parent,
         kind=trace.SpanKind.CONSUMER,
         attributes=attributes,
