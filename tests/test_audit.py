@@ -223,6 +223,10 @@ async def test_every_settlement_is_recorded_on_sqlite_and_the_report_adds_up(
         assert record["deliveries"] == 2 and record["consumer"] == "file_processor" and record["duration_ms"] >= 0
     retried = [r for r in records if r["outcome"] == "retried"]
     assert {r["reason"] for r in retried} == {"flaky_once: not this time"}
+    # A retry after the chain had begun says how far it got: the file was fetched and saved.
+    sizes = {hashlib.sha256(path.read_bytes()).hexdigest(): path.stat().st_size for path in files}
+    assert {r["sha256"]: r["size"] for r in retried} == sizes
+    assert all((r["processors"], r["skipped"]) == (["save"], []) for r in retried)
     dead = {r["error_class"]: r for r in records if r["outcome"] == "dead_lettered"}
     assert dead["invalid_message"]["event_id"] is None and "not JSON" in dead["invalid_message"]["reason"]
     assert dead["forbidden"]["event_id"] == events[0].event_id and dead["forbidden"]["bucket"] == "not-" + bucket
@@ -250,6 +254,27 @@ async def test_every_settlement_is_recorded_on_sqlite_and_the_report_adds_up(
     broken = audit_command(env, "verify")
     assert broken.returncode == 1
     assert broken.stdout.startswith(f"broken: writer {records[0]['writer']} seq {seq}: its content does not match")
+
+
+async def test_a_dead_letter_after_some_steps_records_what_was_known_of_the_upload(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    daemon = start_daemon(AUDIT_URL=url, PROCESSORS="save,uc_test_plugins:reject", PYTHONPATH=TESTS)
+    await wait_ready(daemon, nats_server.url)
+    [path] = make_files(tmp_path / "in", 1, size=2000)
+    [event] = await publish_uploads(settings_for(), [path])
+    await wait_settled(nats_server.url, 1, daemon=daemon)
+    assert daemon.terminate() == 0
+    [record] = await stored(settings_for(AUDIT_URL=url))
+    assert (record["outcome"], record["error_class"]) == ("dead_lettered", "processor_failed")
+    assert (record["event_id"], record["filename"], record["size"]) == (event.event_id, path.name, 2000)
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (record["content_type"], record["processors"], record["skipped"]) == (
+        "application/octet-stream",
+        ["save"],
+        [],
+    )
 
 
 async def test_audit_tail_prints_the_last_records_then_follows_new_ones(tmp_path, daemon_env):

@@ -158,7 +158,8 @@ class Settlement:
     received: float | None = None
     """time.monotonic() when the message arrived (for the record's duration)."""
     result: Mapping[str, Any] | None = None
-    """The result event of a processed upload."""
+    """The result event of a processed upload; of a retried or dead-lettered one, what was known of it
+    when it stopped (`UploadsError.known`), if its chain had begun."""
     error_class: str | None = None
     reason: str | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorClass(StrEnum):
@@ -35,6 +36,10 @@ def describe(exc: BaseException) -> str:
 
 class UploadsError(Exception):
     """Base of every error this project raises on purpose."""
+
+    known: dict[str, Any] | None = None
+    """What was known of the upload when processing stopped, once its chain had begun (the pipeline
+    sets it): the facts a result event reports, and the `processors` run and `skipped` by then."""
 
     def __init__(self, reason: str) -> None:
         self.reason = one_line(reason)

@@ -303,7 +303,13 @@ class Pipeline:
                 work_dir=job,
                 log=log,
             )
-            ran, skipped = await self._run_chain(ctx, key, done, log)
+            ran: list[str] = []
+            skipped: list[str] = []
+            try:
+                await self._run_chain(ctx, key, done, ran, skipped, log)
+            except UploadsError as exc:  # the audit trail records how far it got
+                exc.known = {**ctx.facts(), "processors": ran, "skipped": skipped}
+                raise
         finally:
             if plaintext is not None:
                 plaintext.discard()
@@ -341,16 +347,21 @@ class Pipeline:
             raise RetryableError(f"work directory {self.work_dir}: {exc.strerror or exc}") from None
 
     async def _run_chain(
-        self, ctx: ProcessingContext, key: str, done: dict[str, dict[str, Any]], log: Any
-    ) -> tuple[list[str], list[str]]:
+        self,
+        ctx: ProcessingContext,
+        key: str,
+        done: dict[str, dict[str, Any]],
+        ran: list[str],
+        skipped: list[str],
+        log: Any,
+    ) -> None:
+        """Each step in turn; `ran` and `skipped` grow as they go (so they say how far a failure got)."""
         kind = ctx.content_type if ctx.fetched is Need.PLAINTEXT else None
         if self._allowed_types and kind is not None and not matches_any(kind, self._allowed_types):
             raise PermanentError(
                 ErrorClass.TYPE_NOT_ALLOWED,
                 f"content type {kind} is not allowed (ALLOWED_CONTENT_TYPES={','.join(self._allowed_types)})",
             )
-        ran: list[str] = []
-        skipped: list[str] = []
         outcomes = self._metrics.processor_outcomes
         for processor in self._processors:
             if processor.name in done:  # completed on an earlier delivery: its effect is not repeated
@@ -377,7 +388,6 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - the step is done and recorded; it is not undone
                 ctx.log.error("a processor's action after its step failed", error=describe(exc))
             ran.append(processor.name)
-        return ran, skipped
 
     async def _run_processor(self, processor: LoadedProcessor, ctx: ProcessingContext, log: Any) -> None:
         ctx.current = processor.name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +158,9 @@ class Settler:
             settled = isinstance(outcome, Processed | Duplicate)
             limits = await self._limits(not settled)
             decision = decide(outcome, msg().metadata.num_delivered, limits, self._backoff)
+            known = outcome.known if isinstance(outcome, UploadsError) else None  # for the audit record
             while isinstance(decision, DeadLetter):
-                failed = await self.dead_letter(msg(), decision, received)
+                failed = await self.dead_letter(msg(), decision, received, known)
                 if failed is None:
                     return
                 after = decide(failed, msg().metadata.num_delivered, await self._limits(True), self._backoff)
@@ -174,7 +175,7 @@ class Settler:
                     )
                     return
             if isinstance(decision, Nak):
-                await self.nak(msg(), decision, received)
+                await self.nak(msg(), decision, received, known)
             elif isinstance(decision, Ack):
                 await self.ack(msg(), decision, outcome.result if isinstance(outcome, Processed) else None, received)
         except Exception as exc:  # noqa: BLE001 - the message stays pending and comes back after ACK_WAIT
@@ -198,21 +199,26 @@ class Settler:
             result = result or {}
             log.info("processed", size=result.get("size"), sha256=result.get("sha256"), outputs=result.get("outputs"))
 
-    async def nak(self, msg: Msg, decision: Nak, received: float | None = None) -> None:
+    async def nak(
+        self, msg: Msg, decision: Nak, received: float | None = None, known: Mapping[str, Any] | None = None
+    ) -> None:
         payload = b"-NAK" if not decision.delay else b'-NAK {"delay": %d}' % int(decision.delay * 1e9)
-        await self._confirm(msg, payload, Settlement(Recorded.RETRIED, received, reason=decision.reason))
+        await self._confirm(msg, payload, Settlement(Recorded.RETRIED, received, known, reason=decision.reason))
         self._metrics.messages.labels("nacked").inc()
         tracing.settled("nacked", delay=decision.delay)
         log.warning("will retry", reason=decision.reason, delay_s=decision.delay)
 
-    async def dead_letter(self, msg: Msg, decision: DeadLetter, received: float | None = None) -> CopyFailed | None:
-        """Store the copy, then terminate the original. Returns CopyFailed when the copy is not stored."""
+    async def dead_letter(
+        self, msg: Msg, decision: DeadLetter, received: float | None = None, known: Mapping[str, Any] | None = None
+    ) -> CopyFailed | None:
+        """Store the copy, then terminate the original. Returns CopyFailed when the copy is not stored.
+        `known`: what the pipeline knew of the upload when it stopped (for the audit record)."""
         try:
             await self._dead_letters.publish(msg, decision.error_class, decision.reason)
         except Exception as exc:  # noqa: BLE001 - never terminate without the copy
             return CopyFailed(describe(exc))
         settlement = Settlement(
-            Recorded.DEAD_LETTERED, received, error_class=str(decision.error_class), reason=decision.reason
+            Recorded.DEAD_LETTERED, received, known, error_class=str(decision.error_class), reason=decision.reason
         )
         await self._confirm(msg, b"+TERM", settlement)
         self._metrics.messages.labels("dead_lettered").inc()
