@@ -132,6 +132,40 @@ def test_setup_refuses_a_push_consumer_in_one_line(daemon_env, nats_server):
     assert len(result.stderr.strip().splitlines()) == 1 and "push consumer" in result.stderr
 
 
+def test_setup_warns_when_a_consumer_that_ran_before_would_lose_its_records_in_the_shared_bucket(
+    daemon_env, nats_server
+):
+    import asyncio
+
+    import nats
+
+    assert cli(daemon_env, "setup").returncode == 0  # file_processor and file_processor_done
+    # `notify` as an older version ran it: recording its uploads in the shared bucket.
+    older = {**daemon_env, "NATS_CONSUMER_NAME": "notify", "DEDUPE_BUCKET": "file_processor_done"}
+    assert cli(older, "setup").returncode == 0
+
+    async def deliver_one() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream(timeout=10)
+        await js.publish("file.uploads", b"{}")
+        pull = await js.pull_subscribe("file.uploads", durable="notify", stream="FILE_UPLOADS")
+        [msg] = await pull.fetch(1, timeout=10)
+        await msg.ack_sync()
+        await nc.close()
+
+    asyncio.run(deliver_one())
+    upgraded = cli({**daemon_env, "NATS_CONSUMER_NAME": "notify"}, "setup")
+    assert upgraded.returncode == 0
+    [warning] = [line for line in upgraded.stdout.splitlines() if line.startswith("warning:")]
+    assert "DEDUPE_BUCKET=file_processor_done" in warning and "notify_done is new" in warning
+    # A consumer that never delivered anything is simply new: nothing to warn about.
+    fresh = cli({**daemon_env, "NATS_CONSUMER_NAME": "archive"}, "setup")
+    assert fresh.returncode == 0 and "warning:" not in fresh.stdout
+    data = json.loads(cli(daemon_env, "status", "--consumer", "notify", "--json").stdout)
+    assert (data["consumer"]["name"], data["consumer"]["ack_floor_seq"]) == ("notify", 1)
+    assert data["other_consumers"] == ["archive", "file_processor"]
+
+
 def test_status_reports_figures_and_fails_fast_without_nats(daemon_env, tmp_path):
     assert cli(daemon_env, "status").returncode == 1  # nothing provisioned yet
     cli(daemon_env, "setup")

@@ -17,7 +17,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from uploads_consumer.config import Settings
+from uploads_consumer.config import Settings, default_dedupe_bucket
 from uploads_consumer.errors import UploadsError
 
 UPLOADS_MAX_AGE = 7 * 86400.0  # the seed document's table: limits retention, 7 days, file storage, discard old
@@ -191,6 +191,29 @@ async def _ensure_bucket(js: JetStreamContext, report: ProvisionReport, settings
     except BucketNotFoundError:
         await js.create_key_value(bucket=bucket, ttl=settings.dedupe_ttl, history=1, replicas=settings.nats_replicas)
         report.created(f"key-value bucket {bucket} (ttl {settings.dedupe_ttl:g}s)")
+        if warning := await _records_left_behind(js, settings):
+            report.warnings.append(warning)
+
+
+async def _records_left_behind(js: JetStreamContext, settings: Settings) -> str | None:
+    """A consumer that has delivered messages before, now given a bucket of its own: until
+    DEDUPE_BUCKET followed NATS_CONSUMER_NAME, every consumer recorded its uploads in the shared
+    `file_processor_done`, and a redelivery would no longer find them (an email or webhook again)."""
+    shared = default_dedupe_bucket(Settings.model_fields["nats_consumer_name"].default)
+    if settings.dedupe_bucket == shared:
+        return None
+    try:
+        delivered = (await js.consumer_info(settings.nats_stream_name, settings.nats_consumer_name)).delivered
+        await js.key_value(shared)
+    except (NotFoundError, BucketNotFoundError):
+        return None
+    if not delivered or not delivered.stream_seq:
+        return None
+    return (
+        f"key-value bucket {settings.dedupe_bucket} is new, but consumer {settings.nats_consumer_name} has delivered "
+        f"messages before and {shared} exists: if it ran a version that recorded its uploads in {shared}, set "
+        f"DEDUPE_BUCKET={shared} to keep those records (a redelivered upload would otherwise run its steps again)"
+    )
 
 
 async def _ensure_replay_subjects(
