@@ -4,6 +4,7 @@ both copies are verified, and a copy streamed to another S3 service with bounded
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -25,8 +26,10 @@ from helpers import (
     wait_ready,
 )
 from helpers import wait_settled as settled
+from prometheus_client import CollectorRegistry
 
 from uploads_consumer.embedded import S3Server, free_port
+from uploads_consumer.processors import ProcessorEnvironment, load_processors
 from uploads_consumer.processors.archive import MARKER, multipart_etag, part_ranges
 
 MiB = 1 << 20
@@ -152,6 +155,51 @@ async def test_a_redelivery_finds_its_copy_and_a_foreign_object_at_the_key_is_pr
     assert s3_client.get_object(Bucket=archive_bucket, Key=foreign.s3_data_key)["Body"].read() == (
         b"somebody else's object"
     ), "left as it was"
+
+
+async def test_with_overwrite_another_object_at_the_key_is_replaced_by_the_copy(
+    tmp_path, settings_for, start_daemon, nats_server, s3_client, archive_bucket
+):
+    [path] = make_files(tmp_path / "in", 1)
+    [event] = await publish_uploads(settings_for(), [path], publish=False)
+    s3_client.put_object(Bucket=archive_bucket, Key=event.s3_data_key, Body=b"somebody else's object")
+    daemon = start_daemon(PROCESSORS="archive", ARCHIVE_BUCKET=archive_bucket, ARCHIVE_OVERWRITE="true")
+    await wait_ready(daemon, nats_server.url)
+    await publish_events(nats_server.url, [event])
+    await settled(nats_server.url, 1, daemon=daemon)
+    assert daemon.terminate() == 0
+    assert await dead_letters(nats_server.url) == []
+    plain = decrypt_copy({**daemon.env}, archive_bucket, event.s3_data_key, event.s3_metadata_key, tmp_path / "out")
+    assert plain == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        (
+            {"PROCESSORS": "archive,save"},
+            "PROCESSORS: archive deletes the stored upload after its step, so it must come after every step "
+            "that reads it (save comes after it)",
+        ),
+        ({"PROCESSORS": "save,archive", "DEDUPE_BUCKET": ""}, "DEDUPE_BUCKET: is empty, but archive deletes"),
+    ],
+    ids=["a-reader-after-it", "no-checkpoints"],
+)
+def test_deleting_the_source_where_a_redelivery_would_need_it_is_refused_at_start(start_daemon, variables, expected):
+    daemon = start_daemon(ARCHIVE_BUCKET="archive", ARCHIVE_DELETE_SOURCE="true", **variables)
+    assert daemon.proc.wait(60) == 2
+    lines = daemon.log_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uploads-consumer: configuration error: " + expected), lines
+
+
+def test_deleting_the_source_after_every_reader_with_an_event_only_step_after_it_is_allowed():
+    env = ProcessorEnvironment(Path("/nonexistent"), ("save", "archive", "webhook"), 30, CollectorRegistry())
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"ARCHIVE_BUCKET": "a", "ARCHIVE_DELETE_SOURCE": "true", "WEBHOOK_URL": "http://h/"}.items():
+            patch.setenv(name, value)
+        patch.setenv("WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"k" * 32).decode())
+        chain = load_processors(("save", "archive", "webhook"), env, checkpoints=True)
+    assert [(p.name, p.removes_upload) for p in chain] == [("save", False), ("archive", True), ("webhook", False)]
 
 
 async def test_the_source_is_deleted_only_once_both_copies_are_verified(

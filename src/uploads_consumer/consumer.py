@@ -70,7 +70,9 @@ class UploadConsumer:
             consumer=settings.nats_consumer_name,
             s3=lambda: self._store.client,
         )
-        self._processors: list[LoadedProcessor] = load_processors(settings.processors, env)
+        self._processors: list[LoadedProcessor] = load_processors(
+            settings.processors, env, bool(settings.dedupe_bucket)
+        )
         self._source: PullSource | None = None
         self._settler: Settler | None = None
         self._pipeline: Pipeline | None = None

@@ -314,6 +314,12 @@ class Processor:
         then): for a last action that must not come before, such as deleting what was copied. It is
         not retried — the step will not run again — so it must leave nothing lost when it fails."""
 
+    @property
+    def removes_upload(self) -> bool:
+        """True when `recorded()` deletes the stored upload: the daemon then refuses to start a chain in
+        which a later step reads it, or one without step checkpoints (a redelivery would find it gone)."""
+        return False
+
     async def close(self) -> None:
         """Release what start() took."""
 
@@ -332,6 +338,7 @@ class LoadedProcessor:
     external_effect: bool = False
     instance: Processor | None = None
     needs: Need = Need.PLAINTEXT
+    removes_upload: bool = False
 
     @property
     def need(self) -> Need:
@@ -511,6 +518,7 @@ def load_processor(spec: str, env: ProcessorEnvironment) -> LoadedProcessor:
             external_effect=target.external_effect,
             instance=instance,
             needs=Need.parse(target.needs),
+            removes_upload=instance.removes_upload,
         )
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None)):  # noqa: B004
         settings = load_settings_for(name, ProcessorSettings)
@@ -536,7 +544,11 @@ def chain_need(chain: Sequence[LoadedProcessor], allowed_content_types: tuple[st
     return Need.PLAINTEXT if allowed_content_types else need
 
 
-def load_processors(specs: tuple[str, ...], env: ProcessorEnvironment) -> list[LoadedProcessor]:
+def load_processors(
+    specs: tuple[str, ...], env: ProcessorEnvironment, checkpoints: bool = True
+) -> list[LoadedProcessor]:
+    """The chain PROCESSORS names, configured; `checkpoints`: whether steps are checkpointed
+    (DEDUPE_BUCKET not empty)."""
     if not specs:
         raise ConfigError("PROCESSORS", "must name at least one processor, e.g. save")
     chain = [load_processor(spec, env) for spec in specs]
@@ -544,6 +556,21 @@ def load_processors(specs: tuple[str, ...], env: ProcessorEnvironment) -> list[L
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError("PROCESSORS", f"names {', '.join(twice)} more than once")
+    for i, step in enumerate(chain):
+        if not step.removes_upload:
+            continue
+        if not checkpoints:
+            raise ConfigError(
+                "DEDUPE_BUCKET",
+                f"is empty, but {step.name} deletes the stored upload after its step: without step "
+                "checkpoints a redelivery would find the upload gone",
+            )
+        if readers := [later.name for later in chain[i + 1 :] if later.need >= Need.OBJECT]:
+            raise ConfigError(
+                "PROCESSORS",
+                f"{step.name} deletes the stored upload after its step, so it must come after every step "
+                f"that reads it ({', '.join(readers)} comes after it)",
+            )
     return chain
 
 

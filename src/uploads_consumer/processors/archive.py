@@ -234,6 +234,10 @@ class Archive(Processor):
         ctx.report("storage_class", copies[0]["storage_class"])
         ctx.report("copied", [c["how"] for c in copies])
 
+    @property
+    def removes_upload(self) -> bool:
+        return self.settings.delete_source
+
     async def recorded(self, ctx: ProcessingContext) -> None:
         if not self.settings.delete_source:
             return
