@@ -248,12 +248,54 @@ async def test_every_settlement_is_recorded_on_sqlite_and_the_report_adds_up(
     assert table[1].split() == ["DAY", "RECORDS", "UPLOADS", "BYTES", "FAILURES", "RETRIES", "DUPLICATES"]
     assert table[-1].split() == ["total", "9", "3", "9,000", "2", "3", "1"]
 
+    def groups(*args: str) -> dict[str, list[int]]:
+        report = json.loads(audit_command(env, "report", "--json", *args).stdout)
+        return {
+            g["group"]: [g[k] for k in ("records", "uploads", "bytes", "failures", "retries")] for g in report["groups"]
+        }
+
+    # By user: the body that was not JSON has no uploader; the forged event names the real one.
+    assert groups("--by", "user") == {"(none)": [1, 0, 0, 1, 0], "user@example.com": [8, 3, 9000, 1, 3]}
+    # By type: what was sniffed, for the retried deliveries too (fetched before flaky_once failed).
+    assert groups("--by", "type") == {"(unknown)": [3, 0, 0, 2, 0], "application/octet-stream": [6, 3, 9000, 0, 3]}
     with sqlite3.connect(db) as conn:  # someone makes an upload look smaller than it was
         [(seq,)] = conn.execute("SELECT seq FROM audit_records WHERE outcome = 'processed' ORDER BY seq LIMIT 1")
         conn.execute("UPDATE audit_records SET size = 10 WHERE seq = ?", (seq,))
     broken = audit_command(env, "verify")
     assert broken.returncode == 1
     assert broken.stdout.startswith(f"broken: writer {records[0]['writer']} seq {seq}: its content does not match")
+    with sqlite3.connect(db) as conn:  # the day the duplicate was recorded, moved back ten days
+        conn.execute("UPDATE audit_records SET recorded_at = recorded_at - 864000000 WHERE outcome = 'duplicate'")
+    assert sum(g[0] for g in groups("--since", "7d").values()) == 8
+    assert sum(g[0] for g in groups("--since", "11d").values()) == 9
+
+
+async def test_a_locked_sqlite_store_holds_the_settlements_and_loses_nothing(
+    tmp_path, settings_for, start_daemon, nats_server, daemon_env
+):
+    db = tmp_path / "audit.db"
+    url = f"sqlite:///{db}"
+    daemon = start_daemon(AUDIT_URL=url)
+    await wait_ready(daemon, nats_server.url)
+    # Another process holds the write lock (a backup, a long report): past the store's 10 s busy
+    # timeout each write fails, and the settlements wait with their records.
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        events = await publish_uploads(settings_for(), make_files(tmp_path / "in", 2))
+        await until(lambda: daemon.metric("uploads_consumer_audit_flush_errors_total"), 30, "a failed write", daemon)
+        assert daemon.metric("uploads_consumer_messages_total", 'outcome="acked"') == 0, "acked without its record"
+        assert "audit records cannot be written; the settlements wait" in daemon.log_text()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    await wait_settled(nats_server.url, 2, daemon=daemon)
+    assert daemon.terminate() == 0
+    records = await stored(settings_for(AUDIT_URL=url))
+    assert sorted(r["event_id"] for r in records) == sorted(e.event_id for e in events)
+    assert {r["outcome"] for r in records} == {"processed"}
+    verified = audit_command({**daemon_env, "AUDIT_URL": url}, "verify")
+    assert (verified.returncode, verified.stdout) == (0, "2 records in 1 chain verified\n")
 
 
 async def test_a_dead_letter_after_some_steps_records_what_was_known_of_the_upload(
