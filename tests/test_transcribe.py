@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from helpers import consumer_info, publish_uploads, read_stream, wait_ready, wait_settled
+from otlp_receiver import OtlpReceiver
 from prometheus_client import CollectorRegistry
 from speech import (
     GO_FORWARD,
@@ -623,6 +624,7 @@ class TranscriptionServer:
         record = {
             "at": time.monotonic(),
             "authorization": request.headers.get("Authorization"),
+            "traceparent": request.headers.get("traceparent"),
             "filename": upload.filename,
             "fields": {k: v for k, v in form.items() if k != "file"},
         }
@@ -672,6 +674,8 @@ async def test_openai_backend_waits_as_told_by_retry_after_then_transcribes(
     tmp_path, settings_for, start_daemon, nats_server, downloads, whisper_model
 ):
     busy = (503, {"Retry-After": "2"}, {"error": {"message": "the server is busy"}})
+    otlp = OtlpReceiver()  # with tracing on, the API request and the transcription carry the trace
+    await otlp.start()
     async with TranscriptionServer(whisper_model, refuse={"speech.mp3.wav": [busy]}) as server:
         daemon = start_daemon(
             **voice(
@@ -681,12 +685,14 @@ async def test_openai_backend_waits_as_told_by_retry_after_then_transcribes(
                 TRANSCRIBE_API_MODEL="whisper-large-v3",
                 TRANSCRIBE_MODEL="",
                 RETRY_BACKOFF="200ms,10s",  # Retry-After is capped at the longest: 10s
+                OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
             )
         )
         await wait_ready(daemon)
         [event] = await publish_uploads(settings_for(), [speech_mp3(GO_FORWARD, tmp_path / "in")])
         await wait_settled(nats_server.url, 1, daemon=daemon, timeout=120)
         assert daemon.terminate() == 0
+    await otlp.stop()
     first, second = server.requests
     assert second["at"] - first["at"] >= 1.9, "the nak's delay was Retry-After, not RETRY_BACKOFF (200ms)"
     assert first["authorization"] == second["authorization"] == f"Bearer {API_KEY}"
@@ -696,9 +702,16 @@ async def test_openai_backend_waits_as_told_by_retry_after_then_transcribes(
         "timestamp_granularities[]": "segment",
     }
     assert first["filename"] == "speech.mp3.wav", "the transcoded audio is what is sent"
-    [message] = by_event(await read_stream(nats_server.url, "TRANSCRIPTIONS")).values()
+    [stored] = await read_stream(nats_server.url, "TRANSCRIPTIONS")
+    message = json.loads(stored.data)
     assert heard(message["transcription"], GO_FORWARD) and message["language"] == "en"
     assert (downloads / "user@example.com" / event.file_uuid / "speech.mp3.txt").exists()
+    # Each delivery (no traceparent on the upload) is a trace of its own; the second one's API request
+    # and its transcription message are in that trace, under spans the daemon exported.
+    traces = [request["traceparent"].split("-")[1] for request in (first, second)]
+    assert traces[0] != traces[1]
+    assert stored.headers["traceparent"].split("-")[1] == traces[1]
+    assert {span.name for span in otlp.trace(traces[1])} >= {"process file.uploads", "send audio.transcription.result"}
     log = daemon.log_text()
     assert '"delay_s": 2.0' in log and "answered 503" in log
     assert "5ecret" not in log, "the API key never appears in the log"
