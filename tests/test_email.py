@@ -87,7 +87,9 @@ async def test_through_the_daemon_one_email_per_upload_exactly_once_refusals_dea
     )
     password_file = tmp_path / "smtp-password"
     password_file.write_text(smtp.password + "\n")
-    variables = email_variables(smtp, pki, EMAIL_ATTACH_TRANSCRIPT="true", EMAIL_SUBJECT="${filename} from ${email}")
+    variables = email_variables(
+        smtp, pki, EMAIL_ATTACH_TRANSCRIPT="true", EMAIL_SUBJECT="${filename} from ${email} (${transcribe_language})"
+    )
     del variables["EMAIL_PASSWORD"]
     daemon = start_daemon(
         **variables,
@@ -129,7 +131,7 @@ async def test_through_the_daemon_one_email_per_upload_exactly_once_refusals_dea
         assert msg["Auto-Submitted"] == "auto-generated"
         assert abs(parsedate_to_datetime(msg["Date"]).timestamp() - time.time()) < 120
         name = path.name if path is not None else event.s3_data_key.rpartition("/")[2].removesuffix(".enc")
-        assert msg["Subject"] == f"{name} from {event.email}"
+        assert msg["Subject"] == f"{name} from {event.email} (en)", "an earlier step's output, by name"
         body = msg.get_body(("plain",)).get_content().replace("\r\n", "\n")
         assert body == (
             f"{event.email} uploaded {name}.\n\nUpload {event.file_uuid} (event {event.event_id}), "
@@ -327,6 +329,11 @@ async def test_an_instance_reads_its_own_variables_then_emails(processor):
         ({"EMAIL_TO": "ops@example.com\r\nBcc: eve@example.net"}, "EMAIL_TO", "is not addresses"),
         ({"EMAIL_TO": "ops@example.com, oncall"}, "EMAIL_TO", "is not addresses"),
         ({"EMAIL_SUBJECT": "${filename} is ${size_mb} MB"}, "EMAIL_SUBJECT", "uses ${size_mb}, which is not a field"),
+        (
+            {"EMAIL_SUBJECT": "archived as ${archive_key}"},  # no archive step before this one
+            "EMAIL_SUBJECT",
+            "nor an output of an earlier step (none: no step comes before this one)",
+        ),
         ({"EMAIL_BODY": "It costs $5."}, "EMAIL_BODY", "write $$ for a dollar sign"),
         ({"EMAIL_BODY": "x", "EMAIL_BODY_FILE": "/nonexistent"}, "EMAIL_BODY", "not both"),
         ({"EMAIL_USERNAME": "uploads"}, "EMAIL_PASSWORD", "is required when the other half"),

@@ -14,11 +14,14 @@ Nothing here logs or reports the password; an error names the variable, never it
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import ssl
 import string
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -158,15 +161,44 @@ def parse_addresses(value: str, variable: str, one: bool) -> list[Address]:
     return addresses
 
 
-def template(text: str, variable: str) -> string.Template:
-    """A template that uses only FIELDS; ConfigError naming the variable and the field otherwise."""
+def step_fields(earlier: Sequence[str]) -> dict[str, str]:
+    """The prefix of each earlier step's outputs as template fields: `archive` → `archive_`,
+    `webhook:ops` → `webhook_ops_` (a character an identifier cannot hold becomes `_`)."""
+    return {re.sub(r"\W", "_", step) + "_": step for step in earlier}
+
+
+def step_output(name: str, prefixes: dict[str, str]) -> tuple[str, str] | None:
+    """`archive_key` → (`archive`, `key`): the step (the longest prefix that fits) and its output."""
+    fits = [prefix for prefix in prefixes if name.startswith(prefix) and len(name) > len(prefix)]
+    if not fits:
+        return None
+    prefix = max(fits, key=len)
+    return prefixes[prefix], name[len(prefix) :]
+
+
+def template(text: str, variable: str, earlier: Sequence[str] = ()) -> string.Template:
+    """A template that uses only FIELDS and `{step}_{output}` of the `earlier` steps; ConfigError
+    naming the variable and the field otherwise."""
     parsed = string.Template(text)
     if not parsed.is_valid():
         raise ConfigError(variable, "has a $ that is neither ${field} nor $field; write $$ for a dollar sign")
-    unknown = [name for name in parsed.get_identifiers() if name not in FIELDS]
+    prefixes = step_fields(earlier)
+    unknown = [n for n in parsed.get_identifiers() if n not in FIELDS and step_output(n, prefixes) is None]
     if unknown:
-        raise ConfigError(variable, f"uses ${{{unknown[0]}}}, which is not a field ({', '.join(FIELDS)})")
+        outputs = ", ".join(f"{prefix}OUTPUT" for prefix in prefixes) or "none: no step comes before this one"
+        raise ConfigError(
+            variable,
+            f"uses ${{{unknown[0]}}}, which is not a field ({', '.join(FIELDS)}) nor an output of an earlier "
+            f"step ({outputs})",
+        )
     return parsed
+
+
+def output_text(value: Any) -> str:
+    """An earlier step's output as text: a string as it is, anything else as JSON, nothing as empty."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def header_text(text: str) -> str:
@@ -281,14 +313,18 @@ class Email(Processor):
         self.server = parse_smtp_url(settings.smtp_url, name)
         self.sender = parse_addresses(getattr(settings, "from"), variable_for(name, "from"), one=True)[0]
         self.recipients = parse_addresses(settings.to, variable_for(name, "to"), one=False) if settings.to else None
-        self.subject = template(settings.subject, variable_for(name, "subject"))
+        earlier = env.chain[: env.chain.index(name)] if name in env.chain else ()
+        self.subject = template(settings.subject, variable_for(name, "subject"), earlier)
         if settings.body is not None and settings.body_file is not None:
             raise ConfigError(variable_for(name, "body"), f"set it or {variable_for(name, 'body_file')}, not both")
         if settings.body_file is not None:
             body_variable = variable_for(name, "body_file")
-            self.body = template(read_file(settings.body_file, body_variable), body_variable)
+            self.body = template(read_file(settings.body_file, body_variable), body_variable, earlier)
         else:
-            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"))
+            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), earlier)
+        prefixes = step_fields(earlier)
+        used = set(self.subject.get_identifiers()) | set(self.body.get_identifiers())
+        self._outputs = {n: out for n in used - FIELDS.keys() if (out := step_output(n, prefixes)) is not None}
         self._password = self._read_password()
         if (settings.username is None) != (self._password is None):
             missing = "password" if settings.username is not None else "username"
@@ -355,6 +391,7 @@ class Email(Processor):
             "content_type": shown(facts["content_type"]),
             "transcript": str(said.get("text") or ""),
             "language": str(said.get("language") or ""),
+            **{n: output_text(ctx.outputs.get(step, {}).get(key)) for n, (step, key) in self._outputs.items()},
         }
 
     def recipients_for(self, ctx: ProcessingContext) -> list[Address]:
