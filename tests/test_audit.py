@@ -319,7 +319,8 @@ async def test_a_dead_letter_after_some_steps_records_what_was_known_of_the_uplo
     )
 
 
-async def test_audit_tail_prints_the_last_records_then_follows_new_ones(tmp_path, daemon_env):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_audit_tail_prints_the_last_records_then_follows_new_ones_until_stopped(tmp_path, daemon_env, stop):
     db = tmp_path / "audit.db"
     store = SqliteStore(db)
     await store.open()
@@ -339,7 +340,7 @@ async def test_audit_tail_prints_the_last_records_then_follows_new_ones(tmp_path
         await store.append([newer])
         assert json.loads(await asyncio.to_thread(tail.stdout.readline))["email"] == "late@example.com"
     finally:
-        tail.send_signal(signal.SIGINT)
+        tail.send_signal(stop)  # also when started as a background job, with SIGINT ignored
         assert tail.wait(10) == 0
         await store.close()
 

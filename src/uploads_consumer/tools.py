@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -317,13 +319,20 @@ TAIL_LOOKBACK = 2000  # ids a PostgreSQL transaction that commits late may have 
 
 
 async def audit_tail(settings: Settings, lines: int, as_json: bool, interval: float = 1.0) -> int:
-    """The last `lines` records, then each new one as it arrives, until interrupted."""
+    """The last `lines` records, then each new one as it arrives, until SIGINT or SIGTERM (exit 0).
+
+    The handlers are the loop's own: a shell starts a background job with SIGINT ignored, which
+    Python would keep, and `kill -INT` (or a supervisor's SIGTERM) could then never end the tail."""
     store = store_for(settings)
     await store.open(create=False)
     floor = top = await store.last_id(lines)
     shown: set[int] = set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        while True:
+        while not stop.is_set():
             # More than the look-back per poll: each one gets past what it has already shown.
             for record_id, record in await store.after(max(floor, top - TAIL_LOOKBACK), TAIL_LOOKBACK + 1000):
                 if record_id in shown:
@@ -332,6 +341,10 @@ async def audit_tail(settings: Settings, lines: int, as_json: bool, interval: fl
                 shown.add(record_id)
                 top = max(top, record_id)
             shown = {i for i in shown if i > top - TAIL_LOOKBACK}
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
         await store.close()
+    return 0
