@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import subprocess
+import wave
 from pathlib import Path
 
 import structlog
@@ -77,6 +78,12 @@ def synthesise(text: str, folder: Path, name: str = "speech.wav", speed: int = 1
     path = folder / name
     subprocess.run([espeak, "-s", str(speed), "-w", str(path), text], check=True, capture_output=True)
     return path
+
+
+def wav_seconds(path: Path) -> float:
+    """The length of a WAV file, in seconds."""
+    with wave.open(str(path)) as w:
+        return w.getnframes() / w.getframerate()
 
 
 def encode(source: Path, target: Path, *args: str) -> Path:

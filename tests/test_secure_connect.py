@@ -152,6 +152,7 @@ async def test_a_connection_that_cannot_succeed_is_said_in_one_line_once(failure
         assert daemon.terminate() == 0, "SIGTERM stops a daemon that never connected"
     warnings = [json.loads(line) for line in daemon.log_text().splitlines() if "cannot connect to NATS yet" in line]
     assert 1 <= len(warnings) <= allowed, warnings
+    assert len({w["error"] for w in warnings}) == len(warnings), "each distinct error is said once"
     assert words in warnings[0]["error"]
     if failure == "wrong_password":
         assert "not-the-right-one" not in daemon.log_text() + status.stdout + status.stderr

@@ -19,7 +19,18 @@ import pytest
 import structlog
 from helpers import publish_uploads, read_stream, wait_ready, wait_settled
 from prometheus_client import CollectorRegistry
-from speech import GO_FORWARD, context, encode, ffmpeg, ffmpeg_children, speech_mp3, synthesise, video, wait_for_ffmpeg
+from speech import (
+    GO_FORWARD,
+    context,
+    encode,
+    ffmpeg,
+    ffmpeg_children,
+    speech_mp3,
+    synthesise,
+    video,
+    wait_for_ffmpeg,
+    wav_seconds,
+)
 
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor
@@ -123,7 +134,9 @@ async def test_mp3_speech_becomes_16khz_mono_16bit_wav_with_the_input_described(
     assert wav_layout(audio) == (16_000, 1, 2)
     out = ctx.outputs["transcode"]
     assert (out["codec"], out["sample_rate"], out["channels"], out["normalized"]) == ("mp3", 22050, 1, False)
-    assert 1.2 < out["duration_seconds"] < 2.5
+    assert out["duration_seconds"] == round(wav_seconds(audio), 3), "what was written"
+    # The spoken WAV the MP3 was made from, give or take the MP3 encoder's padding.
+    assert out["duration_seconds"] == pytest.approx(wav_seconds(tmp_path / "synth" / "speech.mp3.wav"), abs=0.06)
 
 
 async def test_stereo_aac_is_described_as_it_was_and_mixed_down_to_mono(tmp_path, monkeypatch):
