@@ -320,10 +320,16 @@ class UploadConsumer:
             try:
                 stored = await js.get_msg(s.nats_stream_name, seq=stream_seq)
                 copied = Delivered(s.nats_stream_name, stream_seq, deliveries, stored.data or b"")
-                subject, size, stream = stored.subject or "", len(copied.data), s.nats_stream_name
-                consumer = s.nats_consumer_name
                 # In the upload's own trace, which the copy's headers then carry on.
-                with tracing.given_up(subject, stored.headers, size, stream, stream_seq, deliveries, consumer):
+                with tracing.given_up(
+                    stored.subject or "",
+                    stored.headers,
+                    len(copied.data),
+                    copied.stream,
+                    stream_seq,
+                    deliveries,
+                    s.nats_consumer_name,
+                ):
                     await self._dead_letters.publish_stored(
                         stored, s.nats_stream_name, deliveries, ErrorClass.MAX_DELIVERIES, reason
                     )

@@ -221,10 +221,7 @@ class Settler:
             Recorded.DEAD_LETTERED, received, known, error_class=str(decision.error_class), reason=decision.reason
         )
         await self._confirm(msg, b"+TERM", settlement)
-        self._metrics.messages.labels("dead_lettered").inc()
-        self._metrics.dead_letters.labels(str(decision.error_class)).inc()
-        tracing.settled("dead_lettered", str(decision.error_class))
-        log.warning("dead-lettered", error_class=str(decision.error_class), reason=decision.reason)
+        self._dead_lettered(str(decision.error_class), "dead-lettered", reason=decision.reason)
         return None
 
     async def abandoned_copied(self, delivered: Delivered, reason: str) -> None:
@@ -235,10 +232,15 @@ class Settler:
             await self._audit.record(delivered, settlement)
         except Exception as exc:  # noqa: BLE001 - only when stopping with the store away: the copy is stored
             log.error("the audit record of a copied message was not written", error=describe(exc))
+        self._dead_lettered(str(ErrorClass.MAX_DELIVERIES), "dead-lettered a message the server stopped delivering")
+
+    def _dead_lettered(self, error_class: str, said: str, **fields: Any) -> None:
+        """A dead letter stored (and its original terminated, or given up by the server): counted,
+        marked on the delivery's span, and logged."""
         self._metrics.messages.labels("dead_lettered").inc()
-        self._metrics.dead_letters.labels(str(ErrorClass.MAX_DELIVERIES)).inc()
-        tracing.settled("dead_lettered", str(ErrorClass.MAX_DELIVERIES))
-        log.warning("dead-lettered a message the server stopped delivering", error_class="max_deliveries")
+        self._metrics.dead_letters.labels(error_class).inc()
+        tracing.settled("dead_lettered", error_class)
+        log.warning(said, error_class=error_class, **fields)
 
     async def _confirm(self, msg: Msg, payload: bytes, settlement: Settlement) -> None:
         """Send an ack/nak/term and wait for the server to confirm it (a request, not a bare publish).

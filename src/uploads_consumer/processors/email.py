@@ -21,7 +21,7 @@ import ssl
 import string
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -167,7 +167,7 @@ def step_fields(earlier: Sequence[str]) -> dict[str, str]:
     return {re.sub(r"\W", "_", step) + "_": step for step in earlier}
 
 
-def step_output(name: str, prefixes: dict[str, str]) -> tuple[str, str] | None:
+def step_output(name: str, prefixes: Mapping[str, str]) -> tuple[str, str] | None:
     """`archive_key` → (`archive`, `key`): the step (the longest prefix that fits) and its output."""
     fits = [prefix for prefix in prefixes if name.startswith(prefix) and len(name) > len(prefix)]
     if not fits:
@@ -176,13 +176,13 @@ def step_output(name: str, prefixes: dict[str, str]) -> tuple[str, str] | None:
     return prefixes[prefix], name[len(prefix) :]
 
 
-def template(text: str, variable: str, earlier: Sequence[str] = ()) -> string.Template:
-    """A template that uses only FIELDS and `{step}_{output}` of the `earlier` steps; ConfigError
-    naming the variable and the field otherwise."""
+def template(text: str, variable: str, prefixes: Mapping[str, str] | None = None) -> string.Template:
+    """A template that uses only FIELDS and the outputs of the earlier steps (their `step_fields`);
+    ConfigError naming the variable and the field otherwise."""
     parsed = string.Template(text)
     if not parsed.is_valid():
         raise ConfigError(variable, "has a $ that is neither ${field} nor $field; write $$ for a dollar sign")
-    prefixes = step_fields(earlier)
+    prefixes = prefixes or {}
     unknown = [n for n in parsed.get_identifiers() if n not in FIELDS and step_output(n, prefixes) is None]
     if unknown:
         outputs = ", ".join(f"{prefix}OUTPUT" for prefix in prefixes) or "none: no step comes before this one"
@@ -313,16 +313,15 @@ class Email(Processor):
         self.server = parse_smtp_url(settings.smtp_url, name)
         self.sender = parse_addresses(getattr(settings, "from"), variable_for(name, "from"), one=True)[0]
         self.recipients = parse_addresses(settings.to, variable_for(name, "to"), one=False) if settings.to else None
-        earlier = env.chain[: env.chain.index(name)] if name in env.chain else ()
-        self.subject = template(settings.subject, variable_for(name, "subject"), earlier)
+        prefixes = step_fields(env.chain[: env.chain.index(name)] if name in env.chain else ())
+        self.subject = template(settings.subject, variable_for(name, "subject"), prefixes)
         if settings.body is not None and settings.body_file is not None:
             raise ConfigError(variable_for(name, "body"), f"set it or {variable_for(name, 'body_file')}, not both")
         if settings.body_file is not None:
             body_variable = variable_for(name, "body_file")
-            self.body = template(read_file(settings.body_file, body_variable), body_variable, earlier)
+            self.body = template(read_file(settings.body_file, body_variable), body_variable, prefixes)
         else:
-            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), earlier)
-        prefixes = step_fields(earlier)
+            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), prefixes)
         used = set(self.subject.get_identifiers()) | set(self.body.get_identifiers())
         self._outputs = {n: out for n in used - FIELDS.keys() if (out := step_output(n, prefixes)) is not None}
         self._password = self._read_password()
