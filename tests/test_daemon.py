@@ -377,7 +377,7 @@ async def test_liveness_holds_while_waiting_for_nats_however_long(settings_for):
 
     consumer = UploadConsumer(settings_for())
     assert consumer.alive() and not consumer.ready(), "connecting or waiting for JetStream: not a reason to restart"
-    consumer._source = PullSource(consumer.session, consumer.settings, consumer.metrics, print, None)  # type: ignore[arg-type]
+    consumer._source = PullSource(consumer.session, consumer.settings, consumer.metrics, print, None, None)  # type: ignore[arg-type]
     consumer._source.tick -= 3600
     consumer._pull_task = asyncio.get_running_loop().create_future()  # the pull loop has started ...
     assert not consumer.alive(), "... and has not turned for an hour: dead"

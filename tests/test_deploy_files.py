@@ -550,30 +550,38 @@ def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
     assert consumer.get("stop_signal", "SIGTERM") == "SIGTERM"
 
 
-def test_compose_runs_the_seeds_pipeline_three_consumers_of_one_stream_each_provisioned_first():
+def test_compose_runs_the_seeds_pipeline_as_stages_each_provisioned_first_in_order():
     services = compose()["services"]
-    jobs = {"process": "save,transcode,transcribe", "notify": "webhook", "archive": "archive"}
+    jobs = {"process": ("save,scan,image", None), "notify": ("webhook", "process"), "archive": ("archive", "notify")}
     host = {"ENCRYPTION_MASTER_KEY": GOOD_KEY, "WEBHOOK_URL": "https://r.example/u", "WEBHOOK_SECRET": "whsec_x"}
     setup = services["pipeline-setup"]
-    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "transcribe"
+    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "images"
     script = interpolate(setup["command"][0], host)
-    assert "for consumer in process notify archive;" in script and "NATS_CONSUMER_NAME=$consumer" in script
-    assert "uploads_consumer setup || exit 1" in script, "a failed setup stops the pipeline from starting"
+    order = [script.index(f"NATS_CONSUMER_NAME={name} ") for name in jobs]
+    assert order == sorted(order), "each stage set up after the one it follows"
+    for name, (chain, after) in jobs.items():
+        assert f"NATS_CONSUMER_NAME={name} {'AFTER=' + after + ' ' if after else ''}PROCESSORS={chain} " in script
+    assert script.count("python -m uploads_consumer setup") == 3 and "setup ||" not in script.split("exit 1; } &&")[1]
+    assert '[ -n "$WEBHOOK_URL" ]' in script, "no pipeline without the notify stage's receiver"
     ports = set()
-    for name, chain in jobs.items():
+    for name, (chain, after) in jobs.items():
         service = services[name]
         env = service_env(service, host)
         assert service["profiles"] == ["pipeline"] and service["image"] == setup["image"]
-        assert (env["NATS_CONSUMER_NAME"], env["PROCESSORS"]) == (name, chain), "its own durable, its own job"
+        assert (env["NATS_CONSUMER_NAME"], env["PROCESSORS"], env.get("AFTER")) == (name, chain, after)
         assert service["depends_on"]["pipeline-setup"] == {"condition": "service_completed_successfully"}
         unknown = set(env) - VARIABLES - processor_variables(chain)
         assert not unknown, f"{name}: not variables of Settings nor of its processors: {unknown}"
         settings = Settings(**{k.lower(): v for k, v in env.items()})
         assert settings.dedupe_bucket == f"{name}_done", "each remembers its own work"
+        assert settings.source.after == after
         assert settings.nats_url == service_env(services["uploads-consumer"])["NATS_URL"], "the one stream"
         assert go_duration(service["stop_grace_period"]) >= stop_allowance(env)
         ports |= {host_port for _, host_port, _ in published_ports(service)}
     assert len(ports) == 3, "each consumer's /metrics on a port of its own"
+    process = services["process"]
+    assert service_env(process, host)["SCAN_CLAMD_URL"] == "tcp://clamav:3310", "the scan gates the stages after it"
+    assert process["depends_on"]["clamav"] == {"condition": "service_healthy"}
     assert (
         service_env(services["archive"], host)["ARCHIVE_BUCKET"]
         == service_env(services["minio-init"], host)["ARCHIVE_BUCKET"]

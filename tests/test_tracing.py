@@ -143,7 +143,7 @@ async def test_an_upload_is_traced_from_its_traceparent_through_every_step_and_o
             "processor webhook",
             "checkpoint webhook",
             "processor tracing_probe",
-            "send file.processed",
+            "send file.processed.file_processor",
             "idempotency record",
             "settle",
         ]
@@ -152,9 +152,10 @@ async def test_an_upload_is_traced_from_its_traceparent_through_every_step_and_o
     gets = [s for s in steps if s.name == "S3.GetObject"]
     assert all(g.kind == "client" and g.attributes["aws.s3.bucket"] == settings.s3_bucket_name for g in gets)
     assert sorted(g.attributes["http.response.body.size"] for g in gets)[1] == 2048 + 28  # the object's size
-    assert by_name["send file.processed"].kind == "producer"
+    assert by_name["send file.processed.file_processor"].kind == "producer"
     assert (
-        by_name["send file.processed"].attributes["messaging.message.id"] == f"{good.event_id}:file_processor:processed"
+        by_name["send file.processed.file_processor"].attributes["messaging.message.id"]
+        == f"{good.event_id}:file_processor:processed"
     )
     # The first delivery's retry: an event and the error class, on the delivery and on the step.
     assert retried.parent_span_id == upstream_span and retried.attributes["messaging.nats.delivery_count"] == 1
@@ -165,7 +166,10 @@ async def test_an_upload_is_traced_from_its_traceparent_through_every_step_and_o
 
     # Propagated out: the result event and the webhook continue the same trace, from their own spans.
     results = [m for m in await read_stream(url, "FILE_PROCESSED") if json.loads(m.data)["event_id"] == good.event_id]
-    assert parsed(results[0].headers["traceparent"]) == (good_trace, by_name["send file.processed"].span_id)
+    assert parsed(results[0].headers["traceparent"]) == (
+        good_trace,
+        by_name["send file.processed.file_processor"].span_id,
+    )
     [hook] = [d for d in webhook_receiver.deliveries if d.webhook_id == good.event_id]
     assert hook.verified == "ok" and parsed(hook.headers["traceparent"]) == (
         good_trace,

@@ -74,6 +74,7 @@ async def test_each_processed_upload_is_delivered_once_signed_with_its_event_id_
                 "save": {"path": str(downloads / "user@example.com" / event.file_uuid / path.name)},
                 "transcribe": {"text": TRANSCRIPT, "language": "en"},
             },
+            "upstream": {},
         }
     results = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))
     assert {r["outputs"]["webhook"]["status"] for rs in results.values() for r in rs} == {200}

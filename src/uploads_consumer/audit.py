@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 
-from uploads_consumer.errors import PermanentError, describe
-from uploads_consumer.events import FileUploadEvent, parse_event
+from uploads_consumer.errors import describe
+from uploads_consumer.events import FileUploadEvent, upload_of
 from uploads_consumer.observability import Metrics, get_logger
 
 log = get_logger("uploads_consumer.audit")
@@ -209,10 +209,7 @@ def _text(value: str | None) -> str | None:
 
 
 def _event(body: bytes) -> FileUploadEvent | None:
-    try:
-        return parse_event(body)
-    except PermanentError:
-        return None
+    return upload_of(body)  # an upload event, or (a stage's message) the upload its upstream's result carries
 
 
 class AuditTrail:

@@ -6,10 +6,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
+
+if TYPE_CHECKING:
+    from uploads_consumer.stages import Role
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 
@@ -45,43 +49,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def _processor_streams(settings: Settings) -> tuple[list[tuple[str, str]], list[str]]:
-    """The streams the chain's processors publish to, and a warning for each processor not configured."""
+def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, list[str]]:
+    """The streams the chain's processors publish to, what this consumer does (for the other consumers'
+    setup: its durable's metadata), and a warning for each processor not configured here."""
     from prometheus_client import CollectorRegistry
 
-    from uploads_consumer.processors import ProcessorEnvironment, load_processor, processor_name
+    from uploads_consumer.processors import ProcessorEnvironment, chain_need, load_processor, processor_name
+    from uploads_consumer.stages import role_of
 
     env = ProcessorEnvironment(
         download_path=settings.decrypt_download_path.resolve(),
         chain=tuple(processor_name(spec) for spec in settings.processors),
         max_retry_delay=max(settings.retry_backoff),
         registry=CollectorRegistry(),
+        after=settings.after,
     )
     streams: list[tuple[str, str]] = []
     warnings: list[str] = []
+    loaded = []
     for spec in settings.processors:
         try:
-            streams += load_processor(spec, env).streams()
+            processor = load_processor(spec, env)
         except ConfigError as exc:
             warnings.append(f"processor {spec} is not configured ({exc.reason}); streams it needs were not checked")
-    return streams, warnings
+            continue
+        streams += processor.streams()
+        loaded.append(processor)
+    if len(loaded) < len(settings.processors):  # what the chain reads, or removes, is not known from here
+        return streams, role_of(settings), warnings
+    fetches = str(chain_need(loaded, settings.allowed_content_types))
+    return streams, role_of(settings, fetches, any(p.removes_upload for p in loaded)), warnings
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     from nats.js.api import DeliverPolicy
 
+    from uploads_consumer import stages
     from uploads_consumer.connection import connect_once
-    from uploads_consumer.provision import provision, retention_warnings
+    from uploads_consumer.provision import retention_warnings
 
     settings = _settings()
-    streams, warnings = _processor_streams(settings)
+    streams, role, warnings = _chain_for_setup(settings)
     deliver = DeliverPolicy.NEW if args.deliver == "new" else DeliverPolicy.ALL
 
     async def main() -> int:
         nc = await connect_once(settings, "uploads-consumer-setup")
         try:
             js = nc.jetstream(timeout=10)
-            report = await provision(js, settings, streams, deliver, enable_replay=args.enable_replay)
+            report = await stages.setup(js, settings, role, streams, deliver, enable_replay=args.enable_replay)
             warnings.extend(report.warnings + await retention_warnings(js, settings))
         finally:
             await nc.close()
@@ -136,9 +151,21 @@ def cmd_processors(args: argparse.Namespace) -> int:
 
     from uploads_consumer.processors import describe_chain, describe_installed
 
-    specs = _settings().processors
+    settings = _settings()
+    specs = settings.processors
+    source = settings.source
+    place = {
+        "after": source.after,
+        "stream": source.stream,
+        "reads": source.subject,
+        "results": settings.result_subject,
+    }
     if args.json:
-        print(json.dumps(describe_chain(specs) if args.chain else describe_installed(), indent=2))
+        print(
+            json.dumps(
+                {"place": place, "chain": describe_chain(specs)} if args.chain else describe_installed(), indent=2
+            )
+        )
         return EXIT_OK
     if not args.chain:
         for entry in describe_installed():
@@ -158,6 +185,11 @@ def cmd_processors(args: argparse.Namespace) -> int:
                 text = f"  {var['description']}" if var["description"] else ""
                 print(f"    {var['variable']:<34} {default}{text}")
         print()
+    if source.after:
+        where = f"a stage after {source.after}: reads its results, {source.subject} on {source.stream}"
+    else:
+        where = f"reads the uploads, {source.subject} on {source.stream}"
+    print(f"consumer {settings.nats_consumer_name}: {where}; results to {settings.result_subject or '(none)'}")
     print(f"the chain, PROCESSORS={','.join(specs)}:")
     for number, entry in enumerate(describe_chain(specs), 1):
         if "error" in entry:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import contextlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
 MIN_RETRY_DELAY = 0.1
 FETCH_TIMEOUT_DEFAULT = 5.0
+STAGE_DEDUPE_TTL = 30 * 86400.0  # the result stream's max age (provision.RESULTS_MAX_AGE)
 # NATS refuses these in a durable name (and a name is also a subject token and a bucket-name part here).
 _CONSUMER_NAME = re.compile(r"^[^\s.*>/\\]+$")
 AUDIT_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
@@ -81,6 +83,28 @@ def replay_subject(subject: str, consumer: str) -> str:
     return f"{subject}.replay.{consumer}"
 
 
+@dataclass(frozen=True)
+class SourceStream:
+    """Where a consumer reads: the upload stream, or (a stage, AFTER=) its upstream's results."""
+
+    stream: str
+    subject: str
+    """What it processes: NATS_SUBJECT, or `{NATS_RESULT_SUBJECT}.{AFTER}` for a stage."""
+    replay_subject: str
+    """Where `dlq replay` gives this consumer back what it dead-lettered: `{base}.replay.{consumer}`."""
+    after: str | None = None
+    """The upstream consumer of a stage; None for a consumer of the upload stream."""
+
+    @property
+    def filters(self) -> list[str]:
+        return [self.subject, self.replay_subject]
+
+
+def result_subject(base: str, consumer: str) -> str:
+    """`file.processed` + `process` → `file.processed.process`: one consumer's result events."""
+    return f"{base}.{consumer}"
+
+
 def decode_master_key(encoded: str) -> bytes:
     """A master key is base64 of exactly 32 bytes. Never echo the value in the error."""
     try:
@@ -123,6 +147,8 @@ class Settings(BaseSettings):
     nats_stream_name: str = "FILE_UPLOADS"
     nats_subject: str = "file.uploads"
     nats_consumer_name: str = "file_processor"
+    after: str | None = None
+    """AFTER: the consumer whose completed uploads this one takes (a stage); unset: the upload stream."""
     nats_result_subject: str = "file.processed"
     nats_result_stream_name: str = "FILE_PROCESSED"
     dlq_stream_name: str = "FILE_UPLOADS_DLQ"
@@ -182,11 +208,14 @@ class Settings(BaseSettings):
 
         - DEDUPE_BUCKET: `{NATS_CONSUMER_NAME}_done`, so that consumers of one stream never take each
           other's records for their own (`file_processor` keeps its `file_processor_done`);
-        - FETCH_TIMEOUT: 5 s, or half of ACK_WAIT when that is shorter (`ACK_WAIT=5s` alone is valid).
+        - FETCH_TIMEOUT: 5 s, or half of ACK_WAIT when that is shorter (`ACK_WAIT=5s` alone is valid);
+        - DEDUPE_TTL: 7 days, the upload stream's max age; for a stage (AFTER), 30 days, its source's.
         """
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if data.get("dedupe_ttl") in (None, "") and data.get("after") not in (None, ""):
+            data["dedupe_ttl"] = STAGE_DEDUPE_TTL  # a stage's source, the result stream, keeps 30 days
         if "dedupe_bucket" not in data:  # empty is kept: it disables the bucket
             consumer = data.get("nats_consumer_name") or cls.model_fields["nats_consumer_name"].default
             if isinstance(consumer, str):
@@ -205,6 +234,37 @@ class Settings(BaseSettings):
         if not _CONSUMER_NAME.match(value):
             raise ValueError("must not contain spaces, '.', '*', '>', '/' or '\\' (NATS durable names cannot)")
         return value
+
+    @field_validator("after")
+    @classmethod
+    def _one_upstream(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if "," in value:
+            raise ValueError(
+                "names one consumer: a stage follows one upstream (fan-in, after several, is not supported; "
+                "chain them instead, e.g. AFTER=b on a stage whose b runs AFTER=a)"
+            )
+        if not _CONSUMER_NAME.match(value):
+            raise ValueError("must be a consumer name: no spaces, '.', '*', '>', '/' or '\\'")
+        return value
+
+    @model_validator(mode="after")
+    def _stage_needs_results(self) -> Settings:
+        if self.after is None:
+            return self
+        if self.after == self.nats_consumer_name:
+            raise ConfigError(
+                "AFTER", f"names this consumer itself ({self.nats_consumer_name}); a stage follows another"
+            )
+        if not self.nats_result_subject:
+            raise ConfigError(
+                "NATS_RESULT_SUBJECT",
+                "is empty, but AFTER is set: a stage reads its upstream's results under NATS_RESULT_SUBJECT "
+                "(and publishes its own there); set it as the upstream has it (file.processed by default)",
+            )
+        return self
 
     @field_validator("*", mode="before")
     @classmethod
@@ -272,9 +332,31 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def source(self) -> SourceStream:
+        """What this consumer reads: the uploads (NATS_STREAM_NAME, NATS_SUBJECT) or, as a stage, the
+        results its upstream publishes (NATS_RESULT_STREAM_NAME, `{NATS_RESULT_SUBJECT}.{AFTER}`)."""
+        if self.after is None:
+            return SourceStream(
+                self.nats_stream_name,
+                self.nats_subject,
+                replay_subject(self.nats_subject, self.nats_consumer_name),
+            )
+        return SourceStream(
+            self.nats_result_stream_name,
+            result_subject(self.nats_result_subject, self.after),
+            replay_subject(self.nats_result_subject, self.nats_consumer_name),
+            self.after,
+        )
+
+    @property
     def replay_subject(self) -> str:
         """Where `dlq replay` puts a dead letter of this consumer back: only this consumer's filter has it."""
-        return replay_subject(self.nats_subject, self.nats_consumer_name)
+        return self.source.replay_subject
+
+    @property
+    def result_subject(self) -> str | None:
+        """Where this consumer's result events go, `{NATS_RESULT_SUBJECT}.{NATS_CONSUMER_NAME}`; None: disabled."""
+        return result_subject(self.nats_result_subject, self.nats_consumer_name) if self.nats_result_subject else None
 
     @property
     def audit_spool_path(self) -> Path:

@@ -17,7 +17,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from uploads_consumer import tracing
+from uploads_consumer import stages, tracing
 from uploads_consumer.audit import Delivered
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
@@ -25,12 +25,17 @@ from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
-from uploads_consumer.events import parse_event
 from uploads_consumer.inflight import Held, InFlight
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
 from uploads_consumer.pipeline import Duplicate, Pipeline, Processed
-from uploads_consumer.processors import LoadedProcessor, ProcessorEnvironment, load_processors, processor_name
-from uploads_consumer.provision import ProvisionError, provision, retention_warnings
+from uploads_consumer.processors import (
+    LoadedProcessor,
+    ProcessorEnvironment,
+    chain_need,
+    load_processors,
+    processor_name,
+)
+from uploads_consumer.provision import ProvisionError, retention_warnings
 from uploads_consumer.session import NatsSession
 from uploads_consumer.settler import Outcome, Settler, ShuttingDown
 from uploads_consumer.source import PullSource
@@ -69,9 +74,16 @@ class UploadConsumer:
             publish=self._publish,
             consumer=settings.nats_consumer_name,
             s3=lambda: self._store.client,
+            after=settings.after,
         )
         self._processors: list[LoadedProcessor] = load_processors(
             settings.processors, env, bool(settings.dedupe_bucket)
+        )
+        self._parse = stages.parser_for(settings)  # an upload event, or a stage's upstream's result
+        self._role = stages.role_of(
+            settings,
+            fetches=str(chain_need(self._processors, settings.allowed_content_types)),
+            removes_upload=any(p.removes_upload for p in self._processors),
         )
         self._source: PullSource | None = None
         self._settler: Settler | None = None
@@ -143,7 +155,13 @@ class UploadConsumer:
         dead_letters = DeadLetterPublisher(js, s.dlq_subject, s.dlq_stream_name, s.nats_consumer_name)
         self._dead_letters = dead_letters
         self._source = source = PullSource(
-            self.session, s, self.metrics, self._deliver, self._copy_abandoned, self.inflight.ack_wait_changed
+            self.session,
+            s,
+            self.metrics,
+            self._deliver,
+            self._copy_abandoned,
+            self._setup,
+            self.inflight.ack_wait_changed,
         )
         self.session.on_reconnected.append(source.on_reconnected)
         self._settler = Settler(
@@ -151,8 +169,9 @@ class UploadConsumer:
         )
         log.info(
             "consuming",
-            stream=s.nats_stream_name,
+            stream=s.source.stream,
             consumer=s.nats_consumer_name,
+            after=s.after,
             max_in_flight=s.max_in_flight,
             fetch_batch=s.fetch_batch,
             processors=[p.name for p in self._processors],
@@ -176,12 +195,23 @@ class UploadConsumer:
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)
 
+    async def _setup(self) -> None:
+        """What `uploads-consumer setup` does, for this consumer and chain, with the lines logged."""
+        js = self.session.js
+        assert js is not None
+        streams = [stream for p in self._processors for stream in p.streams()]
+        report = await stages.setup(js, self.settings, self._role, streams)
+        for line in report.lines:
+            log.info("setup " + line)
+        for warning in report.warnings:
+            log.warning("setup: " + warning)
+
     async def _prepare(self) -> Any:
         """Provision (AUTO_SETUP) and find the idempotency bucket; returns it (None if disabled).
 
-        Something missing without AUTO_SETUP, or JetStream not answering yet (a cluster electing
-        its leader), is waited for with readyz at 503 — said once, not a crash loop. Only a shape
-        the daemon cannot work with (ProvisionError) ends the process.
+        Something missing without AUTO_SETUP, a stage's upstream not there yet, or JetStream not answering
+        (a cluster electing its leader), is waited for with readyz at 503 — said once, not a crash loop.
+        Only a shape the daemon cannot work with (ProvisionError) ends the process.
         """
         js = self.session.js
         assert js is not None
@@ -191,15 +221,15 @@ class UploadConsumer:
         while True:
             try:
                 if s.auto_setup:
-                    streams = [stream for p in self._processors for stream in p.streams()]
-                    report = await provision(js, s, streams)
-                    for line in report.lines:
-                        log.info("setup " + line)
-                    for warning in report.warnings:
+                    await self._setup()
+                else:
+                    for warning in await stages.verify(js, s, self._role):
                         log.warning("setup: " + warning)
                 for warning in await retention_warnings(js, s):
                     log.warning(warning)
                 return await js.key_value(s.dedupe_bucket) if s.dedupe_bucket else None
+            except stages.UpstreamMissing as exc:
+                problem = f"{exc.reason}; waiting for it"
             except ProvisionError:
                 raise
             except (NotFoundError, BucketNotFoundError) as exc:
@@ -262,14 +292,17 @@ class UploadConsumer:
     async def _process(self, held: Held) -> Outcome:
         """How processing ended: Processed, Duplicate, or the exception that stopped it."""
         try:
-            event = parse_event(held.msg.data)
+            incoming = self._parse(held.msg.data)
         except PermanentError as exc:
             return exc
+        event = incoming.event
         structlog.contextvars.bind_contextvars(event_id=event.event_id, file_uuid=event.file_uuid)
         tracing.set_attribute("messaging.message.id", event.event_id)
         self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
         assert self._pipeline is not None
-        work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(self._pipeline.run(event, log))
+        work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(
+            self._pipeline.run(event, log, incoming.upstream)
+        )
         held.work = work
         await asyncio.wait([work])  # not `await work`: cancelling it must not cancel us
         if work.cancelled():
@@ -318,8 +351,9 @@ class UploadConsumer:
         delay = 1.0
         while True:
             try:
-                stored = await js.get_msg(s.nats_stream_name, seq=stream_seq)
-                copied = Delivered(s.nats_stream_name, stream_seq, deliveries, stored.data or b"")
+                stream = s.source.stream
+                stored = await js.get_msg(stream, seq=stream_seq)
+                copied = Delivered(stream, stream_seq, deliveries, stored.data or b"")
                 # In the upload's own trace, which the copy's headers then carry on.
                 with tracing.given_up(
                     stored.subject or "",
@@ -331,7 +365,7 @@ class UploadConsumer:
                     s.nats_consumer_name,
                 ):
                     await self._dead_letters.publish_stored(
-                        stored, s.nats_stream_name, deliveries, ErrorClass.MAX_DELIVERIES, reason
+                        stored, stream, deliveries, ErrorClass.MAX_DELIVERIES, reason
                     )
                     assert self._settler is not None
                     await self._settler.abandoned_copied(copied, reason)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import unicodedata
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
 from pydantic_core import ErrorDetails
@@ -61,6 +63,29 @@ class FileUploadEvent(BaseModel):
         if not -JAVA_LONG <= value < JAVA_LONG:
             raise ValueError("is out of range for epoch milliseconds")
         return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """A message as the pipeline takes it: the upload, and — for a stage (AFTER) — what each stage
+    before this consumer reported of it, by consumer name, nearest last (see `stages.parse_result`)."""
+
+    event: FileUploadEvent
+    upstream: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+STAGE_FIELDS = (
+    "fetched",
+    "original_filename",
+    "size",
+    "sha256",
+    "content_type",
+    "processors",
+    "skipped",
+    "outputs",
+    "processed_at",
+)
+"""What a stage's `upstream` keeps of each earlier stage's result event."""
 
 
 def _describe(error: ErrorDetails) -> str:
@@ -137,3 +162,57 @@ def check_event(event: FileUploadEvent, allowed_buckets: Collection[str]) -> Non
         )
     if event.s3_data_key == event.s3_metadata_key:
         raise PermanentError(ErrorClass.FORBIDDEN, "s3_data_key and s3_metadata_key are the same object")
+
+
+def parse_result(body: bytes, after: str) -> Incoming:
+    """A result event of consumer `after` → the upload it completed, with the stages before this one.
+
+    Anything else on the stage's subjects — a result of another consumer, one without the upload (from a
+    version before stages), not JSON — is `invalid_message`, with what it is."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"not a result event of {after} (not JSON)") from None
+    if not isinstance(data, dict) or data.get("status") != "processed":
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"not a result event of {after}")
+    if data.get("consumer") != after:
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE,
+            f"a result event of {str(data.get('consumer'))[:100]!r}, not of {after}, this stage's upstream",
+        )
+    upload = data.get("upload")
+    if not isinstance(upload, dict):
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE,
+            f"a result event of {after} without the upload (published by a version before stages)",
+        )
+    try:
+        event = FileUploadEvent.model_validate(upload)
+    except ValidationError as exc:
+        problem = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(p) for p in problem["loc"])
+        raise PermanentError(
+            ErrorClass.INVALID_MESSAGE, f"the upload in {after}'s result event: {where} {problem['msg']}"
+        ) from None
+    if data.get("event_id") != event.event_id:
+        raise PermanentError(ErrorClass.INVALID_MESSAGE, f"{after}'s result event names another upload than it carries")
+    before = data.get("upstream")
+    upstream: dict[str, dict[str, Any]] = {}
+    if isinstance(before, dict):
+        upstream = {str(k): dict(v) for k, v in before.items() if isinstance(v, dict)}
+    upstream[after] = {k: data[k] for k in STAGE_FIELDS if k in data}
+    return Incoming(event, upstream)
+
+
+def upload_of(body: bytes) -> FileUploadEvent | None:
+    """The upload a delivered message is about: an upload event, or the upload a result event carries
+    (what a stage reads); None when it is neither (for records of messages that could not be parsed)."""
+    try:
+        return parse_event(body)
+    except PermanentError:
+        pass
+    try:
+        data = json.loads(body)
+        return parse_result(body, str(data.get("consumer"))).event if isinstance(data, dict) else None
+    except (PermanentError, ValueError, RecursionError):
+        return None

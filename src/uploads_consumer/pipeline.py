@@ -19,6 +19,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,8 @@ class Pipeline:
         self._allowed_types = settings.allowed_content_types
         self.need = chain_need(processors, settings.allowed_content_types)
         """What a first delivery fetches: the most that any step of the chain needs."""
+        self._need_typed = chain_need(processors, settings.allowed_content_types, type_known=True)
+        """The same where a stage before this consumer already found the content type."""
         self._external = [p.name for p in processors if p.external_effect]
         self.download_path = Path(settings.decrypt_download_path).resolve()
         # private when we create it (mkdir's parents=True would not apply the mode to parents)
@@ -210,22 +213,26 @@ class Pipeline:
                 if newest < cutoff:
                     shutil.rmtree(path, ignore_errors=True)
 
-    async def run(self, event: FileUploadEvent, log: Any) -> Processed | Duplicate:
-        """Process one event. Raises the project's errors only (anything else is a bug: transient)."""
+    async def run(
+        self, event: FileUploadEvent, log: Any, upstream: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> Processed | Duplicate:
+        """Process one event; `upstream`: what the stages before this consumer reported of it (AFTER).
+        Raises the project's errors only (anything else is a bug: transient)."""
         check_event(event, self._allowed)  # before any lookup: a hostile event touches nothing
         key = key_for(event)
+        upstream = upstream or {}
+        type_known = any(before.get("content_type") for before in upstream.values())
+        first = self._need_typed if type_known else self.need
         async with self._ledger.claim(key):
             # The S3 requests the chain needs go out together, while the upload and its completed
             # steps are looked up in the idempotency bucket: one round trip of latency, not three.
             # The object's body is not read until the metadata has been checked.
-            ahead = (
-                self._store.request_ahead(event.bucket_name, event.s3_data_key) if self.need is Need.PLAINTEXT else None
-            )
+            ahead = self._store.request_ahead(event.bucket_name, event.s3_data_key) if first is Need.PLAINTEXT else None
             meta = (
                 asyncio.ensure_future(
                     self._store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES)
                 )
-                if self.need >= Need.OBJECT
+                if first >= Need.OBJECT
                 else None
             )
             try:
@@ -238,7 +245,8 @@ class Pipeline:
                         seen, done = await self._ledger.seen(key), {}
                 if seen:
                     return Duplicate(key)
-                return await self._process(event, key, self._need_now(done), done, meta, ahead, log)
+                need = self._need_now(done, type_known)
+                return await self._process(event, key, need, done, meta, ahead, log, upstream)
             finally:
                 if ahead is not None:
                     ahead.discard()
@@ -249,11 +257,11 @@ class Pipeline:
                     if not meta.cancelled():
                         meta.exception()  # retrieved: an unread metadata error is not "never retrieved"
 
-    def _need_now(self, done: dict[str, dict[str, Any]]) -> Need:
+    def _need_now(self, done: dict[str, dict[str, Any]], type_known: bool) -> Need:
         """What this delivery fetches: what the steps still to run need (a checkpointed step is not
         run again, so a redelivery after it fetches no more than the rest need, perhaps nothing)."""
         remaining = [p for p in self._processors if p.name not in done]
-        return chain_need(remaining, self._allowed_types) if remaining else Need.EVENT
+        return chain_need(remaining, self._allowed_types, type_known) if remaining else Need.EVENT
 
     async def _process(
         self,
@@ -264,6 +272,7 @@ class Pipeline:
         meta: asyncio.Future[bytes] | None,
         ahead: ObjectRequest | None,
         log: Any,
+        upstream: Mapping[str, Mapping[str, Any]],
     ) -> Processed:
         metadata = parse_metadata(await meta) if need >= Need.OBJECT and meta is not None else None
         limit = self._settings.max_file_size
@@ -302,6 +311,7 @@ class Pipeline:
                 download_path=self.download_path,
                 work_dir=job,
                 log=log,
+                upstream=upstream,
             )
             ran: list[str] = []
             skipped: list[str] = []
@@ -326,6 +336,10 @@ class Pipeline:
             "skipped": skipped,
             "outputs": ctx.outputs,
             "processed_at": int(time.time() * 1000),
+            # For the stages after this consumer (AFTER): the upload itself, and what came before.
+            "after": self._settings.after,
+            "upload": event.model_dump(),
+            "upstream": dict(upstream),
         }
         await self._publish_result(result)
         with tracing.span("idempotency record"):
@@ -356,7 +370,7 @@ class Pipeline:
         log: Any,
     ) -> None:
         """Each step in turn; `ran` and `skipped` grow as they go (so they say how far a failure got)."""
-        kind = ctx.content_type if ctx.fetched is Need.PLAINTEXT else None
+        kind = ctx.facts()["content_type"]  # sniffed here, or by a stage before this one
         if self._allowed_types and kind is not None and not matches_any(kind, self._allowed_types):
             raise PermanentError(
                 ErrorClass.TYPE_NOT_ALLOWED,
@@ -416,7 +430,7 @@ class Pipeline:
             self._metrics.processor_outcomes.labels(processor.name, outcome).inc()
 
     async def _publish_result(self, result: dict[str, Any]) -> None:
-        subject = self._settings.nats_result_subject
+        subject = self._settings.result_subject
         if not subject or self._publish is None:
             return
         body = json.dumps(result, ensure_ascii=False).encode("utf-8")

@@ -18,10 +18,10 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer.config import Settings, default_dedupe_bucket
-from uploads_consumer.errors import UploadsError
+from uploads_consumer.errors import UploadsError, describe
 
 UPLOADS_MAX_AGE = 7 * 86400.0  # the seed document's table: limits retention, 7 days, file storage, discard old
-RESULTS_MAX_AGE = 30 * 86400.0
+RESULTS_MAX_AGE = 30 * 86400.0  # config.STAGE_DEDUPE_TTL follows it
 
 
 class ProvisionError(UploadsError):
@@ -56,13 +56,16 @@ def replay_subjects(settings: Settings) -> str:
     return f"{settings.nats_subject}.replay.>"
 
 
-def consumer_config(settings: Settings, deliver: DeliverPolicy = DeliverPolicy.ALL) -> ConsumerConfig:
+def consumer_config(
+    settings: Settings, deliver: DeliverPolicy = DeliverPolicy.ALL, metadata: dict[str, str] | None = None
+) -> ConsumerConfig:
     # No server-side BackOff list: it silently replaces ACK_WAIT. Delays come from nak(delay).
     # No server-side max_deliver: once reached, the server drops a message silently (a nak or a
     # crash on the last delivery would lose it). MAX_DELIVER is enforced by the daemon, which
     # dead-letters the message instead (settler.decide).
-    # Two filters: the uploads, and this consumer's own replay subject, where `dlq replay` puts back
-    # what this consumer dead-lettered without the other consumers of the stream seeing it again.
+    # Two filters: what it processes (the uploads, or a stage's upstream's results), and this consumer's
+    # own replay subject, where `dlq replay` puts back what this consumer dead-lettered without the other
+    # consumers of the stream seeing it again.
     return ConsumerConfig(
         durable_name=settings.nats_consumer_name,
         name=settings.nats_consumer_name,
@@ -72,7 +75,8 @@ def consumer_config(settings: Settings, deliver: DeliverPolicy = DeliverPolicy.A
         ack_wait=settings.ack_wait,
         max_deliver=-1,
         max_ack_pending=settings.max_ack_pending,
-        filter_subjects=[settings.nats_subject, settings.replay_subject],
+        filter_subjects=settings.source.filters,
+        metadata=metadata or None,
     )
 
 
@@ -88,8 +92,11 @@ async def _ensure_stream(
     replicas: int,
     max_age: float | None = None,
     also: str | None = None,
+    widen: str | None = None,
 ) -> StreamConfig:
-    """The stream capturing `subject` (and `also`, when it creates it); returns its configuration."""
+    """The stream capturing `subject` (and `also`, when it creates it); returns its configuration.
+    `widen`: a subject pattern to add to an existing stream that does not capture `subject` (only for
+    streams that hold the daemon's own output), instead of refusing it."""
     try:
         info = await js.stream_info(name)
     except NotFoundError:
@@ -109,6 +116,10 @@ async def _ensure_stream(
         )
         return config
     subjects = info.config.subjects or []
+    if widen is not None and not any(subject_matches(p, subject) for p in subjects):
+        info.config.subjects = subjects = [*subjects, widen]
+        await js.update_stream(info.config)
+        report.lines.append(f"added   subject {widen} to stream {name}")
     if not any(subject_matches(p, subject) for p in subjects):
         raise ProvisionError(
             f"stream {name} exists but does not capture subject {subject} (it has {', '.join(subjects) or 'none'}); "
@@ -125,14 +136,16 @@ async def _ensure_consumer(
     deliver: DeliverPolicy,
     replayable: bool,
     enable_replay: bool,
+    metadata: dict[str, str] | None,
 ) -> None:
-    stream, name = settings.nats_stream_name, settings.nats_consumer_name
+    source = settings.source
+    stream, name = source.stream, settings.nats_consumer_name
     try:
         info = await js.consumer_info(stream, name)
     except NotFoundError:
-        config = consumer_config(settings, deliver)
+        config = consumer_config(settings, deliver, metadata)
         if not replayable:  # the stream cannot hold the replay subject: a filter on it would be refused
-            config.filter_subjects = [settings.nats_subject]
+            config.filter_subjects = [source.subject]
         await js.add_consumer(stream, config=config)
         report.created(
             f"consumer {name} on {stream} (pull, ack explicit, deliver {deliver.value}, filter "
@@ -162,10 +175,8 @@ async def _ensure_consumer(
                 f"give it back a dead letter without the stream's other consumers seeing it again; run "
                 f"`uploads-consumer setup --enable-replay` to add that filter"
             )
-    if filters and not any(subject_matches(f, settings.nats_subject) for f in filters):
-        report.warnings.append(
-            f"consumer {name} filters {', '.join(filters)}, which does not include {settings.nats_subject}"
-        )
+    if filters and not any(subject_matches(f, source.subject) for f in filters):
+        report.warnings.append(f"consumer {name} filters {', '.join(filters)}, which does not include {source.subject}")
     if cfg.max_deliver and cfg.max_deliver > 0:
         report.warnings.append(
             f"consumer {name} has max_deliver {cfg.max_deliver}: the server gives up on a message after that many "
@@ -177,6 +188,18 @@ async def _ensure_consumer(
             f"consumer {name} has a server-side BackOff list, which replaces ACK_WAIT for redeliveries; "
             "recreate it without one (the daemon naks with RETRY_BACKOFF delays itself)"
         )
+    if metadata is not None and any((cfg.metadata or {}).get(k) != v for k, v in metadata.items()):
+        # What this consumer does, for the other consumers' setup (stages): the one field setup keeps current.
+        cfg.metadata = {**(cfg.metadata or {}), **metadata}
+        try:
+            info = await js.add_consumer(stream, config=cfg)
+            cfg = info.config
+        except Exception as exc:  # noqa: BLE001 - a user that may not edit consumers: the rest still works
+            report.warnings.append(
+                f"consumer {name}: could not record what it does in its metadata ({describe(exc)}); stages "
+                "and ARCHIVE_DELETE_SOURCE checks of other consumers cannot see it: run `uploads-consumer setup` "
+                "with this consumer's settings as a user that may edit consumers"
+            )
     report.found(
         f"consumer {name} on {stream} (ack_wait {cfg.ack_wait or 0:g}s, max_deliver {cfg.max_deliver}, "
         f"max_ack_pending {cfg.max_ack_pending}, pending {info.num_pending}, ack pending {info.num_ack_pending})"
@@ -203,11 +226,13 @@ async def _records_left_behind(js: JetStreamContext, settings: Settings) -> str 
     if settings.dedupe_bucket == shared:
         return None
     try:
-        delivered = (await js.consumer_info(settings.nats_stream_name, settings.nats_consumer_name)).delivered
+        delivered = (await js.consumer_info(settings.source.stream, settings.nats_consumer_name)).delivered
         await js.key_value(shared)
     except (NotFoundError, BucketNotFoundError):
         return None
-    if not delivered or not delivered.stream_seq:
+    # The consumer's own count of deliveries, not the stream sequence: a consumer created with
+    # `--deliver new` starts at the stream's last sequence without having delivered anything.
+    if not delivered or not delivered.consumer_seq:
         return None
     return (
         f"key-value bucket {settings.dedupe_bucket} is new, but consumer {settings.nats_consumer_name} has delivered "
@@ -243,26 +268,38 @@ async def provision(
     extra_streams: Sequence[tuple[str, str]] = (),
     deliver: DeliverPolicy = DeliverPolicy.ALL,
     enable_replay: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> ProvisionReport:
     """Idempotently make sure the streams, the consumer and the bucket exist.
 
-    `extra_streams` are (name, subject) pairs that processors publish to (e.g. transcriptions).
-    `deliver` applies only when the consumer is created: ALL (the default) or NEW (from now on).
-    `enable_replay` widens an existing upload stream and consumer by the replay subjects (the one
-    change to what exists that setup makes, and only when asked).
+    The consumer is made where it reads (`settings.source`): on the upload stream, or for a stage
+    (AFTER) on the result stream. `extra_streams` are (name, subject) pairs that processors publish to
+    (e.g. transcriptions). `deliver` applies only when the consumer is created: ALL (the default) or NEW
+    (from now on). `enable_replay` widens an existing upload stream and consumer by the replay subjects
+    (the one change to what exists that setup makes, and only when asked). `metadata`: what this
+    consumer does, recorded on its durable (and kept current) for the other consumers' setup.
     """
     report = ProvisionReport()
     r = settings.nats_replicas
-    uploads = await _ensure_stream(
-        js, report, settings.nats_stream_name, settings.nats_subject, r, UPLOADS_MAX_AGE, replay_subjects(settings)
-    )
-    replayable = await _ensure_replay_subjects(js, report, settings, uploads, enable_replay)
-    await _ensure_consumer(js, report, settings, deliver, replayable, enable_replay)
-    await _ensure_stream(js, report, settings.dlq_stream_name, settings.dlq_subject, r)
-    if settings.nats_result_subject:
-        await _ensure_stream(
-            js, report, settings.nats_result_stream_name, settings.nats_result_subject, r, RESULTS_MAX_AGE
+    source = settings.source
+    replayable = True
+    if source.after is None:
+        uploads = await _ensure_stream(
+            js, report, settings.nats_stream_name, settings.nats_subject, r, UPLOADS_MAX_AGE, replay_subjects(settings)
         )
+        replayable = await _ensure_replay_subjects(js, report, settings, uploads, enable_replay)
+    if settings.nats_result_subject:
+        # Each consumer's results go to `{NATS_RESULT_SUBJECT}.{consumer}` and a stage's replays to
+        # `{NATS_RESULT_SUBJECT}.replay.{consumer}`: the stream captures `{NATS_RESULT_SUBJECT}.>`. One made by
+        # an earlier version for the bare subject is widened: the daemon could not publish its results otherwise.
+        wanted = f"{settings.nats_result_subject}.>"
+        results = await _ensure_stream(
+            js, report, settings.nats_result_stream_name, wanted, r, RESULTS_MAX_AGE, widen=wanted
+        )
+        if source.after is not None:
+            replayable = any(subject_matches(p, source.replay_subject) for p in results.subjects or [])
+    await _ensure_consumer(js, report, settings, deliver, replayable, enable_replay, metadata)
+    await _ensure_stream(js, report, settings.dlq_stream_name, settings.dlq_subject, r)
     for name, subject in extra_streams:
         await _ensure_stream(js, report, name, subject, r, RESULTS_MAX_AGE)
     if settings.dedupe_bucket:
@@ -278,13 +315,14 @@ async def retention_warnings(js: JetStreamContext, settings: Settings) -> list[s
     """
     if not settings.dedupe_bucket:
         return []
-    info = await js.stream_info(settings.nats_stream_name)
+    stream = settings.source.stream  # the upload stream, or a stage's upstream's results
+    info = await js.stream_info(stream)
     max_age = info.config.max_age or 0
     if max_age and max_age <= settings.dedupe_ttl:
         return []
     kept = f"{max_age / 86400:g} days" if max_age else "for ever (no max age)"
     return [
-        f"stream {settings.nats_stream_name} keeps messages {kept} but DEDUPE_TTL is {settings.dedupe_ttl / 86400:g} days: "
+        f"stream {stream} keeps messages {kept} but DEDUPE_TTL is {settings.dedupe_ttl / 86400:g} days: "
         "a message older than DEDUPE_TTL that is delivered again (e.g. after the consumer is re-created) is "
         "processed again; raise DEDUPE_TTL or the stream's max age"
     ]

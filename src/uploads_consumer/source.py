@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import describe
 from uploads_consumer.observability import Metrics, get_logger
-from uploads_consumer.provision import ProvisionError, provision
+from uploads_consumer.provision import ProvisionError
 from uploads_consumer.session import NatsSession
 from uploads_consumer.settler import Limits
 
@@ -46,6 +46,7 @@ class PullSource:
         metrics: Metrics,
         deliver: Callable[[Msg], None],
         abandoned: Callable[[int, int], Awaitable[None]],
+        setup: Callable[[], Awaitable[None]],
         ack_wait_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._session = session
@@ -53,6 +54,8 @@ class PullSource:
         self._metrics = metrics
         self._deliver = deliver
         self._abandoned = abandoned
+        self._setup = setup
+        self._stream = settings.source.stream  # the upload stream, or a stage's upstream's results
         self._ack_wait_changed = ack_wait_changed
         self.ack_wait = settings.ack_wait
         self._limits = Limits(settings.max_deliver, -1)
@@ -90,7 +93,7 @@ class PullSource:
         assert js is not None
         s = self._settings
         try:
-            info = await js.consumer_info(s.nats_stream_name, s.nats_consumer_name)
+            info = await js.consumer_info(self._stream, s.nats_consumer_name)
         except NotFoundError:
             if self.bound:
                 log.warning("the consumer is gone; binding again", consumer=s.nats_consumer_name)
@@ -130,23 +133,19 @@ class PullSource:
         except NotFoundError:
             if not s.auto_setup:
                 raise ProvisionError(
-                    f"consumer {s.nats_consumer_name} on stream {s.nats_stream_name} does not exist; "
+                    f"consumer {s.nats_consumer_name} on stream {self._stream} does not exist; "
                     "run `uploads-consumer setup` or set AUTO_SETUP=true"
                 ) from None
             log.warning(
-                "consumer or stream missing; provisioning again",
-                stream=s.nats_stream_name,
-                consumer=s.nats_consumer_name,
+                "consumer or stream missing; provisioning again", stream=self._stream, consumer=s.nats_consumer_name
             )
-            report = await provision(js, s)
-            for line in report.lines:
-                log.info("setup " + line)
+            await self._setup()
             await self.refresh()
         if self._inbox is None:
             self._prefix = nc.new_inbox()
             self._inbox = await nc.subscribe(self._prefix + ".*", cb=self._on_inbox, pending_msgs_limit=-1)
         if self._advisories is None:
-            subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.nats_stream_name}.{s.nats_consumer_name}"
+            subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self._stream}.{s.nats_consumer_name}"
             self._advisories = await nc.subscribe(subject, queue=ADVISORY_QUEUE, cb=self._on_advisory)
         self.bound = True
 
@@ -189,7 +188,7 @@ class PullSource:
         self._asked, self._received = batch, 0
         self._answered.clear()
         body = json.dumps({"batch": batch, "expires": int(s.fetch_timeout * 1e9)}).encode()
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{s.nats_stream_name}.{s.nats_consumer_name}"
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{s.nats_consumer_name}"
         await nc.publish(subject, body, reply=f"{self._prefix}.{self._request}")
         self._sent_at = time.monotonic()
 

@@ -1,4 +1,4 @@
-"""`status`: stream, consumer and dead-letter figures, as a table or JSON."""
+"""`status`: stream, consumer, pipeline and dead-letter figures, as a table or JSON."""
 
 from __future__ import annotations
 
@@ -7,45 +7,79 @@ import time
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import NatsUnavailable, connect_once, redact_url
+from uploads_consumer.provision import consumer_filters
+from uploads_consumer.stages import Topology, read_pipeline
 
 
-async def _oldest_pending_age(js: JetStreamContext, stream: str, ack_floor_seq: int, last_seq: int) -> float | None:
-    """Age in seconds of the first message after the ack floor, if any is left."""
-    if ack_floor_seq >= last_seq:
+async def _oldest_pending_age(js: JetStreamContext, stream: str, consumer: ConsumerInfo) -> float | None:
+    """Age in seconds of the first message after the consumer's ack floor that its filters take in; None
+    when nothing is pending or unacknowledged. (Another consumer's messages past the floor — a replay
+    aimed at it — are not this consumer's.)"""
+    if not (consumer.num_pending or consumer.num_ack_pending):
         return None
-    try:
-        msg = await js.get_msg(stream, seq=ack_floor_seq + 1, next=True, subject=None)
-    except Exception:  # noqa: BLE001 - deleted or expired: not worth failing status for
-        return None
-    return max(0.0, time.time() - msg.time.timestamp()) if msg.time else None
+    start = (consumer.ack_floor.stream_seq or 0 if consumer.ack_floor else 0) + 1
+    oldest: float | None = None
+    filters: list[str | None] = [*consumer_filters(consumer.config)] or [None]
+    for subject in filters:
+        try:
+            msg = await js.get_msg(stream, seq=start, next=True, subject=subject)
+        except Exception:  # noqa: BLE001 - none left on that subject, deleted or expired
+            continue
+        if msg.time is not None:
+            published = msg.time.timestamp()
+            oldest = published if oldest is None else min(oldest, published)
+    return None if oldest is None else max(0.0, time.time() - oldest)
+
+
+def _pipeline_rows(topology: Topology) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": node.name,
+            "after": node.after,
+            "stream": node.stream,
+            "pending": node.pending,
+            "ack_pending": node.info.num_ack_pending or 0,
+        }
+        for node in topology.order()
+    ]
 
 
 async def collect_status(settings: Settings, consumer_name: str | None = None) -> dict[str, Any]:
-    """Figures for the stream, one consumer (NATS_CONSUMER_NAME unless named) and the dead letters.
-    Raises NotFoundError (stream/consumer missing) or a connection error."""
+    """Figures for one consumer (NATS_CONSUMER_NAME unless named) and its stream, every consumer and stage
+    of the pipeline, and the dead letters. Raises NotFoundError (stream/consumer missing) or a connection
+    error."""
     name = consumer_name or settings.nats_consumer_name
     nc = await connect_once(settings, "uploads-consumer-status")
     try:
         js = nc.jetstream(timeout=5)
-        stream = await js.stream_info(settings.nats_stream_name)
-        consumer = await js.consumer_info(settings.nats_stream_name, name)
-        others = sorted(c.name for c in await js.consumers_info(settings.nats_stream_name) if c.name != name)
+        topology = await read_pipeline(js, settings)
+        node = topology.nodes.get(name)
+        # A named consumer is found where it is; this daemon's own where it reads (a stage: the results).
+        stream_name = (
+            node.stream
+            if node is not None
+            else settings.source.stream
+            if name == settings.nats_consumer_name
+            else settings.nats_stream_name
+        )
+        stream = await js.stream_info(stream_name)
+        consumer = await js.consumer_info(stream_name, name)
+        others = sorted(c.name for c in await js.consumers_info(stream_name) if c.name != name)
         try:
             dlq = await js.stream_info(settings.dlq_stream_name)
             dead = {"stream": settings.dlq_stream_name, "messages": dlq.state.messages, "bytes": dlq.state.bytes}
         except NotFoundError:
             dead = {"stream": settings.dlq_stream_name, "messages": None, "bytes": None, "missing": True}
-        age = await _oldest_pending_age(
-            js, settings.nats_stream_name, consumer.ack_floor.stream_seq or 0, stream.state.last_seq
-        )
+        age = await _oldest_pending_age(js, stream_name, consumer)
         return {
             "server": redact_url(nc.connected_url.geturl()) if nc.connected_url else None,
             "stream": {
-                "name": settings.nats_stream_name,
+                "name": stream_name,
                 "messages": stream.state.messages,
                 "bytes": stream.state.bytes,
                 "first_seq": stream.state.first_seq,
@@ -53,6 +87,7 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
             },
             "consumer": {
                 "name": name,
+                "after": node.after if node is not None else None,
                 "pending": consumer.num_pending or 0,
                 "ack_pending": consumer.num_ack_pending or 0,
                 "max_ack_pending": consumer.config.max_ack_pending,
@@ -62,20 +97,31 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
                 "oldest_pending_age_s": None if age is None else round(age, 1),
             },
             "other_consumers": others,
+            "pipeline": _pipeline_rows(topology),
             "dead_letter": dead,
         }
     finally:
         await nc.close()
 
 
+def _pipeline_text(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    out = []
+    for row in rows:
+        where = f"after {row['after']}" if row["after"] else f"reads {row['stream']}"
+        behind = row["after"] or row["stream"]
+        out.append(
+            (f"  {row['name']}", f"{where}: pending {row['pending']} behind {behind}, ack pending {row['ack_pending']}")
+        )
+    return out
+
+
 async def print_status(settings: Settings, as_json: bool, consumer_name: str | None = None) -> int:
     try:
         status = await collect_status(settings, consumer_name)
     except NotFoundError:
-        print(
-            f"uploads-consumer: stream {settings.nats_stream_name} or consumer "
-            f"{consumer_name or settings.nats_consumer_name} does not exist; run `uploads-consumer setup`"
-        )
+        name = consumer_name or settings.nats_consumer_name
+        stream = settings.source.stream if name == settings.nats_consumer_name else settings.nats_stream_name
+        print(f"uploads-consumer: stream {stream} or consumer {name} does not exist; run `uploads-consumer setup`")
         return 1
     except NatsUnavailable as exc:
         print(f"uploads-consumer: {exc.reason}")
@@ -85,15 +131,18 @@ async def print_status(settings: Settings, as_json: bool, consumer_name: str | N
         return 0
     s, c, d = status["stream"], status["consumer"], status["dead_letter"]
     age = "-" if c["oldest_pending_age_s"] is None else f"{c['oldest_pending_age_s']}s"
+    lag = f"pending (lag behind {c['after']})" if c["after"] else "pending (lag)"
     rows = [
         ("server", status["server"]),
         (f"stream {s['name']}", f"{s['messages']} messages, {s['bytes']} bytes"),
         (
-            f"consumer {c['name']}",
-            f"pending (lag) {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}",
+            f"consumer {c['name']}" + (f" (after {c['after']})" if c["after"] else ""),
+            f"{lag} {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}",
         ),
         ("oldest pending", age),
         ("other consumers", ", ".join(status["other_consumers"]) or "-"),
+        ("pipeline", f"{len(status['pipeline'])} consumers and stages"),
+        *_pipeline_text(status["pipeline"]),
         (
             f"dead-letter {d['stream']}",
             "missing" if d.get("missing") else f"{d['messages']} messages, all consumers (`dlq list --consumer`)",

@@ -19,7 +19,7 @@ from uploads_consumer.audit import ChainCheck, Record
 from uploads_consumer.audit_store import REPORT_COLUMNS, SCHEMA_VERSION, store_for
 from uploads_consumer.config import Settings, replay_subject
 from uploads_consumer.connection import connect_once
-from uploads_consumer.deadletter import stored_messages
+from uploads_consumer.deadletter import header_text, stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
 from uploads_consumer.errors import ConfigError, UploadsError
 from uploads_consumer.observability import Metrics
@@ -148,12 +148,19 @@ async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = Non
 
 
 class ReplayRoutes:
-    """Where a dead letter goes back to, per consumer: its own replay subject when its filter has it
-    (no other consumer of the stream sees it), else the upload subject when no other consumer reads
-    that; otherwise nowhere, with the reason."""
+    """Where a dead letter goes back to, per consumer of one stream: its own replay subject when its filter
+    has it (no other consumer of the stream sees it), else the subject it processes (the uploads, or a
+    stage's upstream's results) when no other consumer reads that; otherwise nowhere, with the reason."""
 
-    def __init__(self, settings: Settings, stream_subjects: list[str], consumers: list[ConsumerInfo]) -> None:
+    def __init__(
+        self, settings: Settings, stream: str, stream_subjects: list[str], consumers: list[ConsumerInfo]
+    ) -> None:
         self._settings = settings
+        self._stream = stream
+        self._uploads = stream == settings.nats_stream_name
+        # Replay subjects: `{NATS_SUBJECT}.replay.X` on the upload stream, `{NATS_RESULT_SUBJECT}.replay.X`
+        # for a stage on the result stream.
+        self._base = settings.nats_subject if self._uploads else settings.nats_result_subject
         self._captured = stream_subjects
         self._filters = {c.name: consumer_filters(c.config) for c in consumers}
 
@@ -167,10 +174,9 @@ class ReplayRoutes:
 
     def subject_for(self, consumer: str) -> str:
         """The subject to republish on; raises UploadsError saying why there is none."""
-        s = self._settings
         if consumer not in self._filters:
-            raise UploadsError(f"consumer {consumer} does not exist on {s.nats_stream_name} (any more)")
-        own = replay_subject(s.nats_subject, consumer)
+            raise UploadsError(f"consumer {consumer} does not exist on {self._stream} (any more)")
+        own = replay_subject(self._base, consumer)
         if own in self._filters[consumer] and any(subject_matches(p, own) for p in self._captured):
             also = self._others_reading(consumer, own)  # no filter at all, or a wildcard: they would see it
             if not also:
@@ -178,28 +184,34 @@ class ReplayRoutes:
             raise UploadsError(
                 f"{own} would reach {', '.join(also)} too (their filters take it in); narrow their filters, then replay"
             )
-        others = self._others_reading(consumer, s.nats_subject)
+        # What it processes: the uploads, or what a stage follows (its filter other than its replay subject).
+        main = [f for f in self._filters[consumer] if f != own]
+        processes = self._settings.nats_subject if self._uploads or len(main) != 1 else main[0]
+        others = self._others_reading(consumer, processes)
         if not others:
-            return s.nats_subject
+            return processes
         raise UploadsError(
-            f"consumer {consumer} does not read {own}, and {s.nats_subject} would reach {', '.join(others)} too "
+            f"consumer {consumer} does not read {own}, and {processes} would reach {', '.join(others)} too "
             f"(they would process the upload again); run `uploads-consumer setup --enable-replay` with "
             f"NATS_CONSUMER_NAME={consumer}, then replay"
         )
 
 
+async def _routes(js: Any, settings: Settings, stream: str) -> ReplayRoutes:
+    info = await js.stream_info(stream)
+    return ReplayRoutes(settings, stream, info.config.subjects or [], await js.consumers_info(stream))
+
+
 async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], consumer: str | None = None) -> int:
-    """Put dead letters back, each to the consumer that dead-lettered it only (see ReplayRoutes);
-    the dead letter is deleted once the upload stream has acknowledged its copy. Exit 1 if any was refused."""
+    """Put dead letters back, each to the consumer that dead-lettered it only (see ReplayRoutes), on the
+    stream it came from (the upload stream, or for a stage the result stream); the dead letter is deleted
+    once that stream has acknowledged its copy. Exit 1 if any was refused."""
     nc = await connect_once(settings, "uploads-consumer-dlq-replay")
     replayed: dict[str, int] = {}
     refused = 0
     try:
         js = nc.jetstream(timeout=10)
-        stream = await js.stream_info(settings.nats_stream_name)
-        routes = ReplayRoutes(
-            settings, stream.config.subjects or [], await js.consumers_info(settings.nats_stream_name)
-        )
+        routes: dict[str, ReplayRoutes] = {}
         if replay_all:
             info = await js.stream_info(settings.dlq_stream_name)
             seqs = list(range(info.state.first_seq, info.state.last_seq + 1)) if info.state.messages else []
@@ -207,16 +219,24 @@ async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], cons
             try:
                 msg = await js.get_msg(settings.dlq_stream_name, seq=seq)
             except NotFoundError:
-                if not replay_all:
+                if not replay_all:  # asked for by its number: a mistake to say, not to pass over
                     print(f"seq {seq}: not in {settings.dlq_stream_name}", file=sys.stderr)
+                    refused += 1
                 continue
             owner = dead_lettered_by(msg.headers or {}, settings)
             if consumer is not None and owner != consumer:
                 if not replay_all:
                     print(f"seq {seq}: dead-lettered by {owner}, not {consumer}; left as it is", file=sys.stderr)
                 continue
+            stream = header_text((msg.headers or {}).get("Uploads-Stream") or settings.nats_stream_name)
             try:
-                subject = routes.subject_for(owner)
+                if stream not in routes:
+                    routes[stream] = await _routes(js, settings, stream)
+                subject = routes[stream].subject_for(owner)
+            except NotFoundError:
+                print(f"seq {seq}: not replayed: stream {stream} does not exist (any more)", file=sys.stderr)
+                refused += 1
+                continue
             except UploadsError as exc:
                 print(f"seq {seq}: not replayed: {exc.reason}", file=sys.stderr)
                 refused += 1

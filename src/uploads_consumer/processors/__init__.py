@@ -27,7 +27,7 @@ import fnmatch
 import importlib
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from importlib.metadata import entry_points
@@ -112,7 +112,9 @@ class ProcessingContext:
     chain); files a processor leaves there for later ones go in `files` (e.g. `files["audio"]`,
     the WAV that `transcode` made). `outputs` holds what earlier processors reported, by processor
     name; `report()` adds to the current one's. `skipped` names the earlier steps that were skipped,
-    with why (their content types, or the `StepSkipped` they raised).
+    with why (their content types, or the `StepSkipped` they raised). In a stage (AFTER), `upstream`
+    holds what each consumer before this one reported of the upload (its facts, `processors` and
+    `outputs`), by consumer name, the nearest last; `earlier_outputs()` merges them with `outputs`.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class ProcessingContext:
         files: dict[str, Path] | None = None,
         skipped: dict[str, str] | None = None,
         current: str = "",
+        upstream: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.event = event
         self._metadata = metadata
@@ -152,6 +155,7 @@ class ProcessingContext:
         self.files: dict[str, Path] = files if files is not None else {}
         self.skipped: dict[str, str] = skipped if skipped is not None else {}
         self.current = current
+        self.upstream: Mapping[str, Mapping[str, Any]] = upstream if upstream is not None else {}
 
     def _fetched(self, value: Any, what: str, need: Need) -> Any:
         if value is None:
@@ -195,15 +199,32 @@ class ProcessingContext:
     def facts(self) -> dict[str, Any]:
         """What is known of the upload, as the result event and the webhook report it: `fetched`, and
         `original_filename` and `size` (from the metadata) from `object` on, `sha256` and
-        `content_type` with the plaintext; None where it was not fetched."""
+        `content_type` with the plaintext. Where this consumer did not fetch them, a stage takes them from
+        the nearest stage before it that did; None where no one did."""
         meta = self._metadata
-        return {
+        facts: dict[str, Any] = {
             "fetched": str(self.fetched),
             "original_filename": meta.clean_filename if meta is not None else None,
             "size": self._size if self._size is not None else meta.original_size if meta is not None else None,
             "sha256": self._sha256,
             "content_type": self._content_type,
         }
+        for before in reversed(list(self.upstream.values())):
+            for fact in ("original_filename", "size", "sha256", "content_type"):
+                if facts[fact] is None and before.get(fact) is not None:
+                    facts[fact] = before[fact]
+        return facts
+
+    def earlier_outputs(self) -> dict[str, Any]:
+        """What every earlier step reported, by step name: the stages' before this consumer (a step of a
+        nearer stage wins over one of the same name further up), then this chain's own."""
+        merged: dict[str, Any] = {}
+        for before in self.upstream.values():
+            outputs = before.get("outputs")
+            if isinstance(outputs, dict):
+                merged.update(outputs)
+        merged.update(self.outputs)
+        return merged
 
     @property
     def work_dir(self) -> Path:
@@ -245,6 +266,9 @@ class ProcessorEnvironment:
     s3: Callable[[], Any] | None = None
     """The daemon's S3 client for the upload store (aioboto3: the configured endpoint, credentials and
     retries), usable from `start()` on; for steps that need `object`. None where there is none."""
+    after: str | None = None
+    """AFTER: the consumer this one follows (a stage), whose steps' outputs reach this chain
+    (`ProcessingContext.upstream`); None for a consumer of the upload stream."""
     _metrics: dict[str, Counter] = field(default_factory=dict, compare=False, repr=False)
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
@@ -344,7 +368,11 @@ class LoadedProcessor:
     def need(self) -> Need:
         """What the pipeline must fetch for this step: its `needs`, or the plaintext when it applies to
         some content types only (the type is sniffed from the plaintext)."""
-        return self.needs if all_types(self.content_types) else Need.PLAINTEXT
+        return self.need_for(type_known=False)
+
+    def need_for(self, type_known: bool) -> Need:
+        """`need`, where the content type may already be known (a stage whose upstream sniffed it)."""
+        return self.needs if type_known or all_types(self.content_types) else Need.PLAINTEXT
 
     def applies_to(self, content_type: str | None) -> bool:
         """Whether it runs on a file of this type; without a type (not fetched), it applies."""
@@ -537,11 +565,13 @@ def load_processor(spec: str, env: ProcessorEnvironment) -> LoadedProcessor:
     raise ConfigError("PROCESSORS", f"{spec!r} is not callable")
 
 
-def chain_need(chain: Sequence[LoadedProcessor], allowed_content_types: tuple[str, ...] = ()) -> Need:
+def chain_need(
+    chain: Sequence[LoadedProcessor], allowed_content_types: tuple[str, ...] = (), type_known: bool = False
+) -> Need:
     """What the pipeline fetches for these steps: the most any of them needs; the plaintext when
-    ALLOWED_CONTENT_TYPES must be checked (the type is sniffed from it)."""
-    need = max((p.need for p in chain), default=Need.EVENT)
-    return Need.PLAINTEXT if allowed_content_types else need
+    ALLOWED_CONTENT_TYPES must be checked (the type is sniffed from it), unless the type is known."""
+    need = max((p.need_for(type_known) for p in chain), default=Need.EVENT)
+    return Need.PLAINTEXT if allowed_content_types and not type_known else need
 
 
 def load_processors(

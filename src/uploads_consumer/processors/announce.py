@@ -27,9 +27,9 @@ def human_size(size: int) -> str:
 
 
 def transcription(ctx: ProcessingContext) -> dict[str, Any]:
-    """What the first earlier `transcribe` step (or instance of it, `transcribe:fr`) with some text
-    reported (`text`, `language`, …); empty when there is none."""
-    for step, out in ctx.outputs.items():
+    """What the first earlier `transcribe` step (or instance of it, `transcribe:fr`), here or in a
+    stage before this consumer, with some text reported (`text`, `language`, …); empty when there is none."""
+    for step, out in ctx.earlier_outputs().items():
         if step.partition(":")[0] == "transcribe" and isinstance(out.get("text"), str) and out["text"].strip():
-            return out
+            return dict(out)
     return {}

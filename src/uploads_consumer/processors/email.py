@@ -176,14 +176,21 @@ def step_output(name: str, prefixes: Mapping[str, str]) -> tuple[str, str] | Non
     return prefixes[prefix], name[len(prefix) :]
 
 
-def template(text: str, variable: str, prefixes: Mapping[str, str] | None = None) -> string.Template:
+def template(
+    text: str, variable: str, prefixes: Mapping[str, str] | None = None, stage: bool = False
+) -> string.Template:
     """A template that uses only FIELDS and the outputs of the earlier steps (their `step_fields`);
-    ConfigError naming the variable and the field otherwise."""
+    ConfigError naming the variable and the field otherwise. In a stage (`stage`), a field of the form
+    `{step}_{output}` may also name a step of the stages before it, which are known only per upload."""
     parsed = string.Template(text)
     if not parsed.is_valid():
         raise ConfigError(variable, "has a $ that is neither ${field} nor $field; write $$ for a dollar sign")
     prefixes = prefixes or {}
-    unknown = [n for n in parsed.get_identifiers() if n not in FIELDS and step_output(n, prefixes) is None]
+    unknown = [
+        n
+        for n in parsed.get_identifiers()
+        if n not in FIELDS and step_output(n, prefixes) is None and not (stage and "_" in n.strip("_"))
+    ]
     if unknown:
         outputs = ", ".join(f"{prefix}OUTPUT" for prefix in prefixes) or "none: no step comes before this one"
         raise ConfigError(
@@ -314,16 +321,19 @@ class Email(Processor):
         self.sender = parse_addresses(getattr(settings, "from"), variable_for(name, "from"), one=True)[0]
         self.recipients = parse_addresses(settings.to, variable_for(name, "to"), one=False) if settings.to else None
         prefixes = step_fields(env.chain[: env.chain.index(name)] if name in env.chain else ())
-        self.subject = template(settings.subject, variable_for(name, "subject"), prefixes)
+        stage = env.after is not None
+        self.subject = template(settings.subject, variable_for(name, "subject"), prefixes, stage)
         if settings.body is not None and settings.body_file is not None:
             raise ConfigError(variable_for(name, "body"), f"set it or {variable_for(name, 'body_file')}, not both")
         if settings.body_file is not None:
             body_variable = variable_for(name, "body_file")
-            self.body = template(read_file(settings.body_file, body_variable), body_variable, prefixes)
+            self.body = template(read_file(settings.body_file, body_variable), body_variable, prefixes, stage)
         else:
-            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), prefixes)
+            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), prefixes, stage)
         used = set(self.subject.get_identifiers()) | set(self.body.get_identifiers())
         self._outputs = {n: out for n in used - FIELDS.keys() if (out := step_output(n, prefixes)) is not None}
+        # In a stage: the fields that name no step of this chain, looked up per upload among the stages' before.
+        self._upstream_fields = used - FIELDS.keys() - self._outputs.keys() if stage else set()
         self._password = self._read_password()
         if (settings.username is None) != (self._password is None):
             missing = "password" if settings.username is not None else "username"
@@ -391,7 +401,18 @@ class Email(Processor):
             "transcript": str(said.get("text") or ""),
             "language": str(said.get("language") or ""),
             **{n: output_text(ctx.outputs.get(step, {}).get(key)) for n, (step, key) in self._outputs.items()},
+            **self._upstream_outputs(ctx),
         }
+
+    def _upstream_outputs(self, ctx: ProcessingContext) -> dict[str, str]:
+        """The fields a stage's templates take from the steps of the stages before it (empty when none
+        of them reported it)."""
+        if not self._upstream_fields:
+            return {}
+        earlier = ctx.earlier_outputs()
+        prefixes = step_fields(list(earlier))
+        found = {n: step_output(n, prefixes) for n in self._upstream_fields}
+        return {n: output_text(earlier[hit[0]].get(hit[1])) if hit else "" for n, hit in found.items()}
 
     def recipients_for(self, ctx: ProcessingContext) -> list[Address]:
         if self.recipients is not None:

@@ -215,9 +215,11 @@ class Webhook(Processor):
                 # fetched, original_filename, size, sha256, content_type: null where this consumer's
                 # chain did not read them (a chain of webhooks alone reads only the event).
                 **ctx.facts(),
-                # What the steps before this one reported, by name (as in the result event):
-                # e.g. outputs.transcribe.text and .language when transcribe ran.
-                "outputs": {name: out for name, out in ctx.outputs.items() if name != self.name},
+                # What the steps before this one reported, by name (as in the result event): e.g.
+                # outputs.transcribe.text and .language when transcribe ran, here or in a stage before.
+                "outputs": {name: out for name, out in ctx.earlier_outputs().items() if name != self.name},
+                # In a stage (AFTER): what each consumer before this one reported, by consumer name.
+                "upstream": dict(ctx.upstream),
             },
         }
 
