@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -161,9 +162,13 @@ def test_setup_warns_when_a_consumer_that_ran_before_would_lose_its_records_in_t
     # A consumer that never delivered anything is simply new: nothing to warn about.
     fresh = cli({**daemon_env, "NATS_CONSUMER_NAME": "archive"}, "setup")
     assert fresh.returncode == 0 and "warning:" not in fresh.stdout
+    # Nor one made to start from now on a stream with history: it starts past the stream's last
+    # sequence, but has delivered nothing (the warning used to advise recreating the shared bucket).
+    new = cli({**daemon_env, "NATS_CONSUMER_NAME": "thumbs"}, "setup", "--deliver", "new")
+    assert new.returncode == 0 and "warning:" not in new.stdout, new.stdout
     data = json.loads(cli(daemon_env, "status", "--consumer", "notify", "--json").stdout)
     assert (data["consumer"]["name"], data["consumer"]["ack_floor_seq"]) == ("notify", 1)
-    assert data["other_consumers"] == ["archive", "file_processor"]
+    assert data["other_consumers"] == ["archive", "file_processor", "thumbs"]
 
 
 def test_status_reports_figures_and_fails_fast_without_nats(daemon_env, tmp_path):
@@ -175,6 +180,18 @@ def test_status_reports_figures_and_fails_fast_without_nats(daemon_env, tmp_path
     assert data["consumer"]["name"] == "file_processor" and data["stream"]["messages"] == 0
     down = cli({**daemon_env, "NATS_URL": f"nats://127.0.0.1:{free_port()}"}, "status", timeout=30)
     assert down.returncode == 1 and "cannot reach NATS" in down.stdout
+
+
+def test_status_counts_no_oldest_pending_for_a_message_only_another_consumer_reads(daemon_env, nats_server):
+    """A replay aimed at another consumer lies past this one's ack floor, but is not this one's: its age
+    used to show as this consumer's oldest pending, growing for ever, with nothing pending."""
+    assert cli(daemon_env, "setup").returncode == 0
+    asyncio.run(publish_raw(nats_server.url, "file.uploads.replay.notify", [b"{}"]))
+    data = json.loads(cli(daemon_env, "status", "--json").stdout)["consumer"]
+    assert (data["pending"], data["ack_pending"], data["oldest_pending_age_s"]) == (0, 0, None)
+    asyncio.run(publish_raw(nats_server.url, "file.uploads", [b"{}"]))
+    mine = json.loads(cli(daemon_env, "status", "--json").stdout)["consumer"]
+    assert mine["pending"] == 1 and mine["oldest_pending_age_s"] is not None
 
 
 def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(
