@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import INTEROP, publish_raw, read_stream, results_by_event, wait_settled
@@ -85,7 +86,9 @@ async def test_every_manifest_case_ends_as_the_manifest_says(
             assert copy.data == bodies[MANIFEST["cases"].index(case)], "the dead letter must carry the original body"
             h = copy.headers
             assert h["Uploads-Error-Class"] == EXPECTED_CLASS[case["name"]], (case["name"], h["Uploads-Error"])
-            assert h["Nats-Msg-Id"] == f"FILE_UPLOADS:{seq_of[case['name']]}:file_processor"
+            stream, seq, consumer, stored_ms = h["Nats-Msg-Id"].split(":")
+            assert (stream, int(seq), consumer) == ("FILE_UPLOADS", seq_of[case["name"]], "file_processor")
+            assert abs(int(stored_ms) / 1000 - time.time()) < 600, "when the original was stored, in ms"
             assert h["Uploads-Consumer"] == "file_processor"
             assert h["Uploads-Stream"] == "FILE_UPLOADS" and h["Uploads-Subject"] == "file.uploads"
             assert h["Uploads-Deliveries"] == "1"

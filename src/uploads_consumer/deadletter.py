@@ -15,11 +15,22 @@ from uploads_consumer.errors import ErrorClass, one_line
 
 
 def dead_letter_headers(
-    stream: str, seq: int, subject: str, deliveries: int, error_class: ErrorClass, reason: str, consumer: str
+    stream: str,
+    seq: int,
+    subject: str,
+    deliveries: int,
+    error_class: ErrorClass,
+    reason: str,
+    consumer: str,
+    published: datetime | None,
 ) -> dict[str, str]:
+    # When the original was stored (milliseconds), so that the id names that message and no other: a stream
+    # re-created starts its sequences over. A publish acknowledged as a duplicate is then always this
+    # message's copy, already stored (nothing to read back from the dead-letter stream to tell).
+    stored_ms = int(published.timestamp() * 1000) if published else 0
     return {
         # Per consumer: the same upload dead-lettered by two consumers of the stream is two dead letters.
-        "Nats-Msg-Id": f"{stream}:{seq}:{consumer}",
+        "Nats-Msg-Id": f"{stream}:{seq}:{consumer}:{stored_ms}",
         "Uploads-Consumer": consumer,
         "Uploads-Error-Class": str(error_class),
         "Uploads-Error": one_line(reason),
@@ -39,9 +50,16 @@ class DeadLetterPublisher:
         """Publish a delivered message's copy; raises unless the dead-letter stream stored it."""
         meta = msg.metadata
         headers = dead_letter_headers(
-            meta.stream, meta.sequence.stream, msg.subject, meta.num_delivered, error_class, reason, self._consumer
+            meta.stream,
+            meta.sequence.stream,
+            msg.subject,
+            meta.num_delivered,
+            error_class,
+            reason,
+            self._consumer,
+            meta.timestamp,
         )
-        await self._store(msg.data, headers, meta.timestamp)
+        await self._store(msg.data, headers)
 
     async def publish_stored(
         self, stored: RawStreamMsg, stream: str, deliveries: int, error_class: ErrorClass, reason: str
@@ -49,25 +67,16 @@ class DeadLetterPublisher:
         """Copy a message read from its stream by sequence (no delivery of ours holds it)."""
         seq = stored.seq or 0
         headers = dead_letter_headers(
-            stream, seq, stored.subject or "", deliveries, error_class, reason, self._consumer
+            stream, seq, stored.subject or "", deliveries, error_class, reason, self._consumer, stored.time
         )
-        await self._store(stored.data or b"", headers, stored.time)
+        await self._store(stored.data or b"", headers)
 
-    async def _store(self, body: bytes, headers: dict[str, str], published: datetime | None) -> None:
+    async def _store(self, body: bytes, headers: dict[str, str]) -> None:
+        """Returns once the dead-letter stream has the copy: stored now, or (acknowledged as a duplicate:
+        the same id within the stream's duplicate window) stored before, by an attempt whose
+        acknowledgement was lost or by another replica hearing the same advisory."""
         headers = tracing.inject(headers)  # whoever reads the dead letter finds its trace
-        ack = await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
-        if not ack.duplicate:
-            return
-        # `{stream}:{seq}` was seen within the duplicate window. Usually it is this same message
-        # dead-lettered again (an earlier copy whose ack was lost): then the copy exists. But when the
-        # upload stream was re-created its sequences started over, and another message with the same
-        # id may be what is stored: then this one is stored under an id of its own, never dropped.
-        kept = await self._js.get_msg(self._stream, seq=ack.seq)
-        if (kept.data or b"") == body:
-            return
-        when = int(published.timestamp() * 1_000_000) if published else 0
-        unique = {**headers, "Nats-Msg-Id": f"{headers['Nats-Msg-Id']}:{when}"}
-        await self._js.publish(self._subject, body, headers=unique, stream=self._stream, timeout=10)
+        await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
 
 
 def header_text(value: object) -> str:
