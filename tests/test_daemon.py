@@ -16,12 +16,15 @@ from helpers import (
     publish_uploads,
     read_stream,
     results_by_event,
+    until,
+    wait_ready,
     wait_settled,
 )
 from nats.js.api import StreamConfig
 from secure_support import publish_upload
 
 from uploads_consumer.content_type import sniff
+from uploads_consumer.embedded import free_port
 from uploads_consumer.producer import event_json
 
 TESTS = str(Path(__file__).parent)
@@ -369,6 +372,36 @@ async def test_stale_plaintext_left_by_a_killed_process_is_removed_at_start(down
     assert daemon.terminate() == 0
     assert not stale.exists() and fresh.exists()
     assert not stale_plain.exists() and fresh_plain.exists()
+
+
+async def test_plaintext_a_killed_process_left_is_removed_at_the_next_start_whatever_its_age(
+    tmp_path, settings_for, start_daemon, nats_server, downloads
+):
+    """A SIGKILL mid-chain leaves the decrypted plaintext behind; the next process to start removes it at
+    once (its owner's lock is free), while a live replica's work in the same folder is left alone; and a
+    clean stop leaves nothing of its own."""
+    work = downloads / ".incoming"
+    slow = {**plugins(tmp_path, "uc_test_plugins:slow"), "UC_TEST_SLOW_SECONDS": "60", "MAX_IN_FLIGHT": "1"}
+    killed = start_daemon("killed.log", **slow)
+    await _ready(killed, nats_server.url)
+    await publish_uploads(settings_for(), make_files(tmp_path / "in", 1, prefix="one"))
+    [left] = await until(lambda: list(work.glob("plain-*.part")), 30, "its plaintext", killed)
+    replica = start_daemon("replica.log", **slow, HTTP_PORT=str(free_port()), SHUTDOWN_GRACE="1s")
+    await wait_ready(replica)
+    await publish_uploads(settings_for(), make_files(tmp_path / "in", 1, prefix="two"))
+    [working] = await until(lambda: [p for p in work.glob("plain-*.part") if p != left], 30, "the replica's", replica)
+    killed.kill()
+    fresh = start_daemon("next.log", HTTP_PORT=str(free_port()))
+    await wait_ready(fresh)
+    assert not left.exists(), "the killed process's plaintext, seconds old, is gone"
+    assert working.exists(), "a live replica's is left alone"
+    assert "removed what stopped processes left in the work folder" in fresh.log_text()
+    assert replica.terminate() == 0
+    assert not working.exists() and not list(work.glob(f"*{working.name.split('-')[1]}*")), (
+        "a clean stop leaves nothing"
+    )
+    assert fresh.terminate() == 0
+    assert sorted(p.name for p in work.iterdir()) == [], "nor does the last one"
 
 
 async def test_liveness_holds_while_waiting_for_nats_however_long(settings_for):

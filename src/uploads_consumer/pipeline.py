@@ -9,13 +9,11 @@ processors, publish the result event, record the upload. Reusable without the da
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import itertools
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -50,9 +48,9 @@ from uploads_consumer.processors import (
     matches_any,
 )
 from uploads_consumer.storage import ObjectRequest, ObjectStore
+from uploads_consumer.workdir import WorkFolder
 
 WORK_DIR_NAME = ".incoming"  # beside the saved files, so `save` can hard-link instead of copying
-STALE_AFTER = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -193,25 +191,14 @@ class Pipeline:
         self.download_path = Path(settings.decrypt_download_path).resolve()
         # private when we create it (mkdir's parents=True would not apply the mode to parents)
         self.download_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.work_dir = self.download_path / WORK_DIR_NAME
-        self.work_dir.mkdir(exist_ok=True, mode=0o700)
-        self._job_prefix = secrets.token_hex(6)
+        # This process's files there carry its prefix, under a lock it holds; a dead one's are removed now.
+        self.work = WorkFolder(self.download_path / WORK_DIR_NAME)
+        self.work_dir = self.work.path
         self._jobs = itertools.count(1)
-        self._remove_stale_work()
 
-    def _remove_stale_work(self) -> None:
-        """Work left by a process that was killed. A live job touches its folder's files every second
-        or so; one untouched for STALE_AFTER is nobody's (replicas may share the folder)."""
-        cutoff = time.time() - STALE_AFTER
-        for path in self.work_dir.glob("plain-*.part"):
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-        for path in self.work_dir.glob("job-*"):
-            with contextlib.suppress(OSError):
-                newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
-                if newest < cutoff:
-                    shutil.rmtree(path, ignore_errors=True)
+    def close(self) -> None:
+        """At a clean stop, once nothing is in flight: nothing of this process stays in the work folder."""
+        self.work.close()
 
     async def run(
         self, event: FileUploadEvent, log: Any, upstream: Mapping[str, Mapping[str, Any]] | None = None
@@ -351,7 +338,7 @@ class Pipeline:
         (`ctx.work_dir`): most chains never do. Names come from a per-process random prefix and a
         counter: unique among replicas sharing the folder, and cheaper than asking `tempfile` for
         fresh randomness for every upload."""
-        return self.work_dir / f"job-{self._job_prefix}-{next(self._jobs)}"
+        return self.work_dir / f"job-{self.work.prefix}-{next(self._jobs)}"
 
     def _plaintext_file(self, dek: bytes, metadata: EnvelopeMetadata, job: Path) -> PlaintextFile:
         """The (empty) plaintext file for this message, named after its work folder."""
