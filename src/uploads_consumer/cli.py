@@ -13,6 +13,7 @@ from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
 
 if TYPE_CHECKING:
+    from uploads_consumer.permissions import S3Grant
     from uploads_consumer.stages import Role
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
@@ -49,9 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, list[str]]:
+def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, list[str], list[S3Grant]]:
     """The streams the chain's processors publish to, what this consumer does (for the other consumers'
-    setup: its durable's metadata), and a warning for each processor not configured here."""
+    setup: its durable's metadata), a warning for each processor not configured here, and what the
+    processors need of S3 besides reading the upload."""
     from prometheus_client import CollectorRegistry
 
     from uploads_consumer.processors import ProcessorEnvironment, chain_need, load_processor, processor_name
@@ -66,6 +68,8 @@ def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, l
     )
     streams: list[tuple[str, str]] = []
     warnings: list[str] = []
+    grants: list[S3Grant] = []
+    uploads = tuple(f"arn:aws:s3:::{b}/uploads/*" for b in sorted(settings.allowed_buckets) or ["*"])
     loaded = []
     for spec in settings.processors:
         try:
@@ -74,32 +78,32 @@ def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, l
             warnings.append(f"processor {spec} is not configured ({exc.reason}); streams it needs were not checked")
             continue
         streams += processor.streams()
+        grants += processor.grants(uploads)
         loaded.append(processor)
     if len(loaded) < len(settings.processors):  # what the chain reads, or removes, is not known from here
-        return streams, role_of(settings), warnings
+        return streams, role_of(settings), warnings, grants
     fetches = str(chain_need(loaded, settings.allowed_content_types))
-    return streams, role_of(settings, fetches, any(p.removes_upload for p in loaded)), warnings
+    return streams, role_of(settings, fetches, any(p.removes_upload for p in loaded)), warnings, grants
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     from nats.js.api import DeliverPolicy
 
     from uploads_consumer import stages
-    from uploads_consumer.connection import connect_once
+    from uploads_consumer.connection import command_connection
     from uploads_consumer.provision import retention_warnings
 
     settings = _settings()
-    streams, role, warnings = _chain_for_setup(settings)
+    streams, role, warnings, grants = _chain_for_setup(settings)
+    if args.print_permissions:
+        return _print_permissions(settings, args.role, args.format, streams, role.fetches, grants, warnings)
     deliver = DeliverPolicy.NEW if args.deliver == "new" else DeliverPolicy.ALL
 
     async def main() -> int:
-        nc = await connect_once(settings, "uploads-consumer-setup")
-        try:
+        async with command_connection(settings, "setup", "admin") as nc:
             js = nc.jetstream(timeout=10)
             report = await stages.setup(js, settings, role, streams, deliver, enable_replay=args.enable_replay)
             warnings.extend(report.warnings + await retention_warnings(js, settings))
-        finally:
-            await nc.close()
         for line in report.lines:
             print(line)
         for warning in warnings:
@@ -107,6 +111,29 @@ def cmd_setup(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return asyncio.run(main())
+
+
+def _print_permissions(
+    settings: Settings,
+    role: str | None,
+    fmt: str,
+    streams: list[tuple[str, str]],
+    fetches: str | None,
+    grants: list[S3Grant],
+    warnings: list[str],
+) -> int:
+    """The NATS permissions (and S3 policy) of each role, for this consumer and chain; connects to nothing."""
+    from uploads_consumer import permissions
+
+    sets = {
+        "daemon": lambda: permissions.daemon(settings, streams, fetches or "plaintext", grants),
+        "operator": lambda: permissions.operator(settings),
+        "admin": lambda: permissions.admin(settings, streams),
+    }
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("\n\n".join(permissions.render(sets[name](), fmt) for name in ([role] if role else permissions.ROLES)))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -138,6 +165,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     if args.dlq_command == "list":
         return asyncio.run(dlq_list(settings, as_json=args.json, consumer=args.consumer))
     return asyncio.run(dlq_replay(settings, replay_all=args.all, seqs=args.seq or [], consumer=args.consumer))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from uploads_consumer.tools import keys_check
+
+    return asyncio.run(keys_check(_settings(), args.last))
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
@@ -279,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
         "upload stream and this consumer's own replay subject to its filter, so that `dlq replay` gives a dead "
         "letter back to this consumer alone (streams and consumers setup creates have both already)",
     )
+    p.add_argument(
+        "--print-permissions",
+        action="store_true",
+        help="print, instead of setting up, the NATS permissions (and S3 actions) each role needs for this "
+        "consumer and chain: the daemon (with AUTO_SETUP=false), the operator's commands, the admin's setup",
+    )
+    p.add_argument("--role", choices=("daemon", "operator", "admin"), help="with --print-permissions: one role")
+    p.add_argument(
+        "--format",
+        choices=("nats-conf", "nsc", "json"),
+        default="nats-conf",
+        help="with --print-permissions: a nats-server permissions block (default), nsc flags, or JSON with "
+        "the IAM policy",
+    )
     p = add(
         "processors",
         cmd_processors,
@@ -342,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="replay every dead-lettered message")
     which.add_argument("--seq", type=int, nargs="+", metavar="N", help="dead-letter stream sequences to replay")
     dr.add_argument("--consumer", metavar="NAME", help="only the dead letters this consumer made")
+    p = add("keys", cmd_keys, "the master keys: which opens the newest uploads")
+    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    kc = ksub.add_parser(
+        "check",
+        help="try the ring (ENCRYPTION_MASTER_KEY and ENCRYPTION_PREVIOUS_MASTER_KEYS) on the newest uploads' "
+        "metadata and say which key opens each; exit 1 when one opens under none",
+        description="try the ring on the newest uploads' metadata and say which key opens each (by fingerprint: "
+        "the first 12 hex digits of the key's SHA-256); exit 1 when one opens under none",
+        epilog="examples:\n  uploads-consumer keys check\n  uploads-consumer keys check --last 100",
+        formatter_class=fmt,
+    )
+    kc.add_argument("--last", type=int, default=20, metavar="N", help="how many of the newest uploads (20)")
     p = add("audit", cmd_audit, "the audit trail AUDIT_URL names: verify its chains, report usage, follow it")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 

@@ -31,6 +31,7 @@ FETCH_TIMEOUT_DEFAULT = 5.0
 STAGE_DEDUPE_TTL = 30 * 86400.0  # the result stream's max age (provision.RESULTS_MAX_AGE)
 # NATS refuses these in a durable name (and a name is also a subject token and a bucket-name part here).
 _CONSUMER_NAME = re.compile(r"^[^\s.*>/\\]+$")
+_INBOX_PREFIX = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
 AUDIT_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
@@ -143,6 +144,9 @@ class Settings(BaseSettings):
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    nats_inbox_prefix: str = "_INBOX"
+    """Where replies to this process's requests come: it subscribes to `{prefix}.>` (least privilege on a
+    shared account: a prefix of its own keeps it from reading the replies meant for other clients)."""
 
     nats_stream_name: str = "FILE_UPLOADS"
     nats_subject: str = "file.uploads"
@@ -234,6 +238,24 @@ class Settings(BaseSettings):
         if not _CONSUMER_NAME.match(value):
             raise ValueError("must not contain spaces, '.', '*', '>', '/' or '\\' (NATS durable names cannot)")
         return value
+
+    @field_validator("nats_inbox_prefix")
+    @classmethod
+    def _inbox_prefix(cls, value: str) -> str:
+        if not _INBOX_PREFIX.match(value):
+            raise ValueError("must be subject tokens (letters, digits, '_', '-', separated by '.'), without wildcards")
+        return value
+
+    @model_validator(mode="after")
+    def _one_master_key(self) -> Settings:
+        if self.encryption_master_key is not None and self.encryption_master_key_file is not None:
+            # One of them would be ignored: a rotation made by updating the mounted file would then
+            # dead-letter every new upload.
+            raise ConfigError(
+                "ENCRYPTION_MASTER_KEY",
+                "and ENCRYPTION_MASTER_KEY_FILE are both set; set one (the file, for a key kept as a secret)",
+            )
+        return self
 
     @field_validator("after")
     @classmethod

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
@@ -69,7 +73,7 @@ def _check_secret_file(variable: str, path: Path, what: str, *markers: str) -> N
 
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     """nats.connect() keyword arguments. Raises ConfigError for an unreadable TLS, .creds or nkey file."""
-    opts: dict[str, Any] = {"servers": servers(settings), "name": name}
+    opts: dict[str, Any] = {"servers": servers(settings), "name": name, "inbox_prefix": settings.nats_inbox_prefix}
     if settings.nats_user:
         opts["user"] = settings.nats_user
     if settings.nats_password:
@@ -92,6 +96,55 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
     if tls is not None:
         opts["tls"] = tls
     return opts
+
+
+_DENIED = re.compile(r'Permissions Violation for (Publish|Subscription) to "?([^"\s]+)"?', re.IGNORECASE)
+
+
+def denial(exc: BaseException, known: Sequence[str] = ()) -> tuple[str, str] | None:
+    """("publish" or "subscribe", subject) when the server refused this client a permission, else None.
+    NATS does not answer a request whose publish it refused: the requester only times out.
+
+    nats-py lowers the case of the server's error, subject included, and NATS subjects have a case: the
+    subject is given back as the first of `known` (subjects or patterns the caller may use) it matches,
+    written as that one is."""
+    match = _DENIED.search(str(exc))
+    if match is None:
+        return None
+    kind = "publish" if match.group(1).lower() == "publish" else "subscribe"
+    subject = match.group(2)
+    for pattern in known:
+        if _matches(pattern.lower(), subject.lower()):
+            return kind, pattern
+    return kind, subject
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def known_subjects(settings: Settings, streams: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Every subject or pattern a role of this consumer uses, as `setup --print-permissions` writes them."""
+    from uploads_consumer import permissions
+
+    sets = [permissions.daemon(settings, streams), permissions.operator(settings), permissions.admin(settings, streams)]
+    return [subject for p in sets for subject in (*p.publish, *p.subscribe)]
+
+
+def grant_hint(kind: str, subject: str, settings: Settings) -> str:
+    """What to allow, and where to find the whole set."""
+    if kind == "subscribe" and subject.startswith(settings.nats_inbox_prefix + "."):
+        return (
+            f"allow subscribing to {settings.nats_inbox_prefix}.> (replies to its requests), or set "
+            "NATS_INBOX_PREFIX to a prefix it may subscribe to"
+        )
+    return f"allow {kind} on {subject}; every permission a role needs: uploads-consumer setup --print-permissions"
 
 
 class NatsUnavailable(UploadsError):
@@ -118,13 +171,24 @@ def describe_connect_error(exc: BaseException, settings: Settings) -> str:
     return text
 
 
-async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Client:
-    """For short-lived commands: try each server twice, then fail with one clear line."""
+async def connect_once(
+    settings: Settings,
+    name: str,
+    timeout: float = 5,
+    on_denied: Callable[[tuple[str, str]], None] | None = None,
+) -> Client:
+    """For short-lived commands: try each server twice, then fail with one clear line. `on_denied` hears
+    each permission the server refuses the connection (see `command_connection`)."""
     problems: list[BaseException] = []
     options = connect_options(settings, name)  # a bad TLS/.creds/nkey file is a ConfigError (exit 2)
 
+    known = known_subjects(settings) if on_denied is not None else []
+
     async def remember(exc: Exception) -> None:  # nats-py's default prints a traceback per attempt
-        problems.append(exc)
+        if (refused := denial(exc, known)) is not None and on_denied is not None:
+            on_denied(refused)
+        else:
+            problems.append(exc)
 
     try:
         return await nats.connect(
@@ -140,3 +204,24 @@ async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Cli
         raise NatsUnavailable(
             f"cannot reach NATS at {redacted_servers(settings)}: {describe_connect_error(cause, settings)}"
         ) from None
+
+
+@contextlib.asynccontextmanager
+async def command_connection(settings: Settings, command: str, role: str) -> AsyncIterator[Client]:
+    """The connection of one command (`status`, `dlq list`, ...), closed at the end. NATS does not answer
+    a request it refuses this user: what would end as `nats: timeout` says instead which permission is
+    missing and which role the command needs."""
+    refused: list[tuple[str, str]] = []
+    nc = await connect_once(settings, f"uploads-consumer-{command.replace(' ', '-')}", on_denied=refused.append)
+    try:
+        yield nc
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        if not refused:
+            raise
+        kind, subject = refused[-1]
+        raise UploadsError(
+            f"NATS refused this user {kind} on {subject}: `{command}` needs the {role} role's permissions "
+            f"(uploads-consumer setup --print-permissions --role {role})"
+        ) from exc
+    finally:
+        await nc.close()

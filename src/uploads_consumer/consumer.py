@@ -21,13 +21,15 @@ from uploads_consumer import stages, tracing
 from uploads_consumer.audit import Delivered
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
+from uploads_consumer.connection import grant_hint, known_subjects
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.inflight import Held, InFlight
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
 from uploads_consumer.pipeline import Duplicate, Pipeline, Processed
+from uploads_consumer.presence import Presence
 from uploads_consumer.processors import (
     LoadedProcessor,
     ProcessorEnvironment,
@@ -35,7 +37,7 @@ from uploads_consumer.processors import (
     load_processors,
     processor_name,
 )
-from uploads_consumer.provision import ProvisionError, retention_warnings
+from uploads_consumer.provision import ProvisionError, retention_warnings, subject_matches
 from uploads_consumer.session import NatsSession
 from uploads_consumer.settler import Outcome, Settler, ShuttingDown
 from uploads_consumer.source import PullSource
@@ -50,6 +52,8 @@ SETTLE_TIMEOUT = 7.0  # handing back (nak) or settling what was cut short
 # + session.DRAIN_TIMEOUT (flush and close the connection), + PROCESSOR_CLOSE_TIMEOUT
 PROCESSOR_CLOSE_TIMEOUT = 1.0
 STOP_MARGIN = 15.0
+REPORT_CHECK = 0.5  # how often readiness is compared with what this replica last said of it (presence)
+DENIAL_MEMORY = 60.0  # a refused permission keeps /readyz at 503 this long (or 2 × ack_wait) after it was last seen
 
 
 class UploadConsumer:
@@ -80,11 +84,23 @@ class UploadConsumer:
             settings.processors, env, bool(settings.dedupe_bucket)
         )
         self._parse = stages.parser_for(settings)  # an upload event, or a stage's upstream's result
+        self.session.known_subjects = known_subjects(settings, [st for p in self._processors for st in p.streams()])
         self._role = stages.role_of(
             settings,
             fetches=str(chain_need(self._processors, settings.allowed_content_types)),
             removes_upload=any(p.removes_upload for p in self._processors),
         )
+        source = settings.source
+        consumer = f"{source.stream}.{settings.nats_consumer_name}"
+        # What it cannot work without: pulling, settling, recording, publishing its results and dead letters.
+        self._needs = [
+            ("publish", f"$JS.API.CONSUMER.MSG.NEXT.{consumer}"),
+            ("publish", f"$JS.ACK.{consumer}.>"),
+            ("publish", settings.dlq_subject),
+            *([("publish", settings.result_subject)] if settings.result_subject else []),
+            *([("publish", f"$KV.{settings.dedupe_bucket}.>")] if settings.dedupe_bucket else []),
+            ("subscribe", f"{settings.nats_inbox_prefix}.>"),
+        ]
         self._source: PullSource | None = None
         self._settler: Settler | None = None
         self._pipeline: Pipeline | None = None
@@ -105,7 +121,20 @@ class UploadConsumer:
         return not self._pull_task.done() and recent
 
     def ready(self) -> bool:
-        return self.session.is_connected and self._source is not None and self._source.bound
+        return self.why_not_ready() is None
+
+    def why_not_ready(self) -> str | None:
+        """Why /readyz is 503: not connected, not bound to the consumer, or NATS refusing what the daemon
+        needs to pull and settle (said for as long as it keeps refusing, and a while after)."""
+        if not self.session.is_connected:
+            return "not connected to NATS"
+        if self._source is None or not self._source.bound:
+            return "not bound to its consumer yet"
+        within = max(DENIAL_MEMORY, 2 * self._ack_wait())
+        for kind, subject in self.session.recent_denials(within):
+            if any(kind == need and subject_matches(pattern, subject) for need, pattern in self._needs):
+                return f"NATS refuses {kind} on {subject}: {grant_hint(kind, subject, self.settings)}"
+        return None
 
     def stop(self) -> None:
         """First call: stop fetching and let work finish within SHUTDOWN_GRACE. Second call: hurry."""
@@ -120,7 +149,7 @@ class UploadConsumer:
 
     async def run(self) -> None:
         s = self.settings
-        health = HealthServer(s.http_port, self.metrics, self.alive, self.ready)
+        health = HealthServer(s.http_port, self.metrics, self.alive, self.ready, self.why_not_ready)
         await health.start()
         started: list[LoadedProcessor] = []
         try:
@@ -129,6 +158,13 @@ class UploadConsumer:
                     for processor in self._processors:  # heavy resources now, not on the first message
                         await processor.start()
                         started.append(processor)
+                    # Which keys this replica holds, by fingerprint: a rotation that missed a replica shows here.
+                    log.info(
+                        "master keys loaded",
+                        keys=len(self._keyring.fingerprints),
+                        current=self._keyring.fingerprints[0],
+                        previous=self._keyring.fingerprints[1:],
+                    )
                     if not await self.session.connect():
                         return
                     try:
@@ -149,7 +185,9 @@ class UploadConsumer:
         s = self.settings
         nc, js = self.session.nc, self.session.js
         assert nc is not None and js is not None
-        ledger = Deduplicator(await self._prepare())
+        kv = await self._prepare()
+        ledger = Deduplicator(kv)
+        presence = Presence(kv)  # where `status` finds whether this replica is ready, and why not
         self._warn_about_the_chain(ledger)
         self._pipeline = Pipeline(s, store, self._keyring, self._processors, ledger, self._publish, self.metrics)
         dead_letters = DeadLetterPublisher(js, s.dlq_subject, s.dlq_stream_name, s.nats_consumer_name)
@@ -180,6 +218,7 @@ class UploadConsumer:
         side = [
             asyncio.create_task(self.inflight.progress_loop(), name="progress"),
             asyncio.create_task(source.refresh_loop(), name="consumer-refresh"),
+            asyncio.create_task(self._report_loop(presence), name="presence"),
         ]
         self._pull_task = asyncio.create_task(
             source.run(self.inflight.room, self.inflight.wait_for_room, self._stopping), name="pull"
@@ -194,6 +233,13 @@ class UploadConsumer:
             for task in side:
                 task.cancel()
             await asyncio.gather(*side, return_exceptions=True)
+            self._pipeline.close()
+            await presence.goodbye()
+
+    async def _report_loop(self, presence: Presence) -> None:
+        while True:
+            await presence.say(self.why_not_ready(), len(self.inflight))
+            await asyncio.sleep(REPORT_CHECK)
 
     async def _setup(self) -> None:
         """What `uploads-consumer setup` does, for this consumer and chain, with the lines logged."""
@@ -240,8 +286,8 @@ class UploadConsumer:
                     problem = (
                         f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
                     )
-            except Exception as exc:  # noqa: BLE001 - JetStream not ready yet
-                problem = f"JetStream is not answering yet ({describe(exc)}); retrying"
+            except Exception as exc:  # noqa: BLE001 - JetStream not ready yet, or refusing us
+                problem = self._unanswered(exc)
             if problem != said:
                 log.error(problem)
                 said = problem
@@ -250,6 +296,22 @@ class UploadConsumer:
             delay = min(delay * 2, 15.0)
             if self._stopping.is_set():
                 raise ShuttingDown()
+
+    def _unanswered(self, exc: Exception) -> str:
+        """Why setting up got no answer: a permission NATS refused (ConfigError when AUTO_SETUP would have
+        to create what this user may not), or JetStream not ready yet (a cluster electing its leader)."""
+        refused = self.session.recent_denials(2 * self.session.request_timeout)
+        if not refused:
+            return f"JetStream is not answering yet ({describe(exc)}); retrying"
+        kind, subject = refused[-1]
+        if self.settings.auto_setup and any(op in subject.upper() for op in (".CREATE.", ".UPDATE.")):
+            raise ConfigError(
+                "AUTO_SETUP",
+                f"is true, but NATS refuses this user {kind} on {subject}, to make what is missing: set "
+                "AUTO_SETUP=false and have an admin run `uploads-consumer setup`, or grant this user the admin "
+                "role's permissions (uploads-consumer setup --print-permissions --role admin)",
+            )
+        return f"NATS refuses {kind} on {subject} ({grant_hint(kind, subject, self.settings)}); retrying"
 
     def _warn_about_the_chain(self, ledger: Deduplicator) -> None:
         # Where `scan` stands in the chain is checked by the scan processor itself, at start.

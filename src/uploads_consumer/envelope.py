@@ -127,24 +127,37 @@ def parse_metadata(raw: bytes) -> EnvelopeMetadata:
     return meta
 
 
+def fingerprint(key: bytes) -> str:
+    """A key's name for logs and `keys check`: the first 12 hex digits of its SHA-256, which says nothing
+    of the key (`base64 -d < master.key | sha256sum | cut -c1-12` gives the same)."""
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
 class MasterKeyRing:
     """The current master key plus previous ones still accepted for unwrapping (rotation)."""
 
     def __init__(self, current: bytes, previous: Iterable[bytes] = ()) -> None:
-        self._keys = [AESGCM(current), *(AESGCM(k) for k in previous)]
+        raw = [current, *previous]
+        self._keys = [AESGCM(k) for k in raw]
         self._current = self._keys[0]
+        self.fingerprints = [fingerprint(k) for k in raw]
+        """Of each key, current first: the first 12 hex digits of its SHA-256 (never the key)."""
 
     def __repr__(self) -> str:  # never show key material
         return f"MasterKeyRing(<{len(self._keys)} keys>)"
 
     def unwrap(self, wrapped: bytes) -> bytes:
         """Wrapped DEK (IV || ciphertext || tag) → 32-byte DEK, trying each key in order."""
+        return self.unwrap_with(wrapped)[1]
+
+    def unwrap_with(self, wrapped: bytes) -> tuple[int, bytes]:
+        """(which key opened it: 0 the current, 1… the previous ones in order, the DEK)."""
         if len(wrapped) != WRAPPED_KEY_SIZE:
             raise _bad(f"wrapped key is {len(wrapped)} bytes, expected {WRAPPED_KEY_SIZE}")
         iv, sealed = wrapped[:IV_SIZE], wrapped[IV_SIZE:]
-        for key in self._keys:
+        for index, key in enumerate(self._keys):
             try:
-                return key.decrypt(iv, sealed, None)
+                return index, key.decrypt(iv, sealed, None)
             except InvalidTag:
                 continue
         raise PermanentError(

@@ -175,10 +175,16 @@ class HealthServer:
     """`/healthz`, `/readyz`, `/metrics` on one port (0 disables)."""
 
     def __init__(
-        self, port: int, metrics: Metrics, alive: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0"
+        self,
+        port: int,
+        metrics: Metrics,
+        alive: Callable[[], bool],
+        ready: Callable[[], bool],
+        why_not_ready: Callable[[], str | None] = lambda: None,
+        host: str = "0.0.0.0",
     ) -> None:
         self._port, self._host = port, host
-        self._metrics, self._alive, self._ready = metrics, alive, ready
+        self._metrics, self._alive, self._ready, self._why = metrics, alive, ready, why_not_ready
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -186,7 +192,7 @@ class HealthServer:
             return
         app = web.Application()
         app.router.add_get("/healthz", self._probe(self._alive))
-        app.router.add_get("/readyz", self._probe(self._ready))
+        app.router.add_get("/readyz", self._probe(self._ready, self._why))
         app.router.add_get("/metrics", self._render)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -197,10 +203,10 @@ class HealthServer:
             await self._runner.cleanup()
 
     @staticmethod
-    def _probe(check: Callable[[], bool]) -> Callable[[web.Request], Any]:
+    def _probe(check: Callable[[], bool], why: Callable[[], str | None] = lambda: None) -> Callable[[web.Request], Any]:
         async def handler(_request: web.Request) -> web.Response:
             ok = check()
-            return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
+            return web.Response(status=200 if ok else 503, text="ok\n" if ok else f"not ready: {why() or '-'}\n")
 
         return handler
 

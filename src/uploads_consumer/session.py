@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -13,13 +15,22 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import connect_options, describe_connect_error, redact_url, redacted_servers
+from uploads_consumer.connection import (
+    connect_options,
+    denial,
+    describe_connect_error,
+    grant_hint,
+    known_subjects,
+    redact_url,
+    redacted_servers,
+)
 from uploads_consumer.errors import describe
 from uploads_consumer.observability import get_logger
 
 log = get_logger("uploads_consumer.session")
 
 DRAIN_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 10.0  # JetStream API requests; a request NATS refuses is never answered: it ends here
 
 
 class NatsSession:
@@ -37,6 +48,10 @@ class NatsSession:
         self._ever_connected = False
         self._problems_said: set[str] = set()  # said since the last successful connect
         self.on_reconnected: list[Any] = []  # callbacks run after each reconnect
+        self.on_denied: list[Callable[[str, str], None]] = []  # (publish|subscribe, subject) the server refused
+        self.denied: dict[tuple[str, str], float] = {}  # each refusal, when it was last said (time.monotonic())
+        self.request_timeout = REQUEST_TIMEOUT
+        self.known_subjects: list[str] = known_subjects(settings)  # to give a refused subject its case back
 
     @property
     def is_connected(self) -> bool:
@@ -66,7 +81,7 @@ class NatsSession:
                     closed_cb=self._on_closed,
                 )
                 self.nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1)
-                self.js = self.nc.jetstream(timeout=10)
+                self.js = self.nc.jetstream(timeout=self.request_timeout)
                 self.connected = self._ever_connected = True
                 self._problems_said.clear()
                 url = self.nc.connected_url.geturl() if self.nc.connected_url else None
@@ -80,7 +95,28 @@ class NatsSession:
                 delay = min(delay * 2, 30)
         return False
 
+    def recent_denials(self, within: float = 60.0) -> list[tuple[str, str]]:
+        """The permissions the server refused in the last `within` seconds."""
+        now = time.monotonic()
+        return [what for what, at in self.denied.items() if now - at <= within]
+
+    def _on_denied(self, kind: str, subject: str) -> None:
+        """Said once per subject (a refused ack would otherwise be said per message), with what to grant."""
+        first = (kind, subject) not in self.denied
+        self.denied[(kind, subject)] = time.monotonic()
+        if first:
+            log.error(
+                "NATS refused a permission this daemon needs",
+                denied=f"{kind} {subject}",
+                grant=grant_hint(kind, subject, self.settings),
+            )
+        for callback in self.on_denied:
+            callback(kind, subject)
+
     async def _on_error(self, exc: Exception) -> None:
+        if (refused := denial(exc, self.known_subjects)) is not None:
+            self._on_denied(*refused)
+            return
         # nats-py calls this on every failed attempt; say each problem once until connected.
         problem = describe(exc) if self.connected else describe_connect_error(exc, self.settings)
         if problem in self._problems_said:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -104,6 +105,8 @@ class Topology:
 
     nodes: dict[str, Node] = field(default_factory=dict)
     lingering: list[Node] = field(default_factory=list)
+    unread: list[str] = field(default_factory=list)
+    """Streams whose consumers could not be listed (no answer: this user may not list them)."""
 
     def upstream_chain(self, name: str) -> list[str]:
         """The consumers before `name`, nearest first; stops at a cycle (the name seen again)."""
@@ -146,6 +149,9 @@ async def read_pipeline(js: JetStreamContext, settings: Settings) -> Topology:
             infos = await js.consumers_info(stream)
         except NotFoundError:
             continue
+        except (TimeoutError, nats.errors.TimeoutError):  # NATS does not answer a request it refuses
+            found.unread.append(stream)
+            continue
         for info in infos:
             node = _node(info, stream, base_for)
             if stream != settings.nats_stream_name and node.after is None:
@@ -163,6 +169,12 @@ def check(pipeline: Topology, settings: Settings, role: Role) -> list[str]:
     warnings: list[str] = []
     me = settings.nats_consumer_name
     after = settings.after
+    if pipeline.unread:
+        listing = ", ".join(f"$JS.API.CONSUMER.LIST.{stream}" for stream in pipeline.unread)
+        return [
+            f"the checks across consumers (a stage's upstream, cycles, ARCHIVE_DELETE_SOURCE) were not made: "
+            f"no answer to listing the consumers of {', '.join(pipeline.unread)} (allow publishing to {listing})"
+        ]
     if after is not None:
         upstream = pipeline.nodes.get(after)
         if upstream is None:

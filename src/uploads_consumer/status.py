@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
-from uploads_consumer.config import Settings
-from uploads_consumer.connection import NatsUnavailable, connect_once, redact_url
+from uploads_consumer.config import Settings, default_dedupe_bucket
+from uploads_consumer.connection import NatsUnavailable, command_connection, redact_url
+from uploads_consumer.presence import read_reports
 from uploads_consumer.provision import consumer_filters
 from uploads_consumer.stages import Topology, read_pipeline
 
@@ -54,8 +56,7 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
     of the pipeline, and the dead letters. Raises NotFoundError (stream/consumer missing) or a connection
     error."""
     name = consumer_name or settings.nats_consumer_name
-    nc = await connect_once(settings, "uploads-consumer-status")
-    try:
+    async with command_connection(settings, "status", "operator") as nc:
         js = nc.jetstream(timeout=5)
         topology = await read_pipeline(js, settings)
         node = topology.nodes.get(name)
@@ -76,6 +77,8 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
         except NotFoundError:
             dead = {"stream": settings.dlq_stream_name, "messages": None, "bytes": None, "missing": True}
         age = await _oldest_pending_age(js, stream_name, consumer)
+        bucket = settings.dedupe_bucket if name == settings.nats_consumer_name else default_dedupe_bucket(name)
+        replicas = await read_reports(js, bucket) if bucket else "DEDUPE_BUCKET is empty: replicas say nothing"
         return {
             "server": redact_url(nc.connected_url.geturl()) if nc.connected_url else None,
             "stream": {
@@ -96,12 +99,22 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
                 "ack_floor_seq": consumer.ack_floor.stream_seq or 0,
                 "oldest_pending_age_s": None if age is None else round(age, 1),
             },
+            "replicas": replicas if isinstance(replicas, str) else [asdict(r) for r in replicas],
             "other_consumers": others,
             "pipeline": _pipeline_rows(topology),
             "dead_letter": dead,
         }
-    finally:
-        await nc.close()
+
+
+def _replica_rows(replicas: list[dict[str, Any]] | str) -> list[tuple[str, str]]:
+    """What each replica said of itself lately (presence): ready, or why not."""
+    if isinstance(replicas, str):
+        return [("replicas", replicas)]
+    rows = [("replicas", f"{len(replicas)} reporting" if replicas else "none reporting (no daemon running?)")]
+    for r in replicas:
+        state = "ready" if r["ready"] else f"NOT READY: {r['why']}"
+        rows.append((f"  {r['host']}/{r['pid']}", f"{state}; {r['in_flight']} in flight"))
+    return rows
 
 
 def _pipeline_text(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -140,6 +153,7 @@ async def print_status(settings: Settings, as_json: bool, consumer_name: str | N
             f"{lag} {c['pending']}, ack pending {c['ack_pending']}/{c['max_ack_pending']}, redelivered {c['redelivered']}",
         ),
         ("oldest pending", age),
+        *_replica_rows(status["replicas"]),
         ("other consumers", ", ".join(status["other_consumers"]) or "-"),
         ("pipeline", f"{len(status['pipeline'])} consumers and stages"),
         *_pipeline_text(status["pipeline"]),

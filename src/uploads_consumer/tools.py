@@ -18,10 +18,11 @@ from nats.js.errors import NotFoundError
 from uploads_consumer.audit import ChainCheck, Record
 from uploads_consumer.audit_store import REPORT_COLUMNS, SCHEMA_VERSION, store_for
 from uploads_consumer.config import Settings, replay_subject
-from uploads_consumer.connection import connect_once
+from uploads_consumer.connection import command_connection, connect_once
 from uploads_consumer.deadletter import header_text, stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
-from uploads_consumer.errors import ConfigError, UploadsError
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, UploadsError
+from uploads_consumer.events import FileUploadEvent, parse_event
 from uploads_consumer.observability import Metrics
 from uploads_consumer.pipeline import PlaintextFile
 from uploads_consumer.producer import publish_event, upload_file
@@ -85,11 +86,8 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
 
 async def read_dead_letters(settings: Settings, consumer: str | None = None) -> list[dict[str, Any]]:
     """Every dead letter (or those `consumer` dead-lettered), oldest first."""
-    nc = await connect_once(settings, "uploads-consumer-dlq")
-    try:
+    async with command_connection(settings, "dlq list", "operator") as nc:
         messages = await stored_messages(nc.jetstream(timeout=10), settings.dlq_stream_name)
-    finally:
-        await nc.close()
     out = []
     for msg in messages:
         h = msg.headers or {}
@@ -206,10 +204,9 @@ async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], cons
     """Put dead letters back, each to the consumer that dead-lettered it only (see ReplayRoutes), on the
     stream it came from (the upload stream, or for a stage the result stream); the dead letter is deleted
     once that stream has acknowledged its copy. Exit 1 if any was refused."""
-    nc = await connect_once(settings, "uploads-consumer-dlq-replay")
     replayed: dict[str, int] = {}
     refused = 0
-    try:
+    async with command_connection(settings, "dlq replay", "operator") as nc:
         js = nc.jetstream(timeout=10)
         routes: dict[str, ReplayRoutes] = {}
         if replay_all:
@@ -245,12 +242,62 @@ async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], cons
             await js.publish(subject, msg.data or b"", timeout=10)
             await js.delete_msg(settings.dlq_stream_name, seq)
             replayed[subject] = replayed.get(subject, 0) + 1
-    finally:
-        await nc.close()
     total = sum(replayed.values())
     where = ", ".join(f"{n} to {subject}" for subject, n in replayed.items())
     print(f"replayed {total} message{'s' if total != 1 else ''}" + (f" ({where})" if where else ""))
     return 1 if refused else 0
+
+
+async def keys_check(settings: Settings, last: int) -> int:
+    """Which key of the ring opens each of the newest `last` uploads on the stream: the current key, a
+    previous one, or none (exit 1). A typo in ENCRYPTION_PREVIOUS_MASTER_KEYS that is still base64 starts
+    cleanly; this says so before the uploads it concerns are dead-lettered."""
+    keyring = _keyring(settings)
+    names = ["current", *(f"previous {i}" for i in range(1, len(keyring.fingerprints)))]
+    print(f"the ring: {', '.join(f'{n} {fp}' for n, fp in zip(names, keyring.fingerprints, strict=True))}")
+    async with command_connection(settings, "keys check", "operator") as nc:
+        js = nc.jetstream(timeout=10)
+        info = await js.stream_info(settings.nats_stream_name)
+        events: list[FileUploadEvent] = []
+        seq = info.state.last_seq
+        while seq >= max(info.state.first_seq, 1) and len(events) < last and seq > info.state.last_seq - 20 * last:
+            try:
+                events.append(parse_event((await js.get_msg(settings.nats_stream_name, seq=seq)).data or b""))
+            except (NotFoundError, PermanentError):  # deleted, or not an upload (a startup probe)
+                pass
+            seq -= 1
+    counts: dict[str, int] = {}
+    async with ObjectStore(settings) as store:
+        for event in events:
+            outcome, said = await _which_key(store, keyring, names, event)
+            counts[outcome] = counts.get(outcome, 0) + 1
+            print(f"{event.file_uuid}  {_utc(event.timestamp)}  {said}")
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "none found"
+    print(f"checked {len(events)} upload{'s' if len(events) != 1 else ''}: {summary}")
+    if counts.get("none"):
+        print(
+            "uploads-consumer: some uploads open under no key of the ring: the backend wraps with a key this "
+            "daemon lacks (check ENCRYPTION_MASTER_KEY and ENCRYPTION_PREVIOUS_MASTER_KEYS against the backend's)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _which_key(
+    store: ObjectStore, keyring: MasterKeyRing, names: list[str], event: FileUploadEvent
+) -> tuple[str, str]:
+    """(the key that opens this upload's data key, or `none`, or `unreadable`; what to print)."""
+    try:
+        metadata = parse_metadata(await store.read_small(event.bucket_name, event.s3_metadata_key, MAX_METADATA_BYTES))
+        index, _ = keyring.unwrap_with(metadata.kek)
+    except PermanentError as exc:
+        if exc.error_class is ErrorClass.DECRYPT_FAILED:
+            return "none", "NONE of the ring's keys"
+        return "unreadable", f"not checked: {exc.reason}"
+    except UploadsError as exc:  # S3 away: retryable
+        return "unreadable", f"not checked: {exc.reason}"
+    return names[index], f"{names[index]} ({keyring.fingerprints[index]})"
 
 
 async def decrypt_one(settings: Settings, bucket: str, data_key: str, metadata_key: str, out: str) -> int:

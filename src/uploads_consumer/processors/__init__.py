@@ -41,6 +41,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from uploads_consumer import tracing
 from uploads_consumer.config import CsvList
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
+from uploads_consumer.permissions import S3Grant
 
 if TYPE_CHECKING:
     from uploads_consumer.envelope import EnvelopeMetadata
@@ -351,6 +352,11 @@ class Processor:
         """(stream, subject) pairs this processor publishes to: `setup` creates the missing ones."""
         return []
 
+    def grants(self, uploads: tuple[str, ...]) -> list[S3Grant]:
+        """What it needs of S3 besides reading the upload (`needs`), for `setup --print-permissions`;
+        `uploads`: the ARNs of the stored uploads (`arn:aws:s3:::BUCKET/uploads/*`)."""
+        return []
+
 
 @dataclass(frozen=True)
 class LoadedProcessor:
@@ -392,6 +398,9 @@ class LoadedProcessor:
 
     def streams(self) -> list[tuple[str, str]]:
         return self.instance.streams() if self.instance is not None else []
+
+    def grants(self, uploads: tuple[str, ...]) -> list[S3Grant]:
+        return self.instance.grants(uploads) if self.instance is not None else []
 
 
 def all_types(globs: tuple[str, ...]) -> bool:
