@@ -276,3 +276,39 @@ def test_print_permissions_formats_and_the_iam_policy():
     assert "nsc edit user --name USER --allow-pub '" in nsc and "--allow-sub '_INBOX.>'" in nsc
     event_only = permissions.daemon(settings, fetches="event")
     assert event_only.s3 == [], "a chain that reads only the event needs nothing of S3"
+
+
+async def test_a_dead_letter_published_twice_is_stored_once_by_a_user_that_may_not_read_the_dead_letters(
+    tmp_path, roles
+):
+    """A copy whose acknowledgement was lost is published again and comes back as a duplicate: that means
+    stored. The daemon used to read the dead-letter stream to make sure; without that permission it logged
+    'not stored', backed off past the duplicate window and stored a second copy."""
+    import nats
+
+    from uploads_consumer.deadletter import DeadLetterPublisher
+    from uploads_consumer.errors import ErrorClass
+
+    process = roles["process"]
+    users = {
+        "admin": printed(process, "admin"),
+        "daemon": printed(process, "daemon"),
+        "operator": printed(process, "operator"),
+        "backend": 'permissions: { publish: { allow: ["file.uploads"] }, subscribe: { allow: ["_INBOX.>"] } }',
+    }
+    with server_with(tmp_path, users) as server:
+        assert cli(as_user(process, server, "admin"), "setup").returncode == 0
+        await publish_raw(url_of(server, "backend"), "file.uploads", [b"not an upload"])
+        nc = await nats.connect(url_of(server, "daemon"))
+        try:
+            js = nc.jetstream(timeout=5)
+            pull = await js.pull_subscribe_bind("file_processor", "FILE_UPLOADS")
+            [msg] = await pull.fetch(1, timeout=5)
+            publisher = DeadLetterPublisher(js, "file.uploads.dlq", "FILE_UPLOADS_DLQ", "file_processor")
+            await publisher.publish(msg, ErrorClass.INVALID_MESSAGE, "not an upload")
+            await publisher.publish(msg, ErrorClass.INVALID_MESSAGE, "not an upload")  # its ack "lost"
+        finally:
+            await nc.close()
+        letters = await dead_letters(url_of(server, "operator"))
+        assert [m.data for m in letters] == [b"not an upload"]
+        assert violations(server) == []
