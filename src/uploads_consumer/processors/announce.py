@@ -224,9 +224,10 @@ class RateLimit:
         self.interval = 1.0 / per_second
         self._next = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, count: int = 1) -> None:
+        """Wait for this process's turn to send `count` (an SMS of several segments counts each)."""
         now = time.monotonic()
         slot = max(now, self._next)
-        self._next = slot + self.interval  # reserved before sleeping: concurrent callers queue up
+        self._next = slot + self.interval * max(count, 1)  # reserved before sleeping: concurrent callers queue up
         if slot > now:
             await asyncio.sleep(slot - now)
