@@ -13,11 +13,48 @@ from pathlib import Path
 import pypdfium2 as pdfium
 import pypdfium2.raw as raw
 
-WORDS = (
-    "river stone garden window morning quiet yellow paper letter market silver bridge winter orange "
-    "forest candle mountain harbor travel engine planet simple thunder marble coffee lantern meadow "
-    "purple island castle rocket blanket whisper ladder pocket velvet crystal shadow copper anchor"
-).split()
+WORDS = [
+    "river",
+    "stone",
+    "garden",
+    "window",
+    "morning",
+    "quiet",
+    "yellow",
+    "paper",
+    "letter",
+    "market",
+    "silver",
+    "bridge",
+    "winter",
+    "orange",
+    "forest",
+    "candle",
+    "mountain",
+    "harbor",
+    "travel",
+    "engine",
+    "planet",
+    "simple",
+    "thunder",
+    "marble",
+    "coffee",
+    "lantern",
+    "meadow",
+    "purple",
+    "island",
+    "castle",
+    "rocket",
+    "blanket",
+    "whisper",
+    "ladder",
+    "pocket",
+    "velvet",
+    "crystal",
+    "shadow",
+    "copper",
+    "anchor",
+]
 LETTER = (612.0, 792.0)  # points
 FONT_SIZE = 12.0
 LINE = 16.0

@@ -8,7 +8,6 @@ import base64
 import json
 import signal
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
-from twilio_server import Answer, TwilioServer, count_segments
+from twilio_server import ACCOUNT, API_KEY, API_SECRET, BACKUP, ONCALL, TOKEN, Answer, count_segments, twilio_variables
 
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.events import parse_event
@@ -37,33 +36,6 @@ from uploads_consumer.processors.sms.message import fit, segments
 
 TESTS = str(Path(__file__).parent)
 INTEROP = Path(__file__).parent / "interop"
-ACCOUNT = "AC" + "0123456789abcdef" * 2
-TOKEN = "tok-never-shown-5d2c9e"
-API_KEY = "SK" + "fedcba9876543210" * 2
-API_SECRET = "keysecret-never-shown-77a1"
-ONCALL, BACKUP = "+16505550142", "+447700900123"
-
-
-@pytest.fixture
-async def twilio() -> AsyncIterator[TwilioServer]:
-    server = TwilioServer(ACCOUNT, {ACCOUNT: TOKEN, API_KEY: API_SECRET})
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-def twilio_variables(server: TwilioServer, **extra: str) -> dict[str, str]:
-    return {
-        "SMS_PROVIDER": "twilio",
-        "SMS_TWILIO_ACCOUNT_SID": ACCOUNT,
-        "SMS_TWILIO_AUTH_TOKEN": TOKEN,
-        "SMS_TWILIO_API_URL": server.url,
-        "SMS_FROM": "+15005550006",
-        "SMS_TO": ONCALL,
-        **extra,
-    }
 
 
 # --- through the daemon -----------------------------------------------------------------------

@@ -29,6 +29,12 @@ GSM_DEFAULT = (
 )
 GSM_ESCAPED = "\f^{}\\[~]|€"
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+# What the tests configure: an account, its auth token, an API key and its secret, two recipients.
+ACCOUNT = "AC" + "0123456789abcdef" * 2
+TOKEN = "tok-never-shown-5d2c9e"
+API_KEY = "SK" + "fedcba9876543210" * 2
+API_SECRET = "keysecret-never-shown-77a1"
+ONCALL, BACKUP = "+16505550142", "+447700900123"
 
 
 def septets(body: str) -> list[int] | None:
@@ -203,3 +209,16 @@ class TwilioServer:
         while len(self.requests) < count:
             assert time.monotonic() < deadline, f"{len(self.requests)} of {count} requests within {timeout}s"
             await asyncio.sleep(0.05)
+
+
+def twilio_variables(server: TwilioServer, **extra: str) -> dict[str, str]:
+    """The SMS_* variables that send through `server` with the account SID and auth token, to ONCALL."""
+    return {
+        "SMS_PROVIDER": "twilio",
+        "SMS_TWILIO_ACCOUNT_SID": ACCOUNT,
+        "SMS_TWILIO_AUTH_TOKEN": TOKEN,
+        "SMS_TWILIO_API_URL": server.url,
+        "SMS_FROM": "+15005550006",
+        "SMS_TO": ONCALL,
+        **extra,
+    }

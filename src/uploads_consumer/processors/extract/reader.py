@@ -42,7 +42,8 @@ PAGE_SEPARATOR = "\f"  # between pages in the text file, as pdftotext writes the
 LANGUAGE_SAMPLE = 1000  # characters langdetect reads: enough for a language, cheap
 MIN_LETTERS = 20  # fewer letters than this say no language
 SUMMARY_CHARS = 280
-STDERR_KEPT = 4096
+STDERR_KEPT = 300
+OUT_OF_MEMORY = ("bad_alloc", "malloc fail", "not made", "Cannot allocate", "Out of memory", "failed to map segment")
 # C0 and C1 controls but tab and line feed, and the noncharacters PDFium uses as markers: dropped.
 _DROP = dict.fromkeys((*range(9), 11, 12, *range(14, 32), *range(127, 160), 65534, 65535))
 _DROP.update({0x0D: None})
@@ -193,15 +194,18 @@ def tesseract(job: dict[str, Any], source: str, data: bytes | None, page: int | 
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "OMP_THREAD_LIMIT": "1"},
         preexec_fn=limits,
     )
-    said = run.stderr.decode("utf-8", "replace")[-STDERR_KEPT:]
-    if run.returncode == 0:
-        return run.stdout.decode("utf-8", "replace")
+    said = run.stderr.decode("utf-8", "replace")
     if run.returncode in (-signal.SIGKILL, -signal.SIGXCPU) and cpu_used() >= job["limits"]["cpu"] - 1:
         raise Refused("cpu", page=page)
-    if "bad_alloc" in said or "Cannot allocate" in said or "Out of memory" in said or run.returncode == -signal.SIGABRT:
+    # Short of memory under RLIMIT_AS, Tesseract and Leptonica say so in several ways, and sometimes
+    # still exit 0 with no text: never taken for an empty page.
+    if run.returncode in (-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS) or any(m in said for m in OUT_OF_MEMORY):
         raise Refused("memory", page=page)
-    lines = [line.strip() for line in said.splitlines() if line.strip()]
-    raise Refused("ocr_failed", lines[-1] if lines else f"exit {run.returncode}", page=page)
+    errors = [line.strip() for line in said.splitlines() if line.strip().startswith("Error")]
+    if run.returncode == 0 and not errors:
+        return run.stdout.decode("utf-8", "replace")
+    lines = errors or [line.strip() for line in said.splitlines() if line.strip()]
+    raise Refused("ocr_failed", lines[0][:STDERR_KEPT] if lines else f"exit {run.returncode}", page=page)
 
 
 def read_pdf(job: dict[str, Any], text: Text) -> None:
