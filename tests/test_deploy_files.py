@@ -552,10 +552,10 @@ def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
 
 def test_compose_runs_the_seeds_pipeline_three_consumers_of_one_stream_each_provisioned_first():
     services = compose()["services"]
-    jobs = {"process": "save,transcode,transcribe", "notify": "webhook", "archive": "archive"}
+    jobs = {"process": "save,transcode,transcribe,extract", "notify": "webhook", "archive": "archive"}
     host = {"ENCRYPTION_MASTER_KEY": GOOD_KEY, "WEBHOOK_URL": "https://r.example/u", "WEBHOOK_SECRET": "whsec_x"}
     setup = services["pipeline-setup"]
-    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "transcribe"
+    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "transcribe,extract"
     script = interpolate(setup["command"][0], host)
     assert "for consumer in process notify archive;" in script and "NATS_CONSUMER_NAME=$consumer" in script
     assert "uploads_consumer setup || exit 1" in script, "a failed setup stops the pipeline from starting"
