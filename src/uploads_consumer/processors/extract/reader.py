@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import os
@@ -39,7 +40,7 @@ else:  # run as a program: the package is not imported, the file beside this one
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PAGE_SEPARATOR = "\f"  # between pages in the text file, as pdftotext writes them
-LANGUAGE_SAMPLE = 1000  # characters langdetect reads: enough for a language, cheap
+LANGUAGE_SAMPLE = 1000  # characters langdetect reads: enough for a language; its cost hardly depends on it
 MIN_LETTERS = 20  # fewer letters than this say no language
 SUMMARY_CHARS = 280
 STDERR_KEPT = 300
@@ -306,6 +307,7 @@ def read(job: dict[str, Any]) -> dict[str, Any]:
 def run_job(job: dict[str, Any]) -> None:
     """The forked reader: limits first, then the document; its findings to `result_path`; never returns."""
     code = 0
+    gc.disable()  # a short life: no collection to copy the server's pages for
     try:
         os.setpgid(0, 0)
         die_with_parent(_libc())
@@ -358,6 +360,9 @@ def serve() -> None:
         versions["langdetect"] = True
     except ImportError:
         versions["langdetect"] = False
+    # Every object made so far is kept out of the collector's reach: a fork then shares their pages
+    # instead of copying each one the collector would touch.
+    gc.freeze()
     say({"ready": True, "network": network, **versions})
 
     selector = selectors.DefaultSelector()
