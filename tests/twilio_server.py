@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from loopback_http import LoopbackHttpServer
 
 # GSM 03.38: the default alphabet, and the extension table reached by an escape (two septets each).
 GSM_DEFAULT = (
@@ -98,35 +99,17 @@ class Request:
         return self.form.get("Body", "")
 
 
-class TwilioServer:
+class TwilioServer(LoopbackHttpServer):
     """`credentials` maps a login (an account SID or an API key SID) to its secret; `account` is the
     account SID that must be in the path. `respond(request)` decides each answer (201 by default)."""
 
     def __init__(self, account: str, credentials: dict[str, str]) -> None:
+        super().__init__()
         self.account = account
         self.credentials = credentials
         self.respond: Callable[[Request], Answer] = lambda _request: Answer()
         self.requests: list[Request] = []
-        self.port = 0
-        self._runner: web.AppRunner | None = None
         self._sids = itertools.count(1)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _check(self, request: web.Request, form: dict[str, str]) -> tuple[str | None, list[str]]:
         problems = []
