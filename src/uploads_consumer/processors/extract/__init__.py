@@ -227,10 +227,11 @@ class Extract(Processor):
         placed = await asyncio.to_thread(self._place, ctx, name, text)
         ctx.files["text"] = text
         ctx.report("format", kind)
+        facts = checked(found)
         for key in ("pages", "ocr_pages", "language", "words", "characters", "summary"):
-            ctx.report(key, found.get(key))
-        if found.get("pages_without_text"):
-            ctx.report("pages_without_text", found["pages_without_text"])
+            ctx.report(key, facts[key])
+        if facts["pages_without_text"]:
+            ctx.report("pages_without_text", facts["pages_without_text"])
         ctx.report("txt_path", str(placed))
         ctx.log.info(
             "extract: text read",
@@ -313,8 +314,30 @@ def _mib(size: int) -> str:
     return f"{size / MiB:g} MiB" if size % (1 << 30) else f"{size >> 30} GiB"
 
 
+SUMMARY_MOST = 300
+_ISO_639 = re.compile(r"^[a-z]{2,3}$")
+
+
+def checked(found: dict[str, Any]) -> dict[str, Any]:
+    """What the reader wrote, taken for what it must be: the reader parsed a hostile document, so a
+    subverted one could write anything; counts are counts, the language a code, the summary short."""
+
+    def count(key: str) -> int:
+        value = found.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    language, summary = found.get("language"), found.get("summary")
+    return {
+        **{key: count(key) for key in ("pages", "ocr_pages", "words", "characters", "pages_without_text")},
+        "language": language if isinstance(language, str) and _ISO_639.match(language) else None,
+        "summary": summary[:SUMMARY_MOST] if isinstance(summary, str) else "",
+    }
+
+
 def _read_result(path: Path) -> dict[str, Any] | None:
     try:
+        if path.stat().st_size > 64 * 1024:  # a few counts and 280 characters: anything more is not ours
+            return None
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, ValueError):
