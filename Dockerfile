@@ -6,6 +6,7 @@
 #   docker build --build-arg EXTRAS=transcribe -t uploads-consumer:voice .   # with transcode + transcribe
 #   docker build --build-arg EXTRAS=transcribe,images -t uploads-consumer:media .   # + image (libvips) and video
 #   docker build --build-arg EXTRAS=email -t uploads-consumer:email .   # with email (aiosmtplib); combine: EXTRAS=transcribe,email
+#   docker build --build-arg EXTRAS=extract -t uploads-consumer:documents .   # extract: PDFium, and Tesseract (eng)
 
 # --- build: install the package and its dependencies into a virtual environment -----------
 FROM python:3.11-slim AS build
@@ -23,16 +24,20 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 # Optional extras, comma-separated: transcribe (faster-whisper and a bundled ffmpeg), media (ffmpeg only:
 # transcode, video), images (libvips, bundled by the pyvips-binary wheel: image), audit (AUDIT_URL:
-# aiosqlite and asyncpg), otel (tracing, off until OTEL_EXPORTER_OTLP_ENDPOINT is set).
+# aiosqlite and asyncpg), otel (tracing, off until OTEL_EXPORTER_OTLP_ENDPOINT is set), email, sms (nothing
+# beyond the core), extract (pypdfium2, langdetect; the runtime stage then installs Tesseract).
 ARG EXTRAS=""
 RUN pip install --upgrade pip && pip install ".${EXTRAS:+[$EXTRAS]}" && pip check
 
 # --- runtime: the virtual environment, libmagic and a non-root user, nothing else ----------
 FROM python:3.11-slim AS runtime
 
-# libmagic: python-magic reads each upload's content type from its first bytes.
+# libmagic: python-magic reads each upload's content type from its first bytes. With the extract extra,
+# Tesseract and its English model too (more languages: tesseract-ocr-deu, … and EXTRACT_OCR_LANGUAGES).
+ARG EXTRAS=""
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libmagic1 \
+    $(case ",$EXTRAS," in *,extract,*) echo tesseract-ocr tesseract-ocr-eng;; esac) \
  && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can check it (the manifests use the same).

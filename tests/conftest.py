@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from system import require_tool
+from twilio_server import ACCOUNT, API_KEY, API_SECRET, TOKEN, TwilioServer
 from webhook_receiver import WebhookReceiver
 
 from uploads_consumer.config import VARIABLES, Settings
@@ -133,3 +134,14 @@ async def webhook_receiver(webhook_secret: str) -> AsyncIterator[WebhookReceiver
         yield receiver
     finally:
         await receiver.stop()
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[TwilioServer]:
+    """A Twilio-shaped Messages API on a free loopback port that knows the tests' account and API key."""
+    server = TwilioServer(ACCOUNT, {ACCOUNT: TOKEN, API_KEY: API_SECRET})
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -552,10 +552,14 @@ def test_compose_gives_the_consumer_its_whole_stop_before_sigkill():
 
 def test_compose_runs_the_seeds_pipeline_as_stages_each_provisioned_first_in_order():
     services = compose()["services"]
-    jobs = {"process": ("save,scan,image", None), "notify": ("webhook", "process"), "archive": ("archive", "notify")}
+    jobs = {
+        "process": ("save,scan,image,extract", None),
+        "notify": ("webhook", "process"),
+        "archive": ("archive", "notify"),
+    }
     host = {"ENCRYPTION_MASTER_KEY": GOOD_KEY, "WEBHOOK_URL": "https://r.example/u", "WEBHOOK_SECRET": "whsec_x"}
     setup = services["pipeline-setup"]
-    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "images"
+    assert setup["profiles"] == ["pipeline"] and setup["build"]["args"]["EXTRAS"] == "images,extract"
     script = interpolate(setup["command"][0], host)
     order = [script.index(f"NATS_CONSUMER_NAME={name} ") for name in jobs]
     assert order == sorted(order), "each stage set up after the one it follows"

@@ -11,7 +11,19 @@ from uploads_consumer.processors import describe_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = (ROOT / "docs" / "contract.md").read_text()
-BUILT_IN = {"save", "scan", "transcode", "transcribe", "webhook", "archive", "image", "video", "email"}
+BUILT_IN = {
+    "save",
+    "scan",
+    "transcode",
+    "transcribe",
+    "webhook",
+    "archive",
+    "image",
+    "video",
+    "email",
+    "sms",
+    "extract",
+}
 DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

@@ -37,7 +37,8 @@ from uploads_consumer.envelope import parse_metadata
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.events import parse_event
 from uploads_consumer.processors import ProcessingContext, ProcessorEnvironment, load_processor
-from uploads_consumer.processors.email import Email, EmailSettings, RateLimit, message_id
+from uploads_consumer.processors.announce import RateLimit
+from uploads_consumer.processors.email import Email, EmailSettings, message_id
 
 TESTS = str(Path(__file__).parent)
 FROM = "Uploads <uploads@example.org>"
@@ -218,7 +219,7 @@ def processor(monkeypatch, tmp_path):
 async def test_a_field_this_consumer_did_not_fetch_is_unknown_and_without_a_transcript_it_is_empty(processor):
     email = await processor(EMAIL_SMTP_URL="smtp://mail.example.com", EMAIL_FROM=FROM)
     ctx = upload()
-    fields = email.fields(ctx)
+    fields = email.fields.values(ctx)
     assert fields == {
         "event_id": ctx.event.event_id,
         "file_uuid": ctx.event.file_uuid,
@@ -235,7 +236,7 @@ async def test_a_field_this_consumer_did_not_fetch_is_unknown_and_without_a_tran
         "language": "",
     }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fields["uploaded_at"])
-    fuller = email.fields(upload(filename="minutes.m4a.encrypted", transcript="Hello team."))
+    fuller = email.fields.values(upload(filename="minutes.m4a.encrypted", transcript="Hello team."))
     assert fuller["fetched"] == "object" and fuller["filename"] == "minutes.m4a"
     assert (fuller["size"], fuller["size_human"]) == (str(BASIC_METADATA["original_size"]), "48.0 KiB")
     assert (fuller["transcript"], fuller["language"]) == ("Hello team.", "en")

@@ -46,6 +46,7 @@ def test_every_permanent_class_of_the_spec_is_covered():
         "type_not_allowed",
         "infected",
         "unsupported_media",
+        "resource_limit",
     }
 
 

@@ -108,3 +108,13 @@ async def tracing_probe(ctx) -> None:
 
 
 tracing_probe.needs = "event"
+
+
+async def mark_then_slow(ctx) -> None:
+    """Leaves a file named for the event (the steps before it are done, and checkpointed), then sleeps
+    UC_TEST_SLOW_SECONDS: time for a test to kill the daemon before the message is acknowledged."""
+    (Path(os.environ["UC_TEST_STATE_DIR"]) / f"reached-{ctx.event.event_id}").write_text("reached")
+    await asyncio.sleep(float(os.environ.get("UC_TEST_SLOW_SECONDS", "1")))
+
+
+mark_then_slow.needs = "event"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from loopback_http import LoopbackHttpServer
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -49,34 +50,15 @@ class Delivery:
 Respond = Callable[[Delivery], Answer]
 
 
-class WebhookReceiver:
+class WebhookReceiver(LoopbackHttpServer):
     """POSTs to any path are recorded in `deliveries`; `respond(delivery)` decides the answer (200 by default)."""
 
     def __init__(self, secret: str | None = None, port: int = 0) -> None:
+        super().__init__(port)
         self.secret = secret
-        self.port = port
         self.respond: Respond = lambda _delivery: Answer()
         self.deliveries: list[Delivery] = []
         self._attempts: dict[str, int] = {}
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -19,6 +19,7 @@ class ErrorClass(StrEnum):
     TYPE_NOT_ALLOWED = "type_not_allowed"
     INFECTED = "infected"
     UNSUPPORTED_MEDIA = "unsupported_media"
+    RESOURCE_LIMIT = "resource_limit"
     MAX_DELIVERIES = "max_deliveries"
     TRANSIENT = "transient"
 

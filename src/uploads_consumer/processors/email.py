@@ -14,14 +14,10 @@ Nothing here logs or reports the password; an error names the variable, never it
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import socket
 import ssl
 import string
-import time
 import unicodedata
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -47,12 +43,11 @@ from uploads_consumer.processors import (
     ProcessorSettings,
     variable_for,
 )
-from uploads_consumer.processors.announce import human_size, transcription, upload_name
+from uploads_consumer.processors.announce import TRANSCRIPT_FIELDS, RateLimit, UploadFields
 
 log = get_logger("uploads_consumer.processors.email")
 
 DEFAULT_PORTS = {"smtp": 587, "smtps": 465}
-UNKNOWN = "unknown"
 DEFAULT_SUBJECT = "New upload: ${filename}"
 DEFAULT_BODY = """\
 ${email} uploaded ${filename}.
@@ -61,24 +56,6 @@ Upload ${file_uuid} (event ${event_id}), processed by ${consumer}.
 
 ${transcript}
 """
-# What a template may use. A fact that this consumer's chain did not fetch renders as `unknown`;
-# `transcript` and `language` render empty when no earlier step transcribed the upload.
-FIELDS = {
-    "event_id": "the upload event's event_id",
-    "file_uuid": "the upload's file_uuid",
-    "email": "the uploader's address, from the event",
-    "uploaded_at": "the event's timestamp, RFC 3339 UTC",
-    "consumer": "NATS_CONSUMER_NAME",
-    "fetched": "what the chain read of the upload: event, object or plaintext",
-    "filename": "the clean file name; with the event alone, the stored name",
-    "size": "the size in bytes (from object on)",
-    "size_human": "the size as 47.1 KiB (from object on)",
-    "sha256": "the plaintext's SHA-256 (plaintext only)",
-    "content_type": "the detected content type (plaintext only)",
-    "transcript": "the text of an earlier transcribe step",
-    "language": "the language of that transcript",
-}
-TRANSCRIPT_FIELDS = frozenset({"transcript", "language"})
 # Characters that have a meaning in an address header (lists, display names, comments, quoting,
 # routes): the uploader's address may hold none of them, so it is one mailbox and nothing more.
 ADDRESS_SPECIALS = frozenset('()<>[]:;,"\\')
@@ -161,53 +138,6 @@ def parse_addresses(value: str, variable: str, one: bool) -> list[Address]:
     return addresses
 
 
-def step_fields(earlier: Sequence[str]) -> dict[str, str]:
-    """The prefix of each earlier step's outputs as template fields: `archive` → `archive_`,
-    `webhook:ops` → `webhook_ops_` (a character an identifier cannot hold becomes `_`)."""
-    return {re.sub(r"\W", "_", step) + "_": step for step in earlier}
-
-
-def step_output(name: str, prefixes: Mapping[str, str]) -> tuple[str, str] | None:
-    """`archive_key` → (`archive`, `key`): the step (the longest prefix that fits) and its output."""
-    fits = [prefix for prefix in prefixes if name.startswith(prefix) and len(name) > len(prefix)]
-    if not fits:
-        return None
-    prefix = max(fits, key=len)
-    return prefixes[prefix], name[len(prefix) :]
-
-
-def template(
-    text: str, variable: str, prefixes: Mapping[str, str] | None = None, stage: bool = False
-) -> string.Template:
-    """A template that uses only FIELDS and the outputs of the earlier steps (their `step_fields`);
-    ConfigError naming the variable and the field otherwise. In a stage (`stage`), a field of the form
-    `{step}_{output}` may also name a step of the stages before it, which are known only per upload."""
-    parsed = string.Template(text)
-    if not parsed.is_valid():
-        raise ConfigError(variable, "has a $ that is neither ${field} nor $field; write $$ for a dollar sign")
-    prefixes = prefixes or {}
-    unknown = [
-        n
-        for n in parsed.get_identifiers()
-        if n not in FIELDS and step_output(n, prefixes) is None and not (stage and "_" in n.strip("_"))
-    ]
-    if unknown:
-        outputs = ", ".join(f"{prefix}OUTPUT" for prefix in prefixes) or "none: no step comes before this one"
-        raise ConfigError(
-            variable,
-            f"uses ${{{unknown[0]}}}, which is not a field ({', '.join(FIELDS)}) nor an output of an earlier "
-            f"step ({outputs})",
-        )
-    return parsed
-
-
-def output_text(value: Any) -> str:
-    """An earlier step's output as text: a string as it is, anything else as JSON, nothing as empty."""
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
 def header_text(text: str) -> str:
     """A rendered header value on one line: CR, LF and other control characters become spaces."""
     return one_line(text, limit=250)
@@ -252,22 +182,6 @@ def tls_context(ca: Path | None, variable: str) -> ssl.SSLContext:
         raise ConfigError(variable, "holds no PEM certificate") from None
     except OSError as exc:
         raise ConfigError(variable, f"cannot read the file ({exc.strerror})") from None
-
-
-class RateLimit:
-    """At most `per_second` sends from this process, evenly spaced: a backlog is sent at that pace
-    instead of in a burst that gets the sender throttled or blocked."""
-
-    def __init__(self, per_second: float) -> None:
-        self.interval = 1.0 / per_second
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + self.interval  # reserved before sleeping: concurrent callers queue up
-        if slot > now:
-            await asyncio.sleep(slot - now)
 
 
 @dataclass(frozen=True)
@@ -320,20 +234,15 @@ class Email(Processor):
         self.server = parse_smtp_url(settings.smtp_url, name)
         self.sender = parse_addresses(getattr(settings, "from"), variable_for(name, "from"), one=True)[0]
         self.recipients = parse_addresses(settings.to, variable_for(name, "to"), one=False) if settings.to else None
-        prefixes = step_fields(env.chain[: env.chain.index(name)] if name in env.chain else ())
-        stage = env.after is not None
-        self.subject = template(settings.subject, variable_for(name, "subject"), prefixes, stage)
+        self.fields = UploadFields(name, env)
+        self.subject = self.fields.template(settings.subject, variable_for(name, "subject"))
         if settings.body is not None and settings.body_file is not None:
             raise ConfigError(variable_for(name, "body"), f"set it or {variable_for(name, 'body_file')}, not both")
         if settings.body_file is not None:
             body_variable = variable_for(name, "body_file")
-            self.body = template(read_file(settings.body_file, body_variable), body_variable, prefixes, stage)
+            self.body = self.fields.template(read_file(settings.body_file, body_variable), body_variable)
         else:
-            self.body = template(settings.body or DEFAULT_BODY, variable_for(name, "body"), prefixes, stage)
-        used = set(self.subject.get_identifiers()) | set(self.body.get_identifiers())
-        self._outputs = {n: out for n in used - FIELDS.keys() if (out := step_output(n, prefixes)) is not None}
-        # In a stage: the fields that name no step of this chain, looked up per upload among the stages' before.
-        self._upstream_fields = used - FIELDS.keys() - self._outputs.keys() if stage else set()
+            self.body = self.fields.template(settings.body or DEFAULT_BODY, variable_for(name, "body"))
         self._password = self._read_password()
         if (settings.username is None) != (self._password is None):
             missing = "password" if settings.username is not None else "username"
@@ -360,10 +269,7 @@ class Email(Processor):
         uses = set(self.subject.get_identifiers())
         if self.config.body is not None or self.config.body_file is not None:
             uses |= set(self.body.get_identifiers())
-        before = self.env.chain[: self.env.chain.index(self.name)] if self.name in self.env.chain else ()
-        if (uses & TRANSCRIPT_FIELDS or self.config.attach_transcript) and not any(
-            step.partition(":")[0] == "transcribe" for step in before
-        ):
+        if (uses & TRANSCRIPT_FIELDS or self.config.attach_transcript) and not self.fields.transcribed_before():
             log.warning(
                 "email: the templates use the transcript but no transcribe step comes before this one; it stays empty",
                 processor=self.name,
@@ -377,42 +283,6 @@ class Email(Processor):
                 server=str(self.server),
                 variable=variable_for(self.name, "starttls"),
             )
-
-    def fields(self, ctx: ProcessingContext) -> dict[str, str]:
-        """What the templates may use, for this upload (see FIELDS)."""
-        facts = ctx.facts()
-        said = transcription(ctx)
-
-        def shown(value: Any) -> str:
-            return UNKNOWN if value is None else str(value)
-
-        return {
-            "event_id": ctx.event.event_id,
-            "file_uuid": ctx.event.file_uuid,
-            "email": ctx.event.email,
-            "uploaded_at": rfc3339(ctx.event.timestamp),
-            "consumer": self.env.consumer,
-            "fetched": facts["fetched"],
-            "filename": upload_name(ctx),
-            "size": shown(facts["size"]),
-            "size_human": human_size(facts["size"]) if facts["size"] is not None else UNKNOWN,
-            "sha256": shown(facts["sha256"]),
-            "content_type": shown(facts["content_type"]),
-            "transcript": str(said.get("text") or ""),
-            "language": str(said.get("language") or ""),
-            **{n: output_text(ctx.outputs.get(step, {}).get(key)) for n, (step, key) in self._outputs.items()},
-            **self._upstream_outputs(ctx),
-        }
-
-    def _upstream_outputs(self, ctx: ProcessingContext) -> dict[str, str]:
-        """The fields a stage's templates take from the steps of the stages before it (empty when none
-        of them reported it)."""
-        if not self._upstream_fields:
-            return {}
-        earlier = ctx.earlier_outputs()
-        prefixes = step_fields(list(earlier))
-        found = {n: step_output(n, prefixes) for n in self._upstream_fields}
-        return {n: output_text(earlier[hit[0]].get(hit[1])) if hit else "" for n, hit in found.items()}
 
     def recipients_for(self, ctx: ProcessingContext) -> list[Address]:
         if self.recipients is not None:
@@ -428,7 +298,7 @@ class Email(Processor):
         return [Address(username=local, domain=domain)]
 
     def message(self, ctx: ProcessingContext, to: list[Address]) -> EmailMessage:
-        values = self.fields(ctx)
+        values = self.fields.values(ctx)
         msg = EmailMessage(policy=MESSAGE_POLICY)
         msg["From"] = self.sender
         msg["To"] = to
@@ -561,11 +431,3 @@ class Email(Processor):
             what = cause.strerror if isinstance(cause, OSError) and cause.strerror else type(cause).__name__
             return RetryableError(f"email: cannot reach {server} ({what})")
         return RetryableError(f"email: {server}: {exc.message}")
-
-
-def rfc3339(epoch_ms: int) -> str:
-    try:
-        when = datetime.fromtimestamp(epoch_ms / 1000, UTC)
-    except (OverflowError, OSError, ValueError):
-        return UNKNOWN
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -95,6 +95,14 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def retry_delay(value: str | None, longest: float) -> float | None:
+    """The nak delay a `Retry-After` header asks for: at least a second (`Retry-After: 0` on every
+    attempt must not become a hot loop), at most `longest` (the longest RETRY_BACKOFF delay); None
+    when there is no readable header."""
+    delay = retry_after_seconds(value)
+    return None if delay is None else min(max(delay, MIN_RETRY_AFTER), longest)
+
+
 def preview(text: str) -> str:
     """The first words of a transcript, cut short with an ellipsis."""
     words = text.split()
@@ -253,19 +261,14 @@ class Webhook(Processor):
                 f"webhook: {self.origin} did not answer within {self.config.timeout:g}s ({variable_for(self.name, 'timeout')})"
             ) from None
         except aiohttp.ClientError as exc:
-            raise RetryableError(f"webhook: cannot deliver to {self.origin} ({_cause(exc)})") from None
+            raise RetryableError(f"webhook: cannot deliver to {self.origin} ({client_error_cause(exc)})") from None
         answered = f"{self.origin} answered {status} {phrase}".rstrip()
         if 200 <= status < 300:
             ctx.report("status", status)
             ctx.log.info("webhook delivered", to=self.origin, status=status)
             return
         if status in RETRYABLE_STATUSES or 500 <= status < 600:
-            delay = retry_after_seconds(retry_after)
-            if delay is not None:
-                # At least a second (`Retry-After: 0` on every attempt must not become a hot loop),
-                # at most the longest RETRY_BACKOFF delay.
-                delay = min(max(delay, MIN_RETRY_AFTER), self.env.max_retry_delay)
-            raise RetryableError(f"webhook: {answered}", delay=delay)
+            raise RetryableError(f"webhook: {answered}", delay=retry_delay(retry_after, self.env.max_retry_delay))
         if 300 <= status < 400:
             raise PermanentError(
                 ErrorClass.PROCESSOR_FAILED,
@@ -274,7 +277,7 @@ class Webhook(Processor):
         raise PermanentError(ErrorClass.PROCESSOR_FAILED, f"webhook: {answered}")
 
 
-def _cause(exc: aiohttp.ClientError) -> str:
+def client_error_cause(exc: aiohttp.ClientError) -> str:
     """What went wrong, without str(exc): some aiohttp errors print the whole URL, query included."""
     os_error = getattr(exc, "os_error", None)
     if isinstance(os_error, OSError) and os_error.strerror:
