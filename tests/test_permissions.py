@@ -269,13 +269,13 @@ async def test_a_command_run_with_the_daemons_credentials_says_which_permission_
 def test_print_permissions_formats_and_the_iam_policy():
     settings = Settings(processors=("archive",), archive_bucket="arch", s3_bucket_name="uploads")  # type: ignore[call-arg]
     p = permissions.daemon(settings, fetches="object")
-    policy = json.loads(permissions.render(p, "json"))["s3_policy"]
+    policy = json.loads(permissions.render(p, "json"))["aws_policy"]
     assert policy["Statement"][0]["Action"] == ["s3:GetObject"]
     assert policy["Statement"][0]["Resource"] == ["arn:aws:s3:::uploads/uploads/*"]
     nsc = permissions.render(permissions.operator(settings), "nsc")
     assert "nsc edit user --name USER --allow-pub '" in nsc and "--allow-sub '_INBOX.>'" in nsc
     event_only = permissions.daemon(settings, fetches="event")
-    assert event_only.s3 == [], "a chain that reads only the event needs nothing of S3"
+    assert event_only.aws == [], "a chain that reads only the event needs nothing of S3"
 
 
 async def test_a_dead_letter_published_twice_is_stored_once_by_a_user_that_may_not_read_the_dead_letters(

@@ -13,7 +13,7 @@ from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
 
 if TYPE_CHECKING:
-    from uploads_consumer.permissions import S3Grant
+    from uploads_consumer.permissions import AwsGrant
     from uploads_consumer.stages import Role
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
@@ -50,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, list[str], list[S3Grant]]:
+def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, list[str], list[AwsGrant]]:
     """The streams the chain's processors publish to, what this consumer does (for the other consumers'
     setup: its durable's metadata), a warning for each processor not configured here, and what the
     processors need of S3 besides reading the upload."""
@@ -68,7 +68,7 @@ def _chain_for_setup(settings: Settings) -> tuple[list[tuple[str, str]], Role, l
     )
     streams: list[tuple[str, str]] = []
     warnings: list[str] = []
-    grants: list[S3Grant] = []
+    grants: list[AwsGrant] = []
     uploads = tuple(f"arn:aws:s3:::{b}/uploads/*" for b in sorted(settings.allowed_buckets) or ["*"])
     loaded = []
     for spec in settings.processors:
@@ -119,7 +119,7 @@ def _print_permissions(
     fmt: str,
     streams: list[tuple[str, str]],
     fetches: str | None,
-    grants: list[S3Grant],
+    grants: list[AwsGrant],
     warnings: list[str],
 ) -> int:
     """The NATS permissions (and S3 policy) of each role, for this consumer and chain; connects to nothing."""

@@ -26,8 +26,9 @@ ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 
 @dataclass(frozen=True)
-class S3Grant:
-    """S3 actions on resources (ARNs), and why: one statement of an IAM policy."""
+class AwsGrant:
+    """AWS actions on resources (ARNs), and why: one statement of an IAM policy (S3's, or another
+    service's a processor uses: SNS for `sms`)."""
 
     actions: tuple[str, ...]
     resources: tuple[str, ...]
@@ -39,7 +40,7 @@ class Permissions:
     role: str
     publish: list[str] = field(default_factory=list)
     subscribe: list[str] = field(default_factory=list)
-    s3: list[S3Grant] = field(default_factory=list)
+    aws: list[AwsGrant] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def allow(self, *subjects: str) -> None:
@@ -50,7 +51,7 @@ class Permissions:
             "Version": "2012-10-17",
             "Statement": [
                 {"Sid": f"S{i}", "Effect": "Allow", "Action": list(g.actions), "Resource": list(g.resources)}
-                for i, g in enumerate(self.s3, 1)
+                for i, g in enumerate(self.aws, 1)
             ],
         }
 
@@ -59,13 +60,13 @@ def _buckets(settings: Settings) -> list[str]:
     return sorted(settings.allowed_buckets) or ["*"]
 
 
-def _reads_uploads(settings: Settings, actions: tuple[str, ...], why: str) -> list[S3Grant]:
+def _reads_uploads(settings: Settings, actions: tuple[str, ...], why: str) -> list[AwsGrant]:
     buckets = _buckets(settings)
     return [
-        S3Grant(actions, tuple(f"arn:aws:s3:::{b}/uploads/*" for b in buckets), why),
+        AwsGrant(actions, tuple(f"arn:aws:s3:::{b}/uploads/*" for b in buckets), why),
         # Without ListBucket, S3 answers 403 instead of 404 for a missing key: an upload whose
         # object is gone would be retried as a refusal instead of dead-lettered not_found.
-        S3Grant(("s3:ListBucket",), tuple(f"arn:aws:s3:::{b}" for b in buckets), "a missing object is 404, not 403"),
+        AwsGrant(("s3:ListBucket",), tuple(f"arn:aws:s3:::{b}" for b in buckets), "a missing object is 404, not 403"),
     ]
 
 
@@ -73,7 +74,7 @@ def daemon(
     settings: Settings,
     streams: Sequence[tuple[str, str]] = (),
     fetches: str | None = "plaintext",
-    grants: Sequence[S3Grant] = (),
+    grants: Sequence[AwsGrant] = (),
 ) -> Permissions:
     """What the daemon of this consumer and chain does, with AUTO_SETUP=false. `streams`: what its
     processors publish to; `fetches`: what its chain reads of an upload (event, object, plaintext);
@@ -101,8 +102,8 @@ def daemon(
     p.allow(*(subject for _, subject in streams))
     p.subscribe = [f"{s.nats_inbox_prefix}.>", f"{ADVISORY}.{consumer}"]
     if fetches in ("object", "plaintext"):
-        p.s3 += _reads_uploads(s, ("s3:GetObject",), "the upload's object and metadata.json")
-    p.s3 += list(grants)
+        p.aws += _reads_uploads(s, ("s3:GetObject",), "the upload's object and metadata.json")
+    p.aws += list(grants)
     if s.auto_setup:
         p.notes.append("AUTO_SETUP=true: this daemon also needs the admin role's set (or set AUTO_SETUP=false)")
     return p
@@ -131,8 +132,8 @@ def operator(settings: Settings) -> Permissions:
     if s.nats_result_subject:
         p.allow(f"{s.nats_result_subject}.replay.>")
     p.subscribe = [f"{s.nats_inbox_prefix}.>"]
-    p.s3 += [
-        S3Grant(
+    p.aws += [
+        AwsGrant(
             ("s3:GetObject",),
             tuple(f"arn:aws:s3:::{b}/uploads/*/metadata.json" for b in _buckets(s)),
             "keys check: the newest uploads' metadata.json",
@@ -183,7 +184,7 @@ def render(p: Permissions, fmt: str) -> str:
             {
                 "role": p.role,
                 "nats": {"publish": p.publish, "subscribe": p.subscribe},
-                "s3_policy": p.iam_policy(),
+                "aws_policy": p.iam_policy(),
                 "notes": p.notes,
             },
             indent=2,
@@ -213,7 +214,7 @@ def render(p: Permissions, fmt: str) -> str:
             "  }",
             "}",
         ]
-    if p.s3:
-        lines.append(f"# role {p.role}: S3 (an IAM policy; --format json prints it as JSON)")
-        lines += [f"#   {', '.join(g.actions)} on {', '.join(g.resources)}: {g.why}" for g in p.s3]
+    if p.aws:
+        lines.append(f"# role {p.role}: AWS, S3 first (an IAM policy; --format json prints it as JSON)")
+        lines += [f"#   {', '.join(g.actions)} on {', '.join(g.resources)}: {g.why}" for g in p.aws]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from uploads_consumer import tracing
 from uploads_consumer.config import CsvList
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
-from uploads_consumer.permissions import S3Grant
+from uploads_consumer.permissions import AwsGrant
 
 if TYPE_CHECKING:
     from uploads_consumer.envelope import EnvelopeMetadata
@@ -352,7 +352,7 @@ class Processor:
         """(stream, subject) pairs this processor publishes to: `setup` creates the missing ones."""
         return []
 
-    def grants(self, uploads: tuple[str, ...]) -> list[S3Grant]:
+    def grants(self, uploads: tuple[str, ...]) -> list[AwsGrant]:
         """What it needs of S3 besides reading the upload (`needs`), for `setup --print-permissions`;
         `uploads`: the ARNs of the stored uploads (`arn:aws:s3:::BUCKET/uploads/*`)."""
         return []
@@ -399,7 +399,7 @@ class LoadedProcessor:
     def streams(self) -> list[tuple[str, str]]:
         return self.instance.streams() if self.instance is not None else []
 
-    def grants(self, uploads: tuple[str, ...]) -> list[S3Grant]:
+    def grants(self, uploads: tuple[str, ...]) -> list[AwsGrant]:
         return self.instance.grants(uploads) if self.instance is not None else []
 
 

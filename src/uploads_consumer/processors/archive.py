@@ -35,7 +35,7 @@ from pydantic import Field, SecretStr, field_validator
 from uploads_consumer.config import PositiveSize
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
-from uploads_consumer.permissions import S3Grant
+from uploads_consumer.permissions import AwsGrant
 from uploads_consumer.processors import (
     Need,
     ProcessingContext,
@@ -239,7 +239,7 @@ class Archive(Processor):
     def removes_upload(self) -> bool:
         return self.settings.delete_source
 
-    def grants(self, uploads: tuple[str, ...]) -> list[S3Grant]:
+    def grants(self, uploads: tuple[str, ...]) -> list[AwsGrant]:
         s = self.settings
         elsewhere = f" (on {s.endpoint_url}, with ARCHIVE_ACCESS_KEY_ID's credentials)" if s.endpoint_url else ""
         target = (
@@ -249,13 +249,13 @@ class Archive(Processor):
             *(("s3:PutObjectTagging",) if s.tags else ()),
         )
         out = [
-            S3Grant(
+            AwsGrant(
                 target, (f"arn:aws:s3:::{s.bucket}/*",), f"archive: the copies, and whether one is there{elsewhere}"
             ),
-            S3Grant(("s3:ListBucket",), (f"arn:aws:s3:::{s.bucket}",), f"archive: a copy not there is 404{elsewhere}"),
+            AwsGrant(("s3:ListBucket",), (f"arn:aws:s3:::{s.bucket}",), f"archive: a copy not there is 404{elsewhere}"),
         ]
         if s.delete_source:
-            out.append(S3Grant(("s3:DeleteObject",), uploads, "archive: ARCHIVE_DELETE_SOURCE"))
+            out.append(AwsGrant(("s3:DeleteObject",), uploads, "archive: ARCHIVE_DELETE_SOURCE"))
         return out
 
     async def recorded(self, ctx: ProcessingContext) -> None:

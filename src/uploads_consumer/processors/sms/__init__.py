@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr, create_model, field_validator
 from uploads_consumer.config import PositiveDuration
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
 from uploads_consumer.observability import get_logger
+from uploads_consumer.permissions import AwsGrant
 from uploads_consumer.processors import (
     Need,
     ProcessingContext,
@@ -165,6 +166,12 @@ class Sms(Processor):
         self.sender: Sender = self._twilio() if settings.provider == "twilio" else self._sns()
         self._rate = RateLimit(settings.max_per_second)
         self._sent: OrderedDict[str, dict[int, Sent]] = OrderedDict()
+
+    def grants(self, uploads: tuple[str, ...]) -> list[AwsGrant]:
+        if self.config.provider != "sns":
+            return []
+        # A phone number has no ARN: SNS's Publish to one is allowed on "*" (a condition can narrow it).
+        return [AwsGrant(("sns:Publish",), ("*",), "sms: SNS Publish to SMS_TO's numbers")]
 
     def _sender_id(self) -> str | None:
         sender: str | None = getattr(self.config, "from")
