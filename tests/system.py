@@ -1,6 +1,6 @@
 """System packages some tests need: skipped locally with the line that installs them, a failure under CI.
 
-`.ci/run` installs every package named here before the tests (see the README, "Running the tests").
+`.ci/run` installs every package named here before the tests (see docs/development.md, "Tests, lint and types").
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The documentation stays true to the code: every variable the daemon or a built-in processor reads is in
 the contract, every local link resolves, and nothing points outside the repository."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ BUILT_IN = {
     "sms",
     "extract",
 }
-DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 @pytest.mark.parametrize("variable", sorted(name.upper() for name in Settings.model_fields))
@@ -43,7 +46,7 @@ def test_every_built_in_processor_variable_is_in_the_contract(variable):
     assert f"`{variable}`" in CONTRACT or (variable.endswith("_CONTENT_TYPES") and "`{NAME}_CONTENT_TYPES`" in CONTRACT)
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_local_links_resolve_and_nothing_points_outside_the_repository(doc):
     text = doc.read_text()
     assert "/".join(("..", "shared")) not in text  # the team's shelf beside the checkout; spelled so grep finds none
@@ -62,6 +65,26 @@ def test_readme_anchors_exist():
     }
     for anchor in re.findall(r"\]\(#([^)]+)\)", text):
         assert anchor in headings, anchor
+
+
+def test_the_site_builds_with_every_link_and_anchor_resolved(tmp_path):
+    """`mkdocs build --strict` (mkdocs.yml turns missing anchors into warnings, which strict makes fatal)."""
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (tmp_path / "site" / "reference" / "asyncapi" / "index.html").exists()
+
+
+def test_every_page_is_in_the_sites_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
+    assert [p for p in pages if p not in nav] == []
 
 
 def cited_tests(text: str) -> list[tuple[str, str]]:

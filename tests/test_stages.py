@@ -366,16 +366,35 @@ def result_event(**changes) -> bytes:
         "bucket_name": "uploads",
         "timestamp": 1769395017042,
     }
+    process = {
+        "fetched": "plaintext",
+        "original_filename": "a.png",
+        "size": 48033,
+        "sha256": "ab" * 32,
+        "content_type": "image/png",
+        "processors": ["scan"],
+        "skipped": [],
+        "outputs": {"scan": {"result": "clean"}},
+        "processed_at": 1769395017000,
+    }
     body = {
         "event_id": upload["event_id"],
+        "file_uuid": upload["file_uuid"],
+        "email": upload["email"],
         "status": "processed",
         "consumer": "notify",
         "fetched": "event",
+        "original_filename": None,
+        "size": None,
         "sha256": None,
+        "content_type": None,
         "processors": ["webhook"],
+        "skipped": [],
         "outputs": {"webhook": {"status": 200}},
+        "processed_at": 1769395017042,
+        "after": "process",
         "upload": upload,
-        "upstream": {"process": {"sha256": "ab" * 32, "outputs": {"scan": {"result": "clean"}}}},
+        "upstream": {"process": process},
     }
     body.update(changes)
     return json.dumps(body).encode()
@@ -401,6 +420,8 @@ def test_a_stage_reads_the_upload_and_every_stage_before_it_from_its_upstreams_r
         (result_event(upload=None), "without the upload (published by a version before stages)"),
         (result_event(event_id="1cbfac96-1cb1-45b2-a682-39c0de4ea705"), "names another upload than it carries"),
         (result_event(status="failed"), "not a result event of notify"),
+        (result_event(upstream={"process": {"sha256": "ab" * 32}}), "what 'process' reported: fetched Field required"),
+        (result_event(outputs=["webhook"]), "what 'notify' reported: outputs Input should be a valid dictionary"),
     ],
 )
 def test_anything_else_on_a_stages_subjects_is_an_invalid_message_saying_what_it_is(body, said):

@@ -1,4 +1,4 @@
-"""Tracing (docs/contract.md 4.18, README "Tracing"): the real daemon exporting to a real OTLP/HTTP
+"""Tracing (docs/contract.md 4.18, docs/observability/tracing.md): the real daemon exporting to a real OTLP/HTTP
 receiver; W3C trace context from the upload's headers, and on to every message and request it sends.
 """
 

@@ -21,7 +21,7 @@ EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 DESCRIPTION = """\
 Consumes encrypted file-upload events from NATS JetStream: downloads each upload from S3,
 verifies and decrypts it, runs the processors (default: save), then acknowledges, retries or
-dead-letters the message. Configured by environment variables (see the README).
+dead-letters the message. Configured by environment variables (docs/reference/configuration.md).
 """
 
 EPILOG = """\

@@ -133,43 +133,70 @@ CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
 class Settings(BaseSettings):
     """Every variable of docs/contract.md, with its default. Field `x` is read from variable `X`."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, use_attribute_docstrings=True
+    )  # each field's docstring is its variable's description (`uploads-consumer` docs, the reference pages)
 
     nats_url: str = "nats://localhost:4222"
+    """Server URLs, comma-separated (list every node of a cluster); may embed `user:pass@`."""
     nats_user: str | None = None
+    """User name, with NATS_PASSWORD."""
     nats_password: SecretStr | None = None
+    """Password, with NATS_USER."""
     nats_token: SecretStr | None = None
+    """Token authentication."""
     nats_creds: Path | None = None
+    """Path to a `.creds` file (user JWT and nkey seed); checked at start."""
     nats_nkey: Path | None = None
+    """Path to a user nkey seed file; checked at start."""
     nats_tls_ca: Path | None = None
+    """CA bundle that signed the server's certificate."""
     nats_tls_cert: Path | None = None
+    """Client certificate, for mutual TLS (with NATS_TLS_KEY)."""
     nats_tls_key: Path | None = None
+    """Client certificate's key, for mutual TLS."""
     nats_inbox_prefix: str = "_INBOX"
-    """Where replies to this process's requests come: it subscribes to `{prefix}.>` (least privilege on a
-    shared account: a prefix of its own keeps it from reading the replies meant for other clients)."""
+    """Where replies to this process's requests come: it subscribes to `{NATS_INBOX_PREFIX}.>` (a prefix
+    of its own keeps it, on a shared account, from reading the replies meant for other clients)."""
 
     nats_stream_name: str = "FILE_UPLOADS"
+    """The stream holding upload events."""
     nats_subject: str = "file.uploads"
+    """The subject of upload events; `dlq replay` republishes to `{NATS_SUBJECT}.replay.{consumer}`."""
     nats_consumer_name: str = "file_processor"
+    """The durable pull consumer: one per job on the stream, shared by that job's replicas."""
     after: str | None = None
-    """AFTER: the consumer whose completed uploads this one takes (a stage); unset: the upload stream."""
+    """Makes this consumer a stage: it takes an upload only once the consumer named here completed it."""
     nats_result_subject: str = "file.processed"
+    """Result events go to `{NATS_RESULT_SUBJECT}.{NATS_CONSUMER_NAME}`; empty disables them."""
     nats_result_stream_name: str = "FILE_PROCESSED"
+    """The stream holding result events (created with a 30-day max age)."""
     dlq_stream_name: str = "FILE_UPLOADS_DLQ"
+    """The dead-letter stream."""
     dlq_subject: str = "file.uploads.dlq"
+    """The dead-letter subject."""
     dedupe_bucket: str = "file_processor_done"
-    """Unset: `{NATS_CONSUMER_NAME}_done` (so each consumer remembers its own uploads); see `_derived_defaults`."""
+    """Key-value bucket of processed uploads and step checkpoints; unset: `{NATS_CONSUMER_NAME}_done`;
+    empty disables it."""
     dedupe_ttl: Duration = 7 * 86400.0
+    """How long a processed upload and its checkpoints are remembered; unset: 7 days, 30 for a stage."""
     auto_setup: bool = True
+    """Create the missing streams, consumer and bucket at start (and again if they disappear)."""
     nats_replicas: int = Field(default=1, ge=1, le=5)
+    """Replicas of every stream and bucket `setup` creates; 3 on a cluster."""
 
     fetch_batch: int = Field(default=10, ge=1, le=1000)
+    """Most messages asked for in one pull."""
     fetch_timeout: PositiveDuration = FETCH_TIMEOUT_DEFAULT
-    """Unset: 5 s, or half of ACK_WAIT when that is shorter; see `_derived_defaults`."""
+    """How long a pull lasts when nothing is new; unset: 5 s, or half of ACK_WAIT when that is shorter."""
     max_in_flight: int = Field(default=16, ge=1, le=4096)
+    """Messages one process works on at once (the S3 connection pool is twice this, at least 10)."""
     ack_wait: PositiveDuration = 30.0
+    """The consumer's `ack_wait` when `setup` creates it; the daemon follows the consumer's actual one."""
     max_deliver: int = -1
+    """Deliveries allowed per message, enforced by the daemon (never given to the server); -1: unlimited."""
     max_ack_pending: int = Field(default=100, ge=1)
+    """The consumer's `max_ack_pending` when `setup` creates it: messages out at once across all replicas."""
     retry_backoff: Annotated[tuple[float, ...], NoDecode, BeforeValidator(parse_durations)] = (
         2.0,
         10.0,
@@ -177,33 +204,53 @@ class Settings(BaseSettings):
         120.0,
         300.0,
     )
+    """The delay asked for with each nak: the n-th on the n-th delivery, the last from then on (each ≥ 100ms)."""
     max_file_size: Size = 512 << 20
+    """The largest upload accepted; a larger one is dead-lettered `too_large` unread."""
 
     s3_endpoint_url: str | None = None
+    """An S3-compatible endpoint (MinIO, …); unset: AWS."""
     aws_access_key_id: str | None = None
+    """S3 access key; unset: the usual AWS credential chain."""
     aws_secret_access_key: SecretStr | None = None
+    """S3 secret key."""
     aws_region: str = "us-east-1"
+    """S3 region."""
     s3_path_style_access: bool = False
+    """Path-style addressing (MinIO and most self-hosted stores need it)."""
     s3_bucket_name: str | None = None
+    """The bucket uploads live in; an event naming another is `forbidden`. Set it in production."""
     s3_allowed_buckets: CsvList = ()
+    """Further allowed buckets, comma-separated."""
 
     encryption_master_key: SecretStr | None = None
+    """Base64 of the 32-byte master key shared with the backend (or ENCRYPTION_MASTER_KEY_FILE)."""
     encryption_master_key_file: Path | None = None
+    """A file holding the base64 master key (container secrets)."""
     encryption_previous_master_keys: SecretStr | None = None
+    """Base64 keys, comma-separated, still accepted for unwrapping after a rotation."""
 
     processors: CsvList = ("save",)
+    """The processor chain, in order: entry-point names, instances (`webhook:ops`) or `module:attribute`."""
     allowed_content_types: CsvList = ()
+    """MIME globs (`audio/*,video/mp4`); another type is dead-lettered `type_not_allowed`; unset: all."""
     decrypt_download_path: Path = Path("./downloads")
+    """Root of everything written to disk: `save`'s files, the files beside them, the work folder."""
     http_port: int = Field(default=8080, ge=0, le=65535)
+    """Port of `/healthz`, `/readyz` and `/metrics`; 0 disables the HTTP server."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
     log_format: str | None = None
+    """`console` or `json`; unset: console on a terminal, else json."""
     shutdown_grace: Duration = 30.0
+    """How long in-flight messages may finish after SIGTERM (the whole stop takes at most this + 15 s)."""
 
     audit_url: SecretStr | None = None
-    """`sqlite:///path` or `postgresql://…`; unset: no audit trail. May hold a password: a secret."""
+    """The audit trail: `sqlite:///PATH` or `postgresql://…` (a secret: it may hold a password); unset: none."""
     audit_spool_dir: Path | None = None
-    """Unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool`; see `audit_spool_path`."""
+    """With PostgreSQL, where each process spools its records first; unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool`."""
     audit_spool_max: int = Field(default=100_000, ge=1)
+    """Spooled records after which settlements wait for the store."""
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from nats.js.errors import NotFoundError
 
 from uploads_consumer import tracing
 from uploads_consumer.errors import ErrorClass, one_line
+from uploads_consumer.messages import DeadLetterHeaders
 
 
 def dead_letter_headers(
@@ -28,18 +29,18 @@ def dead_letter_headers(
     # re-created starts its sequences over. A publish acknowledged as a duplicate is then always this
     # message's copy, already stored (nothing to read back from the dead-letter stream to tell).
     stored_ms = int(published.timestamp() * 1000) if published else 0
-    return {
+    return DeadLetterHeaders(
         # Per consumer: the same upload dead-lettered by two consumers of the stream is two dead letters.
-        "Nats-Msg-Id": f"{stream}:{seq}:{consumer}:{stored_ms}",
-        "Uploads-Consumer": consumer,
-        "Uploads-Error-Class": str(error_class),
-        "Uploads-Error": one_line(reason),
-        "Uploads-Stream": stream,
-        "Uploads-Stream-Seq": str(seq),
-        "Uploads-Subject": subject,
-        "Uploads-Deliveries": str(deliveries),
-        "Uploads-Failed-At": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    }
+        msg_id=f"{stream}:{seq}:{consumer}:{stored_ms}",
+        consumer=consumer,
+        error_class=error_class,
+        error=one_line(reason),
+        stream=stream,
+        stream_seq=str(seq),
+        subject=subject,
+        deliveries=str(deliveries),
+        failed_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    ).headers()
 
 
 class DeadLetterPublisher:

@@ -7,9 +7,9 @@ import json
 import unicodedata
 import uuid
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
 from uploads_consumer.errors import ErrorClass, PermanentError
@@ -23,13 +23,13 @@ class FileUploadEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event_id: StrictStr
-    email: StrictStr
-    file_uuid: StrictStr
-    s3_data_key: StrictStr
-    s3_metadata_key: StrictStr
-    bucket_name: StrictStr
-    timestamp: StrictInt
+    event_id: StrictStr = Field(description="the event's id, a UUID", json_schema_extra={"format": "uuid"})
+    email: StrictStr = Field(description="the uploader: one folder name of the object keys")
+    file_uuid: StrictStr = Field(description="the upload's id, a UUID", json_schema_extra={"format": "uuid"})
+    s3_data_key: StrictStr = Field(description="the encrypted object: uploads/{email}/{file_uuid}/{name}.enc")
+    s3_metadata_key: StrictStr = Field(description="its envelope: uploads/{email}/{file_uuid}/metadata.json")
+    bucket_name: StrictStr = Field(description="the bucket holding both")
+    timestamp: StrictInt = Field(description="when the upload was stored, epoch milliseconds (a Java long)")
 
     @property
     def stored_name(self) -> str:
@@ -74,17 +74,30 @@ class Incoming:
     upstream: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-STAGE_FIELDS = (
-    "fetched",
-    "original_filename",
-    "size",
-    "sha256",
-    "content_type",
-    "processors",
-    "skipped",
-    "outputs",
-    "processed_at",
-)
+Fetched = Literal["event", "object", "plaintext"]
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class StageReport(BaseModel):
+    """What one consumer reported of an upload: the part of its result event (`messages.ResultEvent`)
+    that a stage after it keeps in `upstream`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fetched: Fetched = Field(description="what that consumer read of the upload")
+    original_filename: str | None = Field(description="the clean file name; null when no one read the metadata")
+    size: int | None = Field(ge=0, description="plaintext size in bytes; null when unknown")
+    sha256: str | None = Field(pattern=SHA256_HEX, description="hex SHA-256 of the plaintext; null when unknown")
+    content_type: str | None = Field(description="the detected content type; null when unknown")
+    processors: list[str] = Field(description="the processors that applied, in chain order")
+    skipped: list[str] = Field(description="the processors that did not apply, or skipped the upload")
+    outputs: dict[str, dict[str, Any]] = Field(
+        description="what each processor in `processors` reported, keyed by its name"
+    )
+    processed_at: int = Field(description="when that consumer finished, epoch milliseconds")
+
+
+STAGE_FIELDS = tuple(StageReport.model_fields)
 """What a stage's `upstream` keeps of each earlier stage's result event."""
 
 
@@ -197,10 +210,19 @@ def parse_result(body: bytes, after: str) -> Incoming:
     if data.get("event_id") != event.event_id:
         raise PermanentError(ErrorClass.INVALID_MESSAGE, f"{after}'s result event names another upload than it carries")
     before = data.get("upstream")
+    reports = {**before} if isinstance(before, dict) else {}
+    reports[after] = {k: data[k] for k in STAGE_FIELDS if k in data}
     upstream: dict[str, dict[str, Any]] = {}
-    if isinstance(before, dict):
-        upstream = {str(k): dict(v) for k, v in before.items() if isinstance(v, dict)}
-    upstream[after] = {k: data[k] for k in STAGE_FIELDS if k in data}
+    for name, report in reports.items():
+        try:
+            upstream[str(name)] = StageReport.model_validate(report).model_dump(mode="json")
+        except ValidationError as exc:
+            problem = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "it"
+            raise PermanentError(
+                ErrorClass.INVALID_MESSAGE,
+                f"{after}'s result event: what {str(name)[:100]!r} reported: {where} {problem['msg']}",
+            ) from None
     return Incoming(event, upstream)
 
 

@@ -36,6 +36,7 @@ from uploads_consumer.envelope import (
 )
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
 from uploads_consumer.events import FileUploadEvent, check_event
+from uploads_consumer.messages import ResultEvent, ResultHeaders
 from uploads_consumer.observability import Metrics
 from uploads_consumer.processors import (
     LoadedProcessor,
@@ -312,22 +313,21 @@ class Pipeline:
                 plaintext.discard()
             if ctx is not None and ctx.work_dir_made:
                 _remove_job(job)
-        result = {
-            "event_id": event.event_id,
-            "file_uuid": event.file_uuid,
-            "email": event.email,
-            "status": "processed",
-            "consumer": self._settings.nats_consumer_name,
+        result = ResultEvent(
+            event_id=event.event_id,
+            file_uuid=event.file_uuid,
+            email=event.email,
+            consumer=self._settings.nats_consumer_name,
             **ctx.facts(),
-            "processors": ran,
-            "skipped": skipped,
-            "outputs": ctx.outputs,
-            "processed_at": int(time.time() * 1000),
+            processors=ran,
+            skipped=skipped,
+            outputs=ctx.outputs,
+            processed_at=int(time.time() * 1000),
             # For the stages after this consumer (AFTER): the upload itself, and what came before.
-            "after": self._settings.after,
-            "upload": event.model_dump(),
-            "upstream": dict(upstream),
-        }
+            after=self._settings.after,
+            upload=event,
+            upstream=dict(upstream),
+        ).published()
         await self._publish_result(result)
         with tracing.span("idempotency record"):
             await self._ledger.mark(key)
@@ -422,4 +422,5 @@ class Pipeline:
             return
         body = json.dumps(result, ensure_ascii=False).encode("utf-8")
         # One result per upload per consumer: the consumer's name keeps another's from passing for a duplicate.
-        await self._publish(subject, body, {"Nats-Msg-Id": f"{result['event_id']}:{result['consumer']}:processed"})
+        headers = ResultHeaders(msg_id=f"{result['event_id']}:{result['consumer']}:processed")
+        await self._publish(subject, body, headers.headers())

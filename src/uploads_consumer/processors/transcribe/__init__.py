@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from uploads_consumer.errors import ConfigError
 from uploads_consumer.events import FileUploadEvent
+from uploads_consumer.messages import Segment as MessageSegment
+from uploads_consumer.messages import TranscriptionHeaders, TranscriptionMessage
 from uploads_consumer.observability import PREFIX
 from uploads_consumer.processors import (
     Need,
@@ -61,19 +63,19 @@ class Backend(Protocol):
 
 def result_message(event: FileUploadEvent, transcript: Transcript) -> dict[str, Any]:
     """The message on TRANSCRIBE_RESULT_SUBJECT, field for field as the upload backend's design has it."""
-    return {
-        "event_id": event.event_id,
-        "file_uuid": event.file_uuid,
-        "transcription": transcript.text,
-        "language": transcript.language,
-        "duration_seconds": round(transcript.duration, 3),
-        "word_count": transcript.word_count,
-        "segments": [
-            {"start_time": round(s.start, 3), "end_time": round(s.end, 3), "text": s.text} for s in transcript.segments
+    return TranscriptionMessage(
+        event_id=event.event_id,
+        file_uuid=event.file_uuid,
+        transcription=transcript.text,
+        language=transcript.language,
+        duration_seconds=round(transcript.duration, 3),
+        word_count=transcript.word_count,
+        segments=[
+            MessageSegment(start_time=round(s.start, 3), end_time=round(s.end, 3), text=s.text)
+            for s in transcript.segments
         ],
-        "timestamp": int(time.time() * 1000),
-        "status": "SUCCESS",
-    }
+        timestamp=int(time.time() * 1000),
+    ).model_dump(mode="json")
 
 
 def _srt_time(seconds: float) -> str:
@@ -195,7 +197,8 @@ class Transcribe(Processor):
         paths = await asyncio.to_thread(self._write_files, ctx, transcript, body)
         subject = self.settings.result_subject
         if subject and self.env.publish is not None:
-            await self.env.publish(subject, body, {"Nats-Msg-Id": f"{ctx.event.event_id}:transcription"})
+            headers = TranscriptionHeaders(msg_id=f"{ctx.event.event_id}:transcription")
+            await self.env.publish(subject, body, headers.headers())
         self._audio_seconds.inc(transcript.duration)
         text = transcript.text
         ctx.report("text", text[:MAX_OUTPUT_TEXT])
