@@ -15,6 +15,7 @@ from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
+from uploads_consumer.provision import subject_matches
 
 
 def servers(settings: Settings) -> list[str]:
@@ -114,19 +115,9 @@ def denial(exc: BaseException, known: Sequence[str] = ()) -> tuple[str, str] | N
     kind = "publish" if match.group(1).lower() == "publish" else "subscribe"
     subject = match.group(2)
     for pattern in known:
-        if _matches(pattern.lower(), subject.lower()):
+        if subject_matches(pattern.lower(), subject.lower()):
             return kind, pattern
     return kind, subject
-
-
-def _matches(pattern: str, subject: str) -> bool:
-    p, s = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(s) > i
-        if i >= len(s) or (token != "*" and token != s[i]):
-            return False
-    return len(p) == len(s)
 
 
 def known_subjects(settings: Settings, streams: Sequence[tuple[str, str]] = ()) -> list[str]:
