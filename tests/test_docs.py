@@ -72,3 +72,25 @@ def test_every_test_security_md_cites_exists():
     assert len(cited) > 40
     missing = [(f, t) for f, t in cited if f"def {t}(" not in (ROOT / "tests" / f).read_text()]
     assert missing == []
+
+
+def numbered_lists(text: str) -> list[list[int]]:
+    """The numbers of each top-level numbered list (`1. …` at the start of a line), in order; a heading,
+    or a line of text at the left margin that is not an item, ends a list."""
+    lists: list[list[int]] = []
+    current: list[int] = []
+    for line in text.splitlines():
+        if m := re.match(r"^(\d+)\. ", line):
+            current.append(int(m.group(1)))
+        elif line and not line[0].isspace() and current:
+            lists.append(current)
+            current = []
+    if current:
+        lists.append(current)
+    return lists
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_numbered_steps_count_one_by_one(doc):
+    for numbers in numbered_lists(doc.read_text()):
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), f"{doc.name}: steps {numbers}"
