@@ -174,6 +174,8 @@ class Settings(BaseSettings):
         300.0,
     )
     max_file_size: Size = 512 << 20
+    processor_timeout_retries: int = Field(default=2, ge=0, le=100)
+    """How often a step that ran out of its *_TIMEOUT is retried for one upload before `processor_timeout`."""
 
     s3_endpoint_url: str | None = None
     aws_access_key_id: str | None = None

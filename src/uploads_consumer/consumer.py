@@ -27,7 +27,7 @@ from uploads_consumer.envelope import MasterKeyRing
 from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.inflight import Held, InFlight
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
-from uploads_consumer.pipeline import Duplicate, Pipeline, Processed
+from uploads_consumer.pipeline import Delivery, Duplicate, Pipeline, Processed
 from uploads_consumer.processors import (
     LoadedProcessor,
     ProcessorEnvironment,
@@ -300,8 +300,10 @@ class UploadConsumer:
         tracing.set_attribute("messaging.message.id", event.event_id)
         self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
         assert self._pipeline is not None
+        meta = held.msg.metadata
+        delivery = Delivery(f"{meta.stream}:{meta.sequence.stream}", meta.num_delivered)
         work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(
-            self._pipeline.run(event, log, incoming.upstream)
+            self._pipeline.run(event, log, incoming.upstream, delivery)
         )
         held.work = work
         await asyncio.wait([work])  # not `await work`: cancelling it must not cancel us
