@@ -285,6 +285,22 @@ async def test_an_unknown_processor_exits_2_naming_the_variable(start_daemon):
     )
 
 
+async def test_a_taken_http_port_exits_2_naming_the_variable(start_daemon, daemon_env):
+    # The README's three consumers on one host each need their own HTTP_PORT; the second one on a
+    # taken port crashed with `address already in use` and exit 1.
+    first = start_daemon("first.log")
+    first.wait_http(30)
+    second = start_daemon("second.log", NATS_CONSUMER_NAME="notify", HTTP_PORT=daemon_env["HTTP_PORT"])
+    assert second.proc.wait(30) == 2
+    lines = second.log_text().strip().splitlines()
+    assert lines == [
+        f"uploads-consumer: configuration error: HTTP_PORT: port {daemon_env['HTTP_PORT']} is already in use "
+        "(another daemon on this host?): give each daemon its own HTTP_PORT, or 0 to run without /healthz, "
+        "/readyz and /metrics"
+    ]
+    assert first.terminate() == 0
+
+
 async def test_auto_setup_accepts_a_consumer_made_elsewhere_and_changes_nothing(
     tmp_path, settings_for, start_daemon, nats_server
 ):
