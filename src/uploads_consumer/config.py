@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -114,6 +115,25 @@ def decode_master_key(encoded: str) -> bytes:
     if len(key) != 32:
         raise ValueError(f"must decode to 32 bytes, got {len(key)}")
     return key
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """What is wrong with an S3 endpoint URL, in words that never repeat it (it may hold credentials)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a URL such as http://localhost:9000 or https://s3.example.com"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "needs a scheme and a host, such as http://localhost:9000 or https://s3.example.com"
+    if parts.username or parts.password:
+        return "must not hold credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return (
+            "must name the S3 service only, with no path: the bucket is not part of it (it goes in "
+            "S3_BUCKET_NAME), e.g. http://host:9000"
+        )
+    return None
 
 
 def _positive(value: float) -> float:
@@ -292,6 +312,13 @@ class Settings(BaseSettings):
             # A pull that outlives the ack wait would hold messages it cannot yet work on.
             raise ConfigError("FETCH_TIMEOUT", f"must be shorter than ACK_WAIT ({self.ack_wait:g}s); or leave it unset")
         return self
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (problem := endpoint_url_problem(value)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("max_deliver")
     @classmethod
