@@ -15,7 +15,7 @@ from helpers import publish_raw, read_stream, wait_settled
 from speech import heard
 
 from uploads_consumer import demo as demo_module
-from uploads_consumer.embedded import MissingExtra, free_port
+from uploads_consumer.embedded import MissingExtra, NatsServer, free_port
 
 
 def cli(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -192,6 +192,36 @@ def test_status_counts_no_oldest_pending_for_a_message_only_another_consumer_rea
     asyncio.run(publish_raw(nats_server.url, "file.uploads", [b"{}"]))
     mine = json.loads(cli(daemon_env, "status", "--json").stdout)["consumer"]
     assert mine["pending"] == 1 and mine["oldest_pending_age_s"] is not None
+
+
+def test_without_jetstream_setup_status_and_publish_say_to_start_nats_server_with_js(
+    daemon_env, tmp_path, s3_client, bucket
+):
+    with NatsServer(tmp_path / "plain-nats", extra_args=["-js=false"]) as plain:
+        env = {**daemon_env, "NATS_URL": plain.url}
+        upload = tmp_path / "memo.txt"
+        upload.write_text("hello")
+        said = {args[0]: cli(env, *args, timeout=60) for args in (["setup"], ["status"], ["publish", str(upload)])}
+    expected = (
+        f"the server at {plain.url} has no JetStream: start nats-server with -js (or `jetstream {{}}` in its "
+        "configuration)"
+    )
+    for command, result in said.items():
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert (result.stdout + result.stderr).strip().splitlines() == [f"uploads-consumer: {expected}"], command
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "publish uploaded nothing"
+
+
+def test_publish_before_setup_says_to_run_setup_and_uploads_nothing(daemon_env, tmp_path, s3_client, bucket):
+    upload = tmp_path / "memo.txt"
+    upload.write_text("hello")
+    result = cli(daemon_env, "publish", str(upload))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"uploads-consumer: no stream stores file.uploads on the server at {daemon_env['NATS_URL']}: "
+        "run `uploads-consumer setup` first (nothing was uploaded)"
+    ]
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "no orphan object in S3"
 
 
 def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(

@@ -85,7 +85,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from nats.js.api import DeliverPolicy
 
     from uploads_consumer import stages
-    from uploads_consumer.connection import connect_once
+    from uploads_consumer.connection import connect_once, require_jetstream
     from uploads_consumer.provision import retention_warnings
 
     settings = _settings()
@@ -96,6 +96,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
         nc = await connect_once(settings, "uploads-consumer-setup")
         try:
             js = nc.jetstream(timeout=10)
+            await require_jetstream(js, settings)
             report = await stages.setup(js, settings, role, streams, deliver, enable_replay=args.enable_replay)
             warnings.extend(report.warnings + await retention_warnings(js, settings))
         finally:

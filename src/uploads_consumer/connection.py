@@ -8,6 +8,8 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
@@ -140,3 +142,27 @@ async def connect_once(settings: Settings, name: str, timeout: float = 5) -> Cli
         raise NatsUnavailable(
             f"cannot reach NATS at {redacted_servers(settings)}: {describe_connect_error(cause, settings)}"
         ) from None
+
+
+def no_jetstream(exc: BaseException) -> bool:
+    """Whether a JetStream request failed because nothing answers JetStream's API at all: a server
+    started without JetStream (no responders; nats-py's ServiceUnavailableError with no description)."""
+    return isinstance(exc, ServiceUnavailableError) and not exc.description
+
+
+def no_jetstream_reason(settings: Settings) -> str:
+    return (
+        f"the server at {redacted_servers(settings)} has no JetStream: start nats-server with -js "
+        "(or `jetstream {}` in its configuration)"
+    )
+
+
+async def require_jetstream(js: JetStreamContext, settings: Settings) -> None:
+    """For one-shot commands: a server without JetStream is said plainly (NatsUnavailable), not as
+    `ServiceUnavailableError … description='None'` or `no response from stream`."""
+    try:
+        await js.account_info()
+    except Exception as exc:
+        if no_jetstream(exc):
+            raise NatsUnavailable(no_jetstream_reason(settings)) from None
+        raise

@@ -21,6 +21,7 @@ from uploads_consumer import stages, tracing
 from uploads_consumer.audit import Delivered
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
+from uploads_consumer.connection import no_jetstream, no_jetstream_reason
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
@@ -241,7 +242,10 @@ class UploadConsumer:
                         f"{what} does not exist; run `uploads-consumer setup` or set AUTO_SETUP=true; waiting for it"
                     )
             except Exception as exc:  # noqa: BLE001 - JetStream not ready yet
-                problem = f"JetStream is not answering yet ({describe(exc)}); retrying"
+                if no_jetstream(exc):
+                    problem = f"{no_jetstream_reason(s)}; retrying"
+                else:
+                    problem = f"JetStream is not answering yet ({describe(exc)}); retrying"
             if problem != said:
                 log.error(problem)
                 said = problem

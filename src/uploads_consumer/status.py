@@ -11,7 +11,7 @@ from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import NatsUnavailable, connect_once, redact_url
+from uploads_consumer.connection import NatsUnavailable, connect_once, redact_url, require_jetstream
 from uploads_consumer.provision import consumer_filters
 from uploads_consumer.stages import Topology, read_pipeline
 
@@ -57,6 +57,7 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
     nc = await connect_once(settings, "uploads-consumer-status")
     try:
         js = nc.jetstream(timeout=5)
+        await require_jetstream(js, settings)
         topology = await read_pipeline(js, settings)
         node = topology.nodes.get(name)
         # A named consumer is found where it is; this daemon's own where it reads (a stage: the results).

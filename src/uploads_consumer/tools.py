@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 from uploads_consumer.audit import ChainCheck, Record
 from uploads_consumer.audit_store import REPORT_COLUMNS, SCHEMA_VERSION, store_for
 from uploads_consumer.config import Settings, replay_subject
-from uploads_consumer.connection import connect_once
+from uploads_consumer.connection import connect_once, redacted_servers, require_jetstream
 from uploads_consumer.deadletter import header_text, stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
 from uploads_consumer.errors import ConfigError, UploadsError
@@ -67,6 +67,7 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
     limit = asyncio.Semaphore(16)
     try:
         js = nc.jetstream(timeout=10)
+        await require_stream_for(js, settings)  # before any upload: no orphan object left in S3
         async with ObjectStore(settings) as store:
             await store.ensure_bucket(bucket)
 
@@ -81,6 +82,18 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
         await nc.close()
     print(f"published {len(jobs)} upload{'s' if len(jobs) != 1 else ''} to {settings.nats_subject} (bucket {bucket})")
     return 0
+
+
+async def require_stream_for(js: Any, settings: Settings) -> None:
+    """JetStream is there, and a stream stores NATS_SUBJECT; else what to do, in one line."""
+    await require_jetstream(js, settings)
+    try:
+        await js.find_stream_name_by_subject(settings.nats_subject)
+    except NotFoundError:
+        raise UploadsError(
+            f"no stream stores {settings.nats_subject} on the server at {redacted_servers(settings)}: "
+            "run `uploads-consumer setup` first (nothing was uploaded)"
+        ) from None
 
 
 async def read_dead_letters(settings: Settings, consumer: str | None = None) -> list[dict[str, Any]]:
