@@ -166,6 +166,14 @@ async def test_through_the_daemon_one_email_per_upload_exactly_once_refusals_dea
         assert secret not in everything
 
 
+def test_the_daemon_names_every_missing_email_variable_in_one_run(start_daemon):
+    daemon = start_daemon(PROCESSORS="save,email")
+    assert daemon.proc.wait(60) == 2
+    assert daemon.log_text().strip().splitlines() == [
+        "uploads-consumer: configuration error: EMAIL_SMTP_URL: is required; EMAIL_FROM: is required"
+    ]
+
+
 # --- in-process: the processor against the server, answer by answer ------------------------------
 
 BASIC = (INTEROP / "messages" / "basic.bin").read_bytes()

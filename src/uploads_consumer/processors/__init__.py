@@ -452,18 +452,31 @@ def load_settings_for(name: str, settings_class: type[ProcessorSettings]) -> Pro
         # Given values outrank the environment, which is read with the instance's own prefix.
         return settings_class(_env_prefix=prefixes[0], **fallback)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        field_name = str(first["loc"][0]) if first["loc"] else ""
-        if not field_name:
-            variable = prefixes[0] + "*"
-        elif field_name in fallback:
-            variable = setting_sources(name, settings_class).get(field_name, prefixes[-1] + field_name.upper())
-        else:
-            variable = prefixes[0] + field_name.upper()
-            if len(prefixes) > 1 and first["type"] == "missing":
-                variable += f" (or {prefixes[-1]}{field_name.upper()})"
-        message = "is required" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(variable, message) from None
+        # Every problem at once (two required variables unset: both named), the first as the variable.
+        problems = [
+            _problem(name, settings_class, error, fallback)
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        (variable, message), rest = problems[0], problems[1:]
+        raise ConfigError(variable, "; ".join([message, *(f"{v}: {m}" for v, m in rest)])) from None
+
+
+def _problem(
+    name: str, settings_class: type[ProcessorSettings], error: Any, fallback: dict[str, Any]
+) -> tuple[str, str]:
+    """(the variable, what is wrong with it) for one validation error of a processor's settings."""
+    prefixes = variable_prefixes(name)
+    field_name = str(error["loc"][0]) if error["loc"] else ""
+    if not field_name:
+        variable = prefixes[0] + "*"
+    elif field_name in fallback:
+        variable = setting_sources(name, settings_class).get(field_name, prefixes[-1] + field_name.upper())
+    else:
+        variable = prefixes[0] + field_name.upper()
+        if len(prefixes) > 1 and error["type"] == "missing":
+            variable += f" (or {prefixes[-1]}{field_name.upper()})"
+    message = "is required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+    return variable, message
 
 
 def _resolve(name: str) -> Any:
