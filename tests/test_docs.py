@@ -31,6 +31,27 @@ def test_every_built_in_processor_variable_is_in_the_contract(variable):
     assert f"`{variable}`" in CONTRACT or (variable.endswith("_CONTENT_TYPES") and "`{NAME}_CONTENT_TYPES`" in CONTRACT)
 
 
+def contract_defaults() -> dict[str, str]:
+    """The default column of each one-variable row of the contract's tables."""
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", CONTRACT, re.M)}
+
+
+def shown_defaults() -> list[tuple[str, str]]:
+    processors = [p for p in describe_installed() if p["name"] in BUILT_IN]
+    return [
+        (v["variable"], v["default"])
+        for p in processors
+        for v in p["variables"]
+        if v["default"] and not v["variable"].endswith("_CONTENT_TYPES")
+    ]
+
+
+@pytest.mark.parametrize(("variable", "default"), shown_defaults(), ids=lambda x: x)
+def test_processors_shows_each_default_as_the_contract_writes_it(variable, default):
+    # `uploads-consumer processors` printed '5368709120' and '600.0' where the contract says 5GiB and 10m.
+    assert contract_defaults().get(variable) == f"`{default}`"
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_local_links_resolve_and_nothing_points_outside_the_repository(doc):
     text = doc.read_text()

@@ -178,7 +178,7 @@ def cmd_processors(args: argparse.Namespace) -> int:
                 print("    external effect: a completed run is recorded and not repeated on redelivery")
             for var in entry["variables"]:
                 default = (
-                    "required" if var["required"] else f"default {var['default']!r}" if var["default"] else "optional"
+                    "required" if var["required"] else f"default {var['default']}" if var["default"] else "optional"
                 )
                 text = f"  {var['description']}" if var["description"] else ""
                 print(f"    {var['variable']:<34} {default}{text}")

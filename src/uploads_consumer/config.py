@@ -60,6 +60,24 @@ def parse_size(value: Any) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as the docs write them: the largest unit that holds it whole, minutes from two on
+    (600 → `10m`, 60 → `60s`, 3600 → `1h`, 0.5 → `500ms`)."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= (2 if unit == "m" else 1) and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def format_size(size: int) -> str:
+    """Bytes as the docs write them: the largest unit that holds it whole (5368709120 → `5GiB`)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
 def parse_durations(value: Any) -> tuple[float, ...]:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     delays = tuple(parse_duration(item) for item in items if str(item).strip())

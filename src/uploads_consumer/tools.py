@@ -150,11 +150,12 @@ async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = Non
         print(f"{settings.dlq_stream_name} is empty" + (f" for consumer {consumer}" if consumer else ""))
         return 0
     width = max(8, *(len(e["consumer"]) for e in entries))
-    print(f"{'SEQ':>6}  {'CONSUMER':<{width}} {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
+    classes = max(5, *(len(e["error_class"] or "-") for e in entries))  # the longest class present
+    print(f"{'SEQ':>6}  {'CONSUMER':<{width}} {'CLASS':<{classes}} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
     for e in entries:
         print(
-            f"{e['seq']:>6}  {e['consumer']:<{width}} {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} "
-            f"{e['event_id'] or '-':<36}  {e['reason'] or ''}"
+            f"{e['seq']:>6}  {e['consumer']:<{width}} {e['error_class'] or '-':<{classes}} "
+            f"{e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}"
         )
     print(f"{len(entries)} dead-lettered message{'s' if len(entries) != 1 else ''}")
     return 0

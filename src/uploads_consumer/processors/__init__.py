@@ -39,7 +39,7 @@ from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from uploads_consumer import tracing
-from uploads_consumer.config import CsvList
+from uploads_consumer.config import CsvList, format_duration, format_size, parse_duration, parse_size
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
 
 if TYPE_CHECKING:
@@ -640,7 +640,7 @@ def describe_installed() -> list[dict[str, Any]]:
             elif info.is_required():
                 default = None
             else:
-                default = _show_default(info.get_default(call_default_factory=True))
+                default = _show_default(info.get_default(call_default_factory=True), info.metadata)
             variables.append(
                 {
                     "variable": prefix + field_name.upper(),
@@ -691,11 +691,19 @@ def describe_chain(specs: tuple[str, ...]) -> list[dict[str, Any]]:
     return out
 
 
-def _show_default(value: Any) -> str:
+def _show_default(value: Any, metadata: Sequence[Any] = ()) -> str:
+    """A setting's default as the docs write it: a duration as `10m`, a size as `5GiB`, a list with commas."""
+    parsers = {getattr(m, "func", None) for m in metadata}
+    if parse_duration in parsers and value is not None:
+        return format_duration(parse_duration(value))
+    if parse_size in parsers and value is not None:
+        return format_size(parse_size(value))
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if value is None:
         return ""
     if hasattr(value, "get_secret_value"):
