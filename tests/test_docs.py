@@ -115,3 +115,51 @@ def numbered_lists(text: str) -> list[list[int]]:
 def test_numbered_steps_count_one_by_one(doc):
     for numbers in numbered_lists(doc.read_text()):
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), f"{doc.name}: steps {numbers}"
+
+
+def readme_block(heading: str) -> str:
+    """The first ```sh block under a README heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading) :]
+    return section[section.index("```sh\n") + 6 : section.index("\n```", section.index("```sh\n"))]
+
+
+def test_the_readmes_lines_without_docker_work_as_written(tmp_path):
+    """Run as a user would (on free ports instead of 4222, 9000 and 8081): a NATS server with JetStream,
+    an S3 endpoint with the bucket, setup, a daemon with its own HTTP_PORT, an upload it processes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from uploads_consumer.embedded import clean_environment, free_port
+
+    block = readme_block("### Without Docker, on one host")
+    assert "nats-server -js" in block and "create_bucket(Bucket='uploads')" in block and "HTTP_PORT=" in block
+    ports = {port: str(free_port()) for port in ("4222", "9000", "8081")}
+    for port, free in ports.items():
+        block = block.replace(port, free)
+    block = block.replace("pip install -e '.[demo]'", ":")  # installed already
+    # A person types the next line once the servers are up; the script waits for their ports.
+    block = block.replace("export NATS_URL", f"up {ports['4222']}; up {ports['9000']}; export NATS_URL", 1)
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    script = (
+        "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null' EXIT\n"
+        "up() { for _ in $(seq 150); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; "
+        "return 1; }\n"
+        + block
+        + "\nfor _ in $(seq 150); do ls downloads/*/*/README.md >/dev/null 2>&1 && exit 0; sleep 0.2; done; exit 9\n"
+    )
+    env = clean_environment(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "created " in run.stdout and "published 1 upload" in run.stdout
+    [saved] = (tmp_path / "downloads").glob("*/*/README.md")
+    assert saved.read_bytes() == (ROOT / "README.md").read_bytes()
+
+
+def test_the_readmes_processor_table_says_transcode_alone_keeps_no_wav():
+    # The WAV lives in the message's private work folder and goes with it (contract 9.5): the table said
+    # `transcode` makes a WAV, and a user running it alone looked for one.
+    [row] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `transcode` |")]
+    assert "private work folder" in row and "`transcode` alone keeps nothing" in row

