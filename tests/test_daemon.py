@@ -16,12 +16,14 @@ from helpers import (
     publish_uploads,
     read_stream,
     results_by_event,
+    until,
     wait_settled,
 )
 from nats.js.api import StreamConfig
 from secure_support import publish_upload
 
 from uploads_consumer.content_type import sniff
+from uploads_consumer.embedded import NatsServer
 from uploads_consumer.producer import event_json
 
 TESTS = str(Path(__file__).parent)
@@ -272,6 +274,18 @@ async def test_readyz_is_503_while_nats_is_unreachable(start_daemon, nats_server
         await asyncio.sleep(0.2)
     assert daemon.terminate() == 0
     assert daemon.log_text().count("cannot connect to NATS yet") == 1, "said once, not once per attempt"
+
+
+async def test_a_server_without_jetstream_is_said_once_and_waited_for(start_daemon, tmp_path):
+    with NatsServer(tmp_path / "plain-nats", extra_args=["-js=false"]) as plain:
+        daemon = start_daemon(NATS_URL=plain.url)
+        daemon.wait_http()
+        said = f"the server at {plain.url} has no JetStream: start nats-server with -js"
+        await until(lambda: said in daemon.log_text(), 30, "the no-JetStream line", daemon)
+        assert daemon.http_get("/readyz")[0] == 503
+        await asyncio.sleep(3)  # two more attempts at least
+        assert daemon.terminate() == 0
+    assert daemon.log_text().count(said) == 1, "said once, not once per attempt"
 
 
 async def test_an_unknown_processor_exits_2_naming_the_variable(start_daemon):
