@@ -127,8 +127,10 @@ def readme_block(heading: str) -> str:
 def test_the_readmes_lines_without_docker_work_as_written(tmp_path):
     """Run as a user would (on free ports instead of 4222, 9000 and 8081): a NATS server with JetStream,
     an S3 endpoint with the bucket, setup, a daemon with its own HTTP_PORT, an upload it processes."""
+    import contextlib
     import os
     import shutil
+    import signal
     import subprocess
     import sys
 
@@ -151,9 +153,22 @@ def test_the_readmes_lines_without_docker_work_as_written(tmp_path):
         + "\nfor _ in $(seq 150); do ls downloads/*/*/README.md >/dev/null 2>&1 && exit 0; sleep 0.2; done; exit 9\n"
     )
     env = clean_environment(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "created " in run.stdout and "published 1 upload" in run.stdout
+    shell = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its servers and daemon in a group of their own, ended whatever happens
+    )
+    try:
+        out, err = shell.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+    assert shell.returncode == 0, out[-2000:] + err[-3000:]
+    assert "created " in out and "published 1 upload" in out
     [saved] = (tmp_path / "downloads").glob("*/*/README.md")
     assert saved.read_bytes() == (ROOT / "README.md").read_bytes()
 
