@@ -60,7 +60,12 @@ async def test_a_file_over_a_limit_on_its_work_is_dead_lettered_at_once_naming_t
     events = await publish_uploads(settings_for(), [heavy, loud, memo, scan])
     await wait_settled(nats_server.url, 4, daemon=daemon, timeout=120)
     retried = daemon.metric("uploads_consumer_messages_total", 'outcome="nacked"')
+    limits = {
+        step: daemon.metric("uploads_consumer_processor_outcomes_total", f'outcome="limit",processor="{step}"')
+        for step in ("video", "image", "transcode", "transcribe")
+    }
     assert daemon.terminate() == 0
+    assert limits == {"video": 1, "image": 1, "transcode": 1, "transcribe": 1}, "told apart in the metrics"
 
     dead = dead_by_event(await dead_letters(nats_server.url))
     assert retried == 0
@@ -115,6 +120,8 @@ async def test_a_step_out_of_time_is_retried_as_often_as_allowed_then_dead_lette
         "transcode: ffmpeg did not finish within TRANSCODE_TIMEOUT (1s); step transcode timed out 2 times on this "
         "upload (PROCESSOR_TIMEOUT_RETRIES=1)"
     )
+    timeouts = daemon.metric("uploads_consumer_processor_outcomes_total", 'outcome="timeout",processor="transcode"')
+    assert timeouts == retries + 1, "each timeout counted apart from endpoints that are down"
     [(key, counted)] = (await timeout_records(nats_server.url)).items()
     assert key.endswith(".timeouts.transcode") and counted == {"origin": "FILE_UPLOADS:1", "count": 2}
 

@@ -40,6 +40,7 @@ from uploads_consumer.errors import (
     ErrorClass,
     PermanentError,
     ProcessorTimeout,
+    ResourceLimit,
     RetryableError,
     UploadsError,
     describe,
@@ -451,8 +452,14 @@ class Pipeline:
             ctx.skipped[processor.name] = skip.reason
             ctx.log.info("step skipped", reason=skip.reason)
             raise
+        except ResourceLimit:  # the upload over a limit on its work
+            outcome = "limit"
+            raise
         except PermanentError:
             outcome = "failed"
+            raise
+        except ProcessorTimeout:  # out of time: retried a few times, told apart from endpoints that are down
+            outcome = "timeout"
             raise
         except UploadsError:
             outcome = "retry"
