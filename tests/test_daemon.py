@@ -24,7 +24,7 @@ from nats.js.api import StreamConfig
 from secure_support import publish_upload
 
 from uploads_consumer.content_type import sniff
-from uploads_consumer.embedded import free_port
+from uploads_consumer.embedded import NatsServer, free_port
 from uploads_consumer.producer import event_json
 
 TESTS = str(Path(__file__).parent)
@@ -277,6 +277,18 @@ async def test_readyz_is_503_while_nats_is_unreachable(start_daemon, nats_server
     assert daemon.log_text().count("cannot connect to NATS yet") == 1, "said once, not once per attempt"
 
 
+async def test_a_server_without_jetstream_is_said_once_and_waited_for(start_daemon, tmp_path):
+    with NatsServer(tmp_path / "plain-nats", extra_args=["-js=false"]) as plain:
+        daemon = start_daemon(NATS_URL=plain.url)
+        daemon.wait_http()
+        said = f"the server at {plain.url} has no JetStream: start nats-server with -js"
+        await until(lambda: said in daemon.log_text(), 30, "the no-JetStream line", daemon)
+        assert daemon.http_get("/readyz")[0] == 503
+        await asyncio.sleep(3)  # two more attempts at least
+        assert daemon.terminate() == 0
+    assert daemon.log_text().count(said) == 1, "said once, not once per attempt"
+
+
 async def test_an_unknown_processor_exits_2_naming_the_variable(start_daemon):
     daemon = start_daemon(PROCESSORS="save,nope")
     assert daemon.proc.wait(30) == 2
@@ -286,6 +298,22 @@ async def test_an_unknown_processor_exits_2_naming_the_variable(start_daemon):
         and lines[0].startswith("uploads-consumer: configuration error: PROCESSORS:")
         and "nope" in lines[0]
     )
+
+
+async def test_a_taken_http_port_exits_2_naming_the_variable(start_daemon, daemon_env):
+    # The README's three consumers on one host each need their own HTTP_PORT; the second one on a
+    # taken port crashed with `address already in use` and exit 1.
+    first = start_daemon("first.log")
+    first.wait_http(30)
+    second = start_daemon("second.log", NATS_CONSUMER_NAME="notify", HTTP_PORT=daemon_env["HTTP_PORT"])
+    assert second.proc.wait(30) == 2
+    lines = second.log_text().strip().splitlines()
+    assert lines == [
+        f"uploads-consumer: configuration error: HTTP_PORT: port {daemon_env['HTTP_PORT']} is already in use "
+        "(another daemon on this host?): give each daemon its own HTTP_PORT, or 0 to run without /healthz, "
+        "/readyz and /metrics"
+    ]
+    assert first.terminate() == 0
 
 
 async def test_auto_setup_accepts_a_consumer_made_elsewhere_and_changes_nothing(

@@ -70,3 +70,25 @@ async def test_a_record_that_keeps_failing_is_retryable(js):
     await js.delete_key_value("ledger")
     with pytest.raises(RetryableError, match="recording the upload as processed failed"):
         await ledger.mark(key_for(EVENT))
+
+
+async def test_timeouts_are_counted_per_upload_step_and_message_and_replicas_counting_at_once_each_add_theirs(
+    js, nats_server
+):
+    bucket = await js.create_key_value(bucket="ledger", history=1)
+    key = key_for(EVENT)
+    ledger = Deduplicator(bucket)
+    assert [await ledger.count_timeout(key, "transcode", "FILE_UPLOADS:7") for _ in range(2)] == [1, 2]
+    assert await ledger.count_timeout(key, "video", "FILE_UPLOADS:7") == 1, "each step its own count"
+    # Three replicas, each with its own connection, time out on the same message at once.
+    replicas = [await nats.connect(nats_server.url) for _ in range(3)]
+    try:
+        ledgers = [Deduplicator(await nc.jetstream(timeout=2).key_value("ledger")) for nc in replicas]
+        counted = await asyncio.gather(*(r.count_timeout(key, "transcode", "FILE_UPLOADS:7") for r in ledgers))
+    finally:
+        for nc in replicas:
+            await nc.close()
+    assert sorted(counted) == [3, 4, 5]
+    # `dlq replay` republishes the upload: another message, whose count starts afresh.
+    assert await ledger.count_timeout(key, "transcode", "FILE_UPLOADS:12") == 1
+    assert await Deduplicator(None).count_timeout(key, "transcode", "FILE_UPLOADS:12") is None

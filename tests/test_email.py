@@ -167,6 +167,14 @@ async def test_through_the_daemon_one_email_per_upload_exactly_once_refusals_dea
         assert secret not in everything
 
 
+def test_the_daemon_names_every_missing_email_variable_in_one_run(start_daemon):
+    daemon = start_daemon(PROCESSORS="save,email")
+    assert daemon.proc.wait(60) == 2
+    assert daemon.log_text().strip().splitlines() == [
+        "uploads-consumer: configuration error: EMAIL_SMTP_URL: is required; EMAIL_FROM: is required"
+    ]
+
+
 # --- in-process: the processor against the server, answer by answer ------------------------------
 
 BASIC = (INTEROP / "messages" / "basic.bin").read_bytes()
@@ -255,6 +263,68 @@ async def test_a_file_name_with_a_line_break_cannot_add_a_header(processor):
         b"From To Subject Date Message-ID Auto-Submitted X-Auto-Response-Suppress Content-Type "
         b"Content-Transfer-Encoding MIME-Version".split()
     ), "no header but ours"
+
+
+# The expert review's payload (issue 28): on Python 3.11.7 the library's folding decoded it into a
+# Reply-To, a Content-Type and an HTML body of the attacker's. Then variants of it.
+ENCODED_WORD_INJECTIONS = [
+    "x=?utf-8?q?=0D=0AReply-To:_attacker@evil.example=0D=0AContent-Type:_text/html=0D=0A=0D=0A"
+    "<h1>Account_locked</h1><a_href=3Dhttp://evil.example>log_in</a>?=.pdf",
+    "=?utf-8?b?DQpSZXBseS1UbzogYXR0YWNrZXJAZXZpbC5leGFtcGxlDQoNCjxoMT5waHA8L2gxPg==?=.pdf",
+    "=?UTF-8?Q?=0ABcc:_eve@evil.example?= =?UTF-8?Q?=0A=0Aspoofed?=.mp3",
+    "a=?iso-8859-1?q?=0D=0AX-Injected:_yes?=b=?us-ascii?Q?=0A?=.wav",
+    "Ünïcödé " * 12 + "=?utf-8?q?=0D=0AReply-To:_x@evil.example?=.m4a",
+    "=?utf-8?q?=0D=0A?=" * 12 + ".txt",
+]
+OUR_HEADERS = (
+    b"From To Subject Date Message-ID Auto-Submitted X-Auto-Response-Suppress Content-Type "
+    b"Content-Transfer-Encoding MIME-Version".split()
+)
+
+
+@pytest.mark.parametrize("name", ENCODED_WORD_INJECTIONS, ids=range(len(ENCODED_WORD_INJECTIONS)))
+async def test_an_encoded_word_in_a_file_name_is_text_in_the_subject_never_a_header(processor, name):
+    email = await processor(EMAIL_SMTP_URL="smtp://mail.example.com", EMAIL_FROM=FROM)
+    ctx = upload(filename=name + ".encrypted")
+    flat = flatten_message(email.message(ctx, email.recipients_for(ctx)))
+    msg = BytesParser(policy=policy.default).parsebytes(flat)
+    head = flat.partition(b"\r\n\r\n")[0]
+    names = [line.partition(b":")[0] for line in head.split(b"\r\n") if not line.startswith((b" ", b"\t"))]
+    assert sorted(names) == sorted(OUR_HEADERS), "no header but ours"
+    assert msg["Subject"] == f"New upload: {name}", "the name as it is, every character of it"
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content().startswith(f"ada@example.com uploaded {name}.")
+    subject = re.search(rb"^Subject: .*?(?=\r\n\S)", head, re.M | re.S)
+    assert subject and all(len(line) <= 78 for line in subject.group().split(b"\r\n")), "folded as RFC 5322 asks"
+
+
+@pytest.mark.parametrize("name", ENCODED_WORD_INJECTIONS[:3], ids=range(3))
+async def test_an_encoded_word_in_a_file_name_is_text_in_the_attachments_name(processor, name):
+    email = await processor(EMAIL_SMTP_URL="smtp://mail.example.com", EMAIL_FROM=FROM, EMAIL_ATTACH_TRANSCRIPT="true")
+    ctx = upload(filename=name + ".encrypted", transcript="Hello team.")
+    msg = BytesParser(policy=policy.default).parsebytes(flatten_message(email.message(ctx, email.recipients_for(ctx))))
+    [attachment] = msg.iter_attachments()
+    assert attachment.get_filename() == f"{name}.txt"
+    assert [part.get_content_type() for part in msg.walk()] == ["multipart/mixed", "text/plain", "text/plain"]
+
+
+async def test_a_message_the_library_cannot_write_ends_the_upload_instead_of_being_retried(processor, monkeypatch):
+    # A Python with the CVE-2024-6923 fix raises where 3.11.7 wrote the injected lines: whatever the
+    # library refuses to write is the upload's end, never a retry for ever.
+    from uploads_consumer.processors import email as module
+
+    def refuse(self, *, policy):
+        raise module.MessageError("folding a header would put a line break in it")
+
+    email = await processor(EMAIL_SMTP_URL="smtp://mail.example.com", EMAIL_FROM=FROM)
+    monkeypatch.setattr(module.EncodedText, "fold", refuse)
+    ctx = upload(filename="memo.m4a.encrypted")
+    with pytest.raises(PermanentError) as caught:
+        await email.run(ctx)
+    assert caught.value.error_class is ErrorClass.PROCESSOR_FAILED
+    assert caught.value.reason == (
+        "email: the message cannot be written: MessageError: folding a header would put a line break in it"
+    )
 
 
 @pytest.mark.parametrize(

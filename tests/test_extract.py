@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from system import require_tool
 from twilio_server import twilio_variables
 
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.errors import ErrorClass, PermanentError, ProcessorTimeout
 from uploads_consumer.events import parse_event
 from uploads_consumer.processors import ProcessingContext, ProcessorEnvironment, StepSkipped, load_processor
 from uploads_consumer.processors.extract import Extract, ExtractSettings
@@ -248,10 +248,13 @@ async def test_a_document_over_its_memory_limit_is_resource_limit_naming_the_var
     assert f"EXTRACT_MEMORY_LIMIT ({limit.removesuffix('MiB')} MiB)" in caught.value.reason
 
 
-async def test_a_document_over_its_wall_time_is_transient_and_nothing_is_left_running(processor, docs, tmp_path):
+async def test_a_document_over_its_wall_time_is_a_processor_timeout_and_nothing_is_left_running(
+    processor, docs, tmp_path
+):
     extract = await processor(EXTRACT_TIMEOUT="1s")
-    with pytest.raises(RetryableError, match=r"extract: scan.pdf took longer than EXTRACT_TIMEOUT \(1s\)"):
+    with pytest.raises(ProcessorTimeout, match=r"extract: scan.pdf took longer than EXTRACT_TIMEOUT \(1s\)") as caught:
         await extract.run(upload(docs["scan.pdf"], "application/pdf", tmp_path))
+    assert caught.value.variable == "EXTRACT_TIMEOUT", "retried PROCESSOR_TIMEOUT_RETRIES times, then processor_timeout"
     server = extract.reader._proc
     assert server is not None
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()

@@ -25,6 +25,7 @@ from helpers import (
     wait_ready,
     wait_settled,
 )
+from hostile_media import interlaced_png
 from prometheus_client import CollectorRegistry
 from speech import context
 
@@ -389,3 +390,41 @@ async def test_images_through_the_daemon_renditions_dead_letters_skips_and_bound
     assert "image" not in results[svg]["outputs"]
     skip_lines = [json.loads(line) for line in daemon.log_text().splitlines() if '"step skipped"' in line]
     assert [line["reason"] for line in skip_lines] == ["image: drawing.svg is SVG, not rasterised (IMAGE_SVG=false)"]
+
+
+async def test_interlaced_pngs_decoded_whole_are_bounded_by_max_memory_and_the_daemons_rss_stays_flat(
+    tmp_path, settings_for, start_daemon, nats_server
+):
+    """The expert review's file (issue 28): an Adam7 16-bit RGBA PNG of 9999×9999, under IMAGE_MAX_PIXELS,
+    800 MB once decoded, sent twice at IMAGE_CONCURRENCY=2 (it took the daemon to 1.9 GB). Refused from
+    its header; a small interlaced PNG still gets its renditions."""
+    made = tmp_path / "in"
+    made.mkdir()
+    warm = made / "warm.jpg"
+    flat(800, 600).jpegsave(str(warm))
+    bombs = [interlaced_png(made / f"scan-{i}.png") for i in range(2)]
+    small = interlaced_png(made / "icon.png", 640, 480)  # 2.3 MiB decoded
+    daemon = start_daemon(PROCESSORS="image", IMAGE_CONCURRENCY="2", NATS_RESULT_SUBJECT="file.processed")
+    await wait_ready(daemon, nats_server.url)
+    settings = settings_for()
+    await publish_uploads(settings, [warm])
+    await wait_settled(nats_server.url, 1, daemon=daemon)
+    baseline = peak_rss(daemon.proc.pid)
+    events = await publish_uploads(settings, [*bombs, small])
+    await wait_settled(nats_server.url, 4, daemon=daemon, timeout=120)
+    growth = peak_rss(daemon.proc.pid) - baseline
+    assert daemon.terminate() == 0
+    print(f"peak RSS baseline {baseline / MiB:.1f} MiB, growth over two 800 MB interlaced PNGs {growth / MiB:.1f} MiB")
+
+    dead = {json.loads(m.data)["event_id"]: m.headers for m in await dead_letters(nats_server.url)}
+    assert set(dead) == {events[0].event_id, events[1].event_id}
+    for headers, bomb in zip(dead.values(), bombs, strict=True):
+        assert headers["Uploads-Error-Class"] == "resource_limit"
+        assert headers["Uploads-Deliveries"] == "1", "dead-lettered at once, never retried"
+        assert headers["Uploads-Error"] == (
+            f"image: {bomb.name} is interlaced, so decoded whole: 9999×9999, 4 bands of 16 bits, 799840008 bytes, "
+            "over IMAGE_MAX_MEMORY (134217728); raise IMAGE_MAX_MEMORY to process it"
+        )
+    result = results_by_event(await read_stream(nats_server.url, "FILE_PROCESSED"))[events[2].event_id][0]
+    assert [(r["width"], r["height"]) for r in result["outputs"]["image"]["renditions"]] == [(320, 240), (640, 480)]
+    assert growth < 50 * MiB, f"peak RSS grew by {growth / MiB:.1f} MiB"

@@ -240,6 +240,7 @@ def test_the_operators_alerts_are_all_there():
         "UploadsConsumerTargetDown",
         "UploadsConsumerStuck",
         "UploadsConsumerRedeliveriesClimbing",
+        "UploadsConsumerRetryingForLong",
         "UploadsConsumerAuditSpoolNotEmptying",
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError
+from uploads_consumer.errors import ErrorClass, PermanentError, ProcessorTimeout, ResourceLimit, RetryableError
 from uploads_consumer.settler import (
     CopyFailed,
     DeadLetter,
@@ -47,6 +47,7 @@ def test_every_permanent_class_of_the_spec_is_covered():
         "infected",
         "unsupported_media",
         "resource_limit",
+        "processor_timeout",
     }
 
 
@@ -212,3 +213,39 @@ def test_backoff_with_a_single_delay_always_uses_it():
 
 def test_backoff_for_a_zero_delivery_count_uses_the_first_delay():
     assert backoff_delay(BACKOFF, 0) == 2.0
+
+
+def test_an_upload_over_a_limit_on_its_work_is_dead_lettered_at_once_naming_the_variable():
+    outcome = ResourceLimit("VIDEO_CPU_LIMIT", "video: ffmpeg used VIDEO_CPU_LIMIT (60s of CPU time)")
+    assert decide(outcome, 1, UNLIMITED, BACKOFF) == DeadLetter(
+        ErrorClass.RESOURCE_LIMIT, "video: ffmpeg used VIDEO_CPU_LIMIT (60s of CPU time)"
+    )
+
+
+def timed_out(timeouts: int | None, retries: int = 2) -> ProcessorTimeout:
+    outcome = ProcessorTimeout("TRANSCODE_TIMEOUT", "transcode: ffmpeg did not finish within TRANSCODE_TIMEOUT (10m)")
+    outcome.step, outcome.timeouts, outcome.retries = "transcode", timeouts, retries
+    return outcome
+
+
+@pytest.mark.parametrize("timeouts", [1, 2])
+def test_a_step_that_timed_out_is_retried_up_to_processor_timeout_retries(timeouts):
+    decision = decide(timed_out(timeouts), 7, UNLIMITED, BACKOFF)
+    assert decision == Nak(300.0, "transcode: ffmpeg did not finish within TRANSCODE_TIMEOUT (10m)")
+
+
+def test_a_step_that_timed_out_once_more_than_it_may_be_retried_is_dead_lettered_processor_timeout():
+    assert decide(timed_out(3), 3, UNLIMITED, BACKOFF) == DeadLetter(
+        ErrorClass.PROCESSOR_TIMEOUT,
+        "transcode: ffmpeg did not finish within TRANSCODE_TIMEOUT (10m); step transcode timed out 3 times "
+        "on this upload (PROCESSOR_TIMEOUT_RETRIES=2)",
+    )
+
+
+def test_with_no_timeout_retries_the_first_timeout_is_dead_lettered():
+    assert isinstance(decide(timed_out(1, retries=0), 1, UNLIMITED, BACKOFF), DeadLetter)
+
+
+def test_a_timeout_not_counted_is_retried_as_any_transient_failure():
+    assert isinstance(decide(timed_out(None), 9, UNLIMITED, BACKOFF), Nak)
+    assert decide(timed_out(1), 5, daemon_limit(5), BACKOFF).error_class is ErrorClass.MAX_DELIVERIES

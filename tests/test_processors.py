@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from uploads_consumer.embedded import clean_environment
 from uploads_consumer.errors import ConfigError
 from uploads_consumer.processors import (
     Need,
@@ -144,6 +145,41 @@ def test_the_processors_command_lists_them():
     assert result.returncode == 0, result.stderr
     assert "save  (uploads_consumer.processors.save:save)" in result.stdout
     assert "SAVE_CONTENT_TYPES" in result.stdout
+
+
+def processors_command(*args: str, **variables: str) -> subprocess.CompletedProcess:
+    env = clean_environment(**variables)
+    for name in list(env):
+        if name.startswith(("EMAIL_", "WEBHOOK_")):
+            del env[name]
+    command = [sys.executable, "-m", "uploads_consumer", "processors", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [["--chain"], ["--chain", "--json"], []], ids=["chain", "json", "all"])
+def test_the_processors_command_exits_2_for_a_chain_naming_an_unknown_processor(args):
+    result = processors_command(*args, PROCESSORS="save,nope")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("uploads-consumer: configuration error: PROCESSORS: unknown processor 'nope'"), line
+    assert "nope" in result.stdout, "the chain is still shown, with the entry that cannot load"
+
+
+def test_the_processors_command_exits_2_naming_every_required_variable_that_is_unset():
+    result = processors_command("--chain", PROCESSORS="save,email")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "uploads-consumer: configuration error: EMAIL_SMTP_URL: is required",
+        "uploads-consumer: configuration error: EMAIL_FROM: is required",
+    ]
+
+
+def test_a_processor_with_several_variables_missing_names_them_all_at_once(monkeypatch):
+    for name in ("EMAIL_SMTP_URL", "EMAIL_FROM"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_processor("email", ENV)
+    assert caught.value.reason == "EMAIL_SMTP_URL: is required; EMAIL_FROM: is required"
 
 
 def test_an_empty_variable_counts_as_unset(monkeypatch):

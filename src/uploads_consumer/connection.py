@@ -12,6 +12,8 @@ from typing import Any
 import nats
 import nats.errors
 from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
@@ -201,11 +203,15 @@ async def connect_once(
 async def command_connection(settings: Settings, command: str, role: str) -> AsyncIterator[Client]:
     """The connection of one command (`status`, `dlq list`, ...), closed at the end. NATS does not answer
     a request it refuses this user: what would end as `nats: timeout` says instead which permission is
-    missing and which role the command needs."""
+    missing and which role the command needs. A server without JetStream is said plainly too."""
     refused: list[tuple[str, str]] = []
     nc = await connect_once(settings, f"uploads-consumer-{command.replace(' ', '-')}", on_denied=refused.append)
     try:
         yield nc
+    except ServiceUnavailableError as exc:
+        if no_jetstream(exc):
+            raise NatsUnavailable(no_jetstream_reason(settings)) from None
+        raise
     except (TimeoutError, nats.errors.TimeoutError) as exc:
         if not refused:
             raise
@@ -216,3 +222,27 @@ async def command_connection(settings: Settings, command: str, role: str) -> Asy
         ) from exc
     finally:
         await nc.close()
+
+
+def no_jetstream(exc: BaseException) -> bool:
+    """Whether a JetStream request failed because nothing answers JetStream's API at all: a server
+    started without JetStream (no responders; nats-py's ServiceUnavailableError with no description)."""
+    return isinstance(exc, ServiceUnavailableError) and not exc.description
+
+
+def no_jetstream_reason(settings: Settings) -> str:
+    return (
+        f"the server at {redacted_servers(settings)} has no JetStream: start nats-server with -js "
+        "(or `jetstream {}` in its configuration)"
+    )
+
+
+async def require_jetstream(js: JetStreamContext, settings: Settings) -> None:
+    """For one-shot commands: a server without JetStream is said plainly (NatsUnavailable), not as
+    `ServiceUnavailableError … description='None'` or `no response from stream`."""
+    try:
+        await js.account_info()
+    except Exception as exc:
+        if no_jetstream(exc):
+            raise NatsUnavailable(no_jetstream_reason(settings)) from None
+        raise

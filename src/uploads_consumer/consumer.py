@@ -21,14 +21,14 @@ from uploads_consumer import stages, tracing
 from uploads_consumer.audit import Delivered
 from uploads_consumer.audit_spool import open_trail
 from uploads_consumer.config import Settings
-from uploads_consumer.connection import grant_hint, known_subjects
+from uploads_consumer.connection import grant_hint, known_subjects, no_jetstream, no_jetstream_reason
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator
 from uploads_consumer.envelope import MasterKeyRing
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.inflight import Held, InFlight
 from uploads_consumer.observability import HealthServer, Metrics, get_logger
-from uploads_consumer.pipeline import Duplicate, Pipeline, Processed
+from uploads_consumer.pipeline import Delivery, Duplicate, Pipeline, Processed
 from uploads_consumer.presence import Presence
 from uploads_consumer.processors import (
     LoadedProcessor,
@@ -300,6 +300,8 @@ class UploadConsumer:
     def _unanswered(self, exc: Exception) -> str:
         """Why setting up got no answer: a permission NATS refused (ConfigError when AUTO_SETUP would have
         to create what this user may not), or JetStream not ready yet (a cluster electing its leader)."""
+        if no_jetstream(exc):
+            return f"{no_jetstream_reason(self.settings)}; retrying"
         refused = self.session.recent_denials(2 * self.session.request_timeout)
         if not refused:
             return f"JetStream is not answering yet ({describe(exc)}); retrying"
@@ -362,8 +364,10 @@ class UploadConsumer:
         tracing.set_attribute("messaging.message.id", event.event_id)
         self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
         assert self._pipeline is not None
+        meta = held.msg.metadata
+        delivery = Delivery(f"{meta.stream}:{meta.sequence.stream}", meta.num_delivered)
         work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(
-            self._pipeline.run(event, log, incoming.upstream)
+            self._pipeline.run(event, log, incoming.upstream, delivery)
         )
         held.work = work
         await asyncio.wait([work])  # not `await work`: cancelling it must not cancel us

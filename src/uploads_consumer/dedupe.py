@@ -5,7 +5,8 @@ reuses another upload's event_id with other keys is a different upload, so it ca
 for the real one nor make the real one "a duplicate". Two copies of one upload in the same process
 are serialised by `claim`, so the second sees the first one's record. Completed steps with an
 external effect are recorded per upload (`record_step`) with their outputs, and reused on
-redelivery instead of being repeated.
+redelivery instead of being repeated. The timeouts of each step are counted there too
+(`count_timeout`), so that replicas and restarts agree how often an upload's step has run out of time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from uploads_consumer.errors import RetryableError, describe
@@ -34,11 +35,12 @@ def key_for(event: FileUploadEvent) -> str:
     return f"{event.event_id}.{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:20]}"
 
 
-def _step_key(key: str, step: str) -> str:
-    """`{key}.step.webhook`; an instance `webhook:ops` is `{key}.step.webhook.ops` (a name has no dots)."""
+def _step_key(key: str, step: str, record: str = "step") -> str:
+    """`{key}.step.webhook`; an instance `webhook:ops` is `{key}.step.webhook.ops` (a name has no dots).
+    `record` names what is kept of the step: `step` (its checkpoint) or `timeouts` (their count)."""
     kind, _, instance = step.partition(":")
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", kind) + (f".{re.sub(r'[^A-Za-z0-9_-]', '_', instance)}" if instance else "")
-    return f"{key}.step.{safe}"
+    return f"{key}.{record}.{safe}"
 
 
 class Deduplicator:
@@ -106,6 +108,41 @@ class Deduplicator:
     async def record_step(self, key: str, step: str, outputs: dict[str, Any]) -> None:
         body = json.dumps(outputs, ensure_ascii=False, default=str).encode("utf-8")
         await self._put(_step_key(key, step), body, f"recording step {step} as done")
+
+    async def count_timeout(self, key: str, step: str, origin: str) -> int | None:
+        """Count one more timeout of `step` on this upload, and return how many there have been: in the
+        bucket at `{key}.timeouts.{step}`, as `{"origin": …, "count": n}`. `origin` is the message's
+        stream and sequence: a message `dlq replay` republished is a new one, so its count starts
+        again from 1. Compare-and-set, so replicas counting at once each add theirs.
+        None without a bucket."""
+        if self._kv is None:
+            return None
+        record = _step_key(key, step, "timeouts")
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                try:
+                    entry = await self._kv.get(record)
+                except KeyNotFoundError:  # also KeyDeletedError
+                    entry = None
+                count = 1
+                if entry is not None:
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        before = json.loads(entry.value or b"{}")
+                        if before.get("origin") == origin:
+                            count = int(before.get("count", 0)) + 1
+                body = json.dumps({"origin": origin, "count": count}).encode()
+                if entry is None:
+                    await self._kv.create(record, body)
+                else:
+                    await self._kv.update(record, body, last=entry.revision)
+                return count
+            except KeyWrongLastSequenceError:
+                continue  # another replica counted meanwhile: read its count and add ours
+            except Exception as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise RetryableError(f"counting a timeout of step {step} failed: {describe(exc)}") from exc
+                await asyncio.sleep(WRITE_PAUSES[min(attempt, len(WRITE_PAUSES)) - 1])
+        raise RetryableError(f"counting a timeout of step {step} failed: the record kept changing")
 
     async def _put(self, key: str, value: bytes, what: str) -> None:
         if self._kv is None:

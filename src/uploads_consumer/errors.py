@@ -20,6 +20,7 @@ class ErrorClass(StrEnum):
     INFECTED = "infected"
     UNSUPPORTED_MEDIA = "unsupported_media"
     RESOURCE_LIMIT = "resource_limit"
+    PROCESSOR_TIMEOUT = "processor_timeout"
     MAX_DELIVERIES = "max_deliveries"
     TRANSIENT = "transient"
 
@@ -65,6 +66,35 @@ class RetryableError(UploadsError):
     def __init__(self, reason: str, delay: float | None = None) -> None:
         self.delay = delay
         super().__init__(reason)
+
+
+class ResourceLimit(PermanentError):
+    """The upload's work hit a limit on what one upload may cost (CPU time, memory, the media's
+    duration): the file's doing, and the same next time, so it is dead-lettered at once
+    (`resource_limit`). `variable` is the setting to raise, and the reason names it."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        self.variable = variable
+        super().__init__(ErrorClass.RESOURCE_LIMIT, reason)
+
+
+class ProcessorTimeout(RetryableError):
+    """A step ran out of its wall-clock time (`variable`, a `*_TIMEOUT`). A busy host may be why, so
+    it is retried, but only so often for one upload and step: the pipeline counts the step's timeouts
+    (`timeouts`, this one included) and sets `retries` (PROCESSOR_TIMEOUT_RETRIES); once `timeouts`
+    is over `retries`, `settler.decide` dead-letters it as `processor_timeout`."""
+
+    def __init__(self, variable: str, reason: str, delay: float | None = None) -> None:
+        self.variable = variable
+        self.step: str | None = None
+        self.timeouts: int | None = None
+        self.retries: int | None = None
+        super().__init__(reason, delay)
+
+    @property
+    def exhausted(self) -> bool:
+        """Counted, and timed out more often than retried: the upload ends here."""
+        return self.timeouts is not None and self.retries is not None and self.timeouts > self.retries
 
 
 class ConfigError(UploadsError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from uploads_consumer.errors import ErrorClass
+from uploads_consumer.errors import ConfigError, ErrorClass
 
 PREFIX = "uploads_consumer_"
 
@@ -196,7 +197,19 @@ class HealthServer:
         app.router.add_get("/metrics", self._render)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
+        try:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        except OSError as exc:  # a configuration problem: exit 2 naming the variable, not a traceback
+            await self.stop()
+            self._runner = None
+            if exc.errno == errno.EADDRINUSE:
+                problem = (
+                    f"port {self._port} is already in use (another daemon on this host?): give each daemon "
+                    "its own HTTP_PORT, or 0 to run without /healthz, /readyz and /metrics"
+                )
+            else:
+                problem = f"cannot listen on port {self._port}: {exc.strerror or exc}"
+            raise ConfigError("HTTP_PORT", problem) from None
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -34,7 +34,15 @@ from uploads_consumer.envelope import (
     ObjectDecryptor,
     parse_metadata,
 )
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
+from uploads_consumer.errors import (
+    ErrorClass,
+    PermanentError,
+    ProcessorTimeout,
+    ResourceLimit,
+    RetryableError,
+    UploadsError,
+    describe,
+)
 from uploads_consumer.events import FileUploadEvent, check_event
 from uploads_consumer.messages import ResultEvent, ResultHeaders
 from uploads_consumer.observability import Metrics
@@ -59,6 +67,15 @@ class Processed:
     """Every step done: the result event that was published."""
 
     result: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Which message brought an upload: `origin`, its stream and sequence (`FILE_UPLOADS:42`; a message
+    `dlq replay` republishes has a new one), and how often the server has delivered it."""
+
+    origin: str = ""
+    num_delivered: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,9 +219,14 @@ class Pipeline:
         self.work.close()
 
     async def run(
-        self, event: FileUploadEvent, log: Any, upstream: Mapping[str, Mapping[str, Any]] | None = None
+        self,
+        event: FileUploadEvent,
+        log: Any,
+        upstream: Mapping[str, Mapping[str, Any]] | None = None,
+        delivery: Delivery | None = None,
     ) -> Processed | Duplicate:
-        """Process one event; `upstream`: what the stages before this consumer reported of it (AFTER).
+        """Process one event; `upstream`: what the stages before this consumer reported of it (AFTER);
+        `delivery`: which message brought it, for counting a step's timeouts.
         Raises the project's errors only (anything else is a bug: transient)."""
         check_event(event, self._allowed)  # before any lookup: a hostile event touches nothing
         key = key_for(event)
@@ -234,7 +256,7 @@ class Pipeline:
                 if seen:
                     return Duplicate(key)
                 need = self._need_now(done, type_known)
-                return await self._process(event, key, need, done, meta, ahead, log, upstream)
+                return await self._process(event, key, need, done, meta, ahead, log, upstream, delivery or Delivery())
             finally:
                 if ahead is not None:
                     ahead.discard()
@@ -261,6 +283,7 @@ class Pipeline:
         ahead: ObjectRequest | None,
         log: Any,
         upstream: Mapping[str, Mapping[str, Any]],
+        delivery: Delivery,
     ) -> Processed:
         metadata = parse_metadata(await meta) if need >= Need.OBJECT and meta is not None else None
         limit = self._settings.max_file_size
@@ -304,7 +327,7 @@ class Pipeline:
             ran: list[str] = []
             skipped: list[str] = []
             try:
-                await self._run_chain(ctx, key, done, ran, skipped, log)
+                await self._run_chain(ctx, key, done, ran, skipped, log, delivery)
             except UploadsError as exc:  # the audit trail records how far it got
                 exc.known = {**ctx.facts(), "processors": ran, "skipped": skipped}
                 raise
@@ -355,6 +378,7 @@ class Pipeline:
         ran: list[str],
         skipped: list[str],
         log: Any,
+        delivery: Delivery,
     ) -> None:
         """Each step in turn; `ran` and `skipped` grow as they go (so they say how far a failure got)."""
         kind = ctx.facts()["content_type"]  # sniffed here, or by a stage before this one
@@ -381,6 +405,9 @@ class Pipeline:
             except StepSkipped:  # the processor found the upload is not for it: as if its types did not match
                 skipped.append(processor.name)
                 continue
+            except ProcessorTimeout as timeout:  # counted, so that settler.decide can end it
+                await self._count_timeout(timeout, key, processor.name, delivery)
+                raise
             if processor.external_effect:
                 with tracing.span("checkpoint", processor.name):
                     await self._ledger.record_step(key, processor.name, ctx.outputs.get(processor.name, {}))
@@ -389,6 +416,15 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - the step is done and recorded; it is not undone
                 ctx.log.error("a processor's action after its step failed", error=describe(exc))
             ran.append(processor.name)
+
+    async def _count_timeout(self, timeout: ProcessorTimeout, key: str, step: str, delivery: Delivery) -> None:
+        """How often `step` has timed out on this upload, this time included: counted in the idempotency
+        bucket for this message (a replayed message starts afresh); without a bucket, the message's
+        delivery count stands in for it (the server's, so replicas and restarts agree as well)."""
+        timeout.step = step
+        timeout.retries = self._settings.processor_timeout_retries
+        counted = await self._ledger.count_timeout(key, step, delivery.origin)
+        timeout.timeouts = counted if counted is not None else delivery.num_delivered
 
     async def _run_processor(self, processor: LoadedProcessor, ctx: ProcessingContext, log: Any) -> None:
         ctx.current = processor.name
@@ -403,8 +439,14 @@ class Pipeline:
             ctx.skipped[processor.name] = skip.reason
             ctx.log.info("step skipped", reason=skip.reason)
             raise
+        except ResourceLimit:  # the upload over a limit on its work
+            outcome = "limit"
+            raise
         except PermanentError:
             outcome = "failed"
+            raise
+        except ProcessorTimeout:  # out of time: retried a few times, told apart from endpoints that are down
+            outcome = "timeout"
             raise
         except UploadsError:
             outcome = "retry"

@@ -20,7 +20,14 @@ from uploads_consumer import tracing
 from uploads_consumer.audit import Audit, Delivered, NoAudit, Settlement
 from uploads_consumer.audit import Outcome as Recorded
 from uploads_consumer.deadletter import DeadLetterPublisher
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, UploadsError, describe
+from uploads_consumer.errors import (
+    ErrorClass,
+    PermanentError,
+    ProcessorTimeout,
+    RetryableError,
+    UploadsError,
+    describe,
+)
 from uploads_consumer.observability import Metrics, get_logger
 from uploads_consumer.pipeline import Duplicate, Processed
 
@@ -117,6 +124,12 @@ def decide(outcome: Outcome, num_delivered: int, limits: Limits, backoff: tuple[
         return Nak(None, "shutting down before processing finished")
     if isinstance(outcome, PermanentError):
         return DeadLetter(outcome.error_class, outcome.reason)
+    if isinstance(outcome, ProcessorTimeout) and outcome.exhausted:
+        return DeadLetter(
+            ErrorClass.PROCESSOR_TIMEOUT,
+            f"{outcome.reason}; step {outcome.step} timed out {outcome.timeouts} times on this upload "
+            f"(PROCESSOR_TIMEOUT_RETRIES={outcome.retries})",
+        )
     if isinstance(outcome, RetryableError):
         reason, delay = outcome.reason, outcome.delay
     else:

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError
 from uploads_consumer.audit import ChainCheck, Record
 from uploads_consumer.audit_store import REPORT_COLUMNS, SCHEMA_VERSION, store_for
 from uploads_consumer.config import Settings, replay_subject
-from uploads_consumer.connection import command_connection, connect_once
+from uploads_consumer.connection import command_connection, connect_once, redacted_servers, require_jetstream
 from uploads_consumer.deadletter import header_text, stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, UploadsError
@@ -68,6 +68,7 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
     limit = asyncio.Semaphore(16)
     try:
         js = nc.jetstream(timeout=10)
+        await require_stream_for(js, settings)  # before any upload: no orphan object left in S3
         async with ObjectStore(settings) as store:
             await store.ensure_bucket(bucket)
 
@@ -82,6 +83,18 @@ async def publish_files(settings: Settings, files: list[str], email: str, bucket
         await nc.close()
     print(f"published {len(jobs)} upload{'s' if len(jobs) != 1 else ''} to {settings.nats_subject} (bucket {bucket})")
     return 0
+
+
+async def require_stream_for(js: Any, settings: Settings) -> None:
+    """JetStream is there, and a stream stores NATS_SUBJECT; else what to do, in one line."""
+    await require_jetstream(js, settings)
+    try:
+        await js.find_stream_name_by_subject(settings.nats_subject)
+    except NotFoundError:
+        raise UploadsError(
+            f"no stream stores {settings.nats_subject} on the server at {redacted_servers(settings)}: "
+            "run `uploads-consumer setup` first (nothing was uploaded)"
+        ) from None
 
 
 async def read_dead_letters(settings: Settings, consumer: str | None = None) -> list[dict[str, Any]]:
@@ -135,11 +148,12 @@ async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = Non
         print(f"{settings.dlq_stream_name} is empty" + (f" for consumer {consumer}" if consumer else ""))
         return 0
     width = max(8, *(len(e["consumer"]) for e in entries))
-    print(f"{'SEQ':>6}  {'CONSUMER':<{width}} {'CLASS':<16} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
+    classes = max(5, *(len(e["error_class"] or "-") for e in entries))  # the longest class present
+    print(f"{'SEQ':>6}  {'CONSUMER':<{width}} {'CLASS':<{classes}} {'FAILED AT':<24} {'EVENT ID':<36}  REASON")
     for e in entries:
         print(
-            f"{e['seq']:>6}  {e['consumer']:<{width}} {e['error_class'] or '-':<16} {e['failed_at'] or '-':<24} "
-            f"{e['event_id'] or '-':<36}  {e['reason'] or ''}"
+            f"{e['seq']:>6}  {e['consumer']:<{width}} {e['error_class'] or '-':<{classes}} "
+            f"{e['failed_at'] or '-':<24} {e['event_id'] or '-':<36}  {e['reason'] or ''}"
         )
     print(f"{len(entries)} dead-lettered message{'s' if len(entries) != 1 else ''}")
     return 0

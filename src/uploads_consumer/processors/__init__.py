@@ -39,7 +39,7 @@ from pydantic import ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from uploads_consumer import tracing
-from uploads_consumer.config import CsvList
+from uploads_consumer.config import CsvList, format_duration, format_size, parse_duration, parse_size
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, describe, one_line
 from uploads_consumer.permissions import AwsGrant
 
@@ -461,18 +461,31 @@ def load_settings_for(name: str, settings_class: type[ProcessorSettings]) -> Pro
         # Given values outrank the environment, which is read with the instance's own prefix.
         return settings_class(_env_prefix=prefixes[0], **fallback)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        field_name = str(first["loc"][0]) if first["loc"] else ""
-        if not field_name:
-            variable = prefixes[0] + "*"
-        elif field_name in fallback:
-            variable = setting_sources(name, settings_class).get(field_name, prefixes[-1] + field_name.upper())
-        else:
-            variable = prefixes[0] + field_name.upper()
-            if len(prefixes) > 1 and first["type"] == "missing":
-                variable += f" (or {prefixes[-1]}{field_name.upper()})"
-        message = "is required" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(variable, message) from None
+        # Every problem at once (two required variables unset: both named), the first as the variable.
+        problems = [
+            _problem(name, settings_class, error, fallback)
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        (variable, message), rest = problems[0], problems[1:]
+        raise ConfigError(variable, "; ".join([message, *(f"{v}: {m}" for v, m in rest)])) from None
+
+
+def _problem(
+    name: str, settings_class: type[ProcessorSettings], error: Any, fallback: dict[str, Any]
+) -> tuple[str, str]:
+    """(the variable, what is wrong with it) for one validation error of a processor's settings."""
+    prefixes = variable_prefixes(name)
+    field_name = str(error["loc"][0]) if error["loc"] else ""
+    if not field_name:
+        variable = prefixes[0] + "*"
+    elif field_name in fallback:
+        variable = setting_sources(name, settings_class).get(field_name, prefixes[-1] + field_name.upper())
+    else:
+        variable = prefixes[0] + field_name.upper()
+        if len(prefixes) > 1 and error["type"] == "missing":
+            variable += f" (or {prefixes[-1]}{field_name.upper()})"
+    message = "is required" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+    return variable, message
 
 
 def _resolve(name: str) -> Any:
@@ -636,7 +649,7 @@ def describe_installed() -> list[dict[str, Any]]:
             elif info.is_required():
                 default = None
             else:
-                default = _show_default(info.get_default(call_default_factory=True))
+                default = _show_default(info.get_default(call_default_factory=True), info.metadata)
             variables.append(
                 {
                     "variable": prefix + field_name.upper(),
@@ -687,11 +700,19 @@ def describe_chain(specs: tuple[str, ...]) -> list[dict[str, Any]]:
     return out
 
 
-def _show_default(value: Any) -> str:
+def _show_default(value: Any, metadata: Sequence[Any] = ()) -> str:
+    """A setting's default as the docs write it: a duration as `10m`, a size as `5GiB`, a list with commas."""
+    parsers = {getattr(m, "func", None) for m in metadata}
+    if parse_duration in parsers and value is not None:
+        return format_duration(parse_duration(value))
+    if parse_size in parsers and value is not None:
+        return format_size(parse_size(value))
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if value is None:
         return ""
     if hasattr(value, "get_secret_value"):

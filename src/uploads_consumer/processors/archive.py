@@ -32,7 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field, SecretStr, field_validator
 
-from uploads_consumer.config import PositiveSize
+from uploads_consumer.config import PositiveSize, endpoint_url_problem
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.permissions import AwsGrant
@@ -53,6 +53,7 @@ MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 MAX_PARTS = 10_000
 STREAM_PART = 8 << 20  # parts of a copy streamed between services: what is held in memory at once
 DELETE_ATTEMPTS = 3
+START_CHECK_TIMEOUT = 10.0  # for the HeadBucket of ARCHIVE_BUCKET at start
 STORAGE_CLASSES = frozenset(
     {
         "STANDARD",
@@ -94,6 +95,13 @@ class ArchiveSettings(ProcessorSettings):
     access_key_id: str | None = Field(default=None, description="its credentials; unset: the AWS chain")
     secret_access_key: SecretStr | None = Field(default=None, description="its credentials")
     path_style_access: bool = Field(default=False, description="path-style addressing there (MinIO)")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value and (problem := endpoint_url_problem(value)):
+            raise ValueError(problem.replace("S3_BUCKET_NAME", "ARCHIVE_BUCKET"))
+        return value
 
     @field_validator("storage_class")
     @classmethod
@@ -197,6 +205,26 @@ class Archive(Processor):
             self._remote = await self._stack.enter_async_context(
                 session.client("s3", endpoint_url=s.endpoint_url, config=config)
             )
+        await self._check_bucket()
+
+    async def _check_bucket(self) -> None:
+        """ARCHIVE_BUCKET must exist before the first upload: a bucket that does not is exit 2 at start,
+        not every upload retried for ever on NoSuchBucket. The check is a HeadBucket; a store that does
+        not answer it (down, or no permission to ask) is only warned about: the uploads will say."""
+        variable = variable_for(self.name, "bucket")
+        where = variable_for(self.name, "endpoint_url") if self.settings.endpoint_url else "S3_ENDPOINT_URL"
+        try:
+            await asyncio.wait_for(self._target_client().head_bucket(Bucket=self.settings.bucket), START_CHECK_TIMEOUT)
+        except ClientError as exc:
+            if s3_error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise ConfigError(
+                    variable,
+                    f"bucket {self.settings.bucket} does not exist at the S3 service of {where}: create it, "
+                    f"or set {variable} to one that exists",
+                ) from None
+            log.warning("archive: could not check the bucket at start", variable=variable, error=describe(exc))
+        except Exception as exc:  # noqa: BLE001 - S3 unreachable now: the uploads are retried until it answers
+            log.warning("archive: could not check the bucket at start", variable=variable, error=describe(exc))
 
     async def close(self) -> None:
         if self._stack is not None:
@@ -480,11 +508,17 @@ def _copy_of(head: dict[str, Any], src: Source) -> bool:
     return marked == src.etag or ("-" not in src.etag and _etag(head) == src.etag)
 
 
+def s3_error_code(exc: ClientError) -> str:
+    """S3's error code (`NoSuchKey`), or its HTTP status where the answer had no body (a HEAD's `404`)."""
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
 def _mapped(exc: ClientError, what: str, source: bool) -> PermanentError | RetryableError:
     """The source gone is not_found; anything else (a missing or forbidden archive bucket, throttling,
     a precondition failed because the source changed) is retried, with S3's code in the reason."""
     error = exc.response.get("Error", {})
-    code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    code = s3_error_code(exc)
     if source and code in ("404", "NoSuchKey", "NotFound"):
         return PermanentError(ErrorClass.NOT_FOUND, f"{what}: {code}")
     return RetryableError(f"{what}: S3 error {code} {error.get('Message', '')}".strip())

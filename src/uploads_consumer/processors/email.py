@@ -14,6 +14,7 @@ Nothing here logs or reports the password; an error names the variable, never it
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import ssl
 import string
@@ -21,7 +22,8 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
-from email.headerregistry import Address, BaseHeader, HeaderRegistry, MessageIDHeader
+from email.errors import MessageError
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, MessageIDHeader, UnstructuredHeader
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime
@@ -30,10 +32,19 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import aiosmtplib
+from aiosmtplib.email import flatten_message
 from pydantic import Field, SecretStr, create_model
 
 from uploads_consumer.config import PositiveDuration
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, UploadsError, one_line
+from uploads_consumer.errors import (
+    ConfigError,
+    ErrorClass,
+    PermanentError,
+    RetryableError,
+    UploadsError,
+    describe,
+    one_line,
+)
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
     Need,
@@ -72,8 +83,47 @@ class OneLineMessageID(MessageIDHeader, BaseHeader):
         return f"{self.name}: {self}{policy.linesep}"
 
 
+ENCODED_WORD_BYTES = 42  # of UTF-8 in one encoded word: `=?utf-8?b?` + 56 base64 characters + `?=`, 68 in all
+
+
+def encoded_words(text: str) -> list[str]:
+    """`text` as RFC 2047 encoded words (UTF-8, base64), every character of it, each word at most
+    ENCODED_WORD_BYTES bytes and never splitting a character. A reader decodes them once, to `text`:
+    an `=?…?=` the text itself holds stays the characters it is, never another encoded word."""
+    chunks: list[bytes] = []
+    chunk = b""
+    for char in text:
+        data = char.encode("utf-8")
+        if chunk and len(chunk) + len(data) > ENCODED_WORD_BYTES:
+            chunks.append(chunk)
+            chunk = b""
+        chunk += data
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return [f"=?utf-8?b?{base64.b64encode(piece).decode('ascii')}?=" for piece in chunks]
+
+
+class EncodedText(UnstructuredHeader, BaseHeader):
+    """A header whose value is text from an upload (the Subject), kept as given and written as encoded
+    words by construction. Python's own header parsing decodes encoded words it finds in a value it
+    is given, and its folding can write what they decode to (CR, LF, a `Reply-To:`) as raw header
+    lines (CVE-2024-6923, in Python 3.11.7); newer Pythons raise instead. Here nothing is parsed:
+    the value is the text, and `fold` writes every character of it encoded."""
+
+    max_count: ClassVar[Literal[1]] = 1
+
+    @classmethod
+    def parse(cls, value: str, kwds: dict[str, Any]) -> None:
+        kwds["decoded"] = header_text(str(value))
+        kwds["parse_tree"] = None
+
+    def fold(self, *, policy: Policy) -> str:
+        return f"{self.name}: " + f"{policy.linesep} ".join(encoded_words(str(self))) + policy.linesep
+
+
 _HEADERS = HeaderRegistry()
 _HEADERS.map_to_type("message-id", OneLineMessageID)
+_HEADERS.map_to_type("subject", EncodedText)
 MESSAGE_POLICY = policy.SMTP.clone(header_factory=_HEADERS)
 
 
@@ -310,13 +360,28 @@ class Email(Processor):
         msg["X-Auto-Response-Suppress"] = "All"
         msg.set_content(self.body.substitute(values).rstrip() + "\n")
         if self.config.attach_transcript and values["transcript"]:
-            msg.add_attachment(values["transcript"], subtype="plain", filename=header_text(values["filename"]) + ".txt")
+            # RFC 2231 always (charset, language, value): the name is percent-encoded, never a quoted string
+            # that a reader might search for encoded words.
+            name = ("utf-8", "", header_text(values["filename"]) + ".txt")
+            msg.add_attachment(values["transcript"], subtype="plain", filename=name)
+        return msg
+
+    def written(self, ctx: ProcessingContext, to: list[Address]) -> EmailMessage:
+        """The message, written out once here: a message the library cannot write ends the upload
+        (`processor_failed`) instead of failing in the SMTP client on every delivery for ever."""
+        try:
+            msg = self.message(ctx, to)
+            flatten_message(msg)
+        except (ValueError, TypeError, LookupError, MessageError) as exc:
+            raise PermanentError(
+                ErrorClass.PROCESSOR_FAILED, f"email: the message cannot be written: {describe(exc)}"
+            ) from None
         return msg
 
     async def run(self, ctx: ProcessingContext) -> None:
         to = self.recipients_for(ctx)  # refused before it takes a place in the rate limit
         await self._rate.wait()
-        msg = self.message(ctx, to)
+        msg = self.written(ctx, to)
         refused = await self.send(msg, [a.addr_spec for a in to], ctx)
         accepted = [a.addr_spec for a in to if a.addr_spec not in refused]
         sent_id = str(msg["Message-ID"])

@@ -36,8 +36,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 from pydantic_settings import NoDecode
 
-from uploads_consumer.config import PositiveDuration
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
+from uploads_consumer.config import PositiveDuration, PositiveSize
+from uploads_consumer.errors import (
+    ConfigError,
+    ErrorClass,
+    PermanentError,
+    ProcessorTimeout,
+    ResourceLimit,
+    RetryableError,
+    one_line,
+)
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
     Need,
@@ -99,10 +107,17 @@ class ImageSettings(ProcessorSettings):
         ge=1,
         description="larger images (width × height from the header, all frames when animated) are too_large, undecoded",
     )
+    max_memory: PositiveSize = Field(
+        default="128MiB",
+        validate_default=True,
+        description="an interlaced image (decoded whole) larger than this once decoded (width × height × bands × bytes per sample, from the header) is resource_limit, undecoded",
+    )
     animated: bool = Field(default=False, description="keep GIF and WebP animations (webp only); else the first frame")
     svg: bool = Field(default=False, description="rasterise SVG (without access to any other file); else skip it")
     timeout: PositiveDuration = Field(
-        default="30s", validate_default=True, description="longest one image may take; longer is transient"
+        default="30s",
+        validate_default=True,
+        description="longest one image may take; longer is retried PROCESSOR_TIMEOUT_RETRIES times, then processor_timeout",
     )
     concurrency: int = Field(default=2, ge=1, le=64, description="images worked on at once in this process")
 
@@ -139,6 +154,8 @@ class Recipe:
     timeout: float
     timeout_variable: str
     max_pixels_variable: str
+    max_memory: int = 128 << 20
+    max_memory_variable: str = "IMAGE_MAX_MEMORY"
 
 
 class Watch:
@@ -191,6 +208,7 @@ def render(path: Path, name: str, content_type: str, recipe: Recipe, watch: Watc
                 f"image: {name} is {header.width}×{header.height}{frames}, {pixels} pixels, "
                 f"over {recipe.max_pixels_variable} ({recipe.max_pixels})",
             )
+        check_whole_decode(header, name, pages if animated else 1, recipe)
         orientation = int(header.get("orientation")) if header.get_typeof("orientation") else 1
         turned = orientation in _ORIENTATIONS_THAT_SWAP
         width, height = (header.height, header.width) if turned else (header.width, header.height)
@@ -201,12 +219,40 @@ def render(path: Path, name: str, content_type: str, recipe: Recipe, watch: Watc
         return Rendered(loader.removesuffix("load"), width, height, pages, animated, renditions)
     except pyvips.Error as exc:
         if watch.fired:
-            raise RetryableError(
-                f"image: {name} took longer than {recipe.timeout_variable} ({recipe.timeout:g}s)"
+            raise ProcessorTimeout(
+                recipe.timeout_variable,
+                f"image: {name} took longer than {recipe.timeout_variable} ({recipe.timeout:g}s)",
             ) from None
         raise PermanentError(
             ErrorClass.UNSUPPORTED_MEDIA, f"image: cannot decode {name}: {_libvips_says(exc, path, name)}"
         ) from None
+
+
+SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4}
+SAMPLE_BYTES |= {"double": 8, "complex": 8, "dpcomplex": 16}
+
+
+def decoded_bytes(header: Any, frames: int = 1) -> int:
+    """What the whole image takes once decoded, from its header: width × height × bands × bytes per
+    sample (× frames)."""
+    return int(header.width * header.height * header.bands * SAMPLE_BYTES.get(str(header.format), 8) * frames)
+
+
+def check_whole_decode(header: Any, name: str, frames: int, recipe: Recipe) -> None:
+    """An interlaced image (an Adam7 PNG, a progressive JPEG) is decoded whole before it can be shrunk:
+    its decoded size must be within IMAGE_MAX_MEMORY, or it is `resource_limit` before a pixel is read.
+    Every other image is read a strip at a time, whatever its size (IMAGE_MAX_PIXELS bounds it)."""
+    if not (header.get_typeof("interlaced") and header.get("interlaced")):
+        return
+    needed = decoded_bytes(header, frames)
+    if needed > recipe.max_memory:
+        bits = 8 * SAMPLE_BYTES.get(str(header.format), 8)
+        raise ResourceLimit(
+            recipe.max_memory_variable,
+            f"image: {name} is interlaced, so decoded whole: {header.width}×{header.height}, {header.bands} "
+            f"bands of {bits} bits, {needed} bytes, over {recipe.max_memory_variable} ({recipe.max_memory}); "
+            f"raise {recipe.max_memory_variable} to process it",
+        )
 
 
 def _renditions(
@@ -281,6 +327,8 @@ class Image(Processor):
             timeout=config.timeout,
             timeout_variable=f"{prefix}TIMEOUT",
             max_pixels_variable=f"{prefix}MAX_PIXELS",
+            max_memory=config.max_memory,
+            max_memory_variable=f"{prefix}MAX_MEMORY",
         )
         self._prefix = prefix
         self._workers: ThreadPoolExecutor | None = None

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from uploads_consumer.config import PositiveDuration, PositiveSize
-from uploads_consumer.errors import ErrorClass, PermanentError, RetryableError, describe
+from uploads_consumer.errors import ErrorClass, PermanentError, ProcessorTimeout, RetryableError, describe
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
     Need,
@@ -296,6 +296,15 @@ class Scan(Processor):
             return
         log.info("clamd answers", clamd=str(self.client.address), version=version)
 
+    async def _answers(self) -> bool:
+        """Whether clamd answers PING now: a scan that timed out while it does is the file's doing (retried
+        PROCESSOR_TIMEOUT_RETRIES times); one that timed out while it does not is clamd's (retried for ever)."""
+        try:
+            await self.client.ping(START_PING_TIMEOUT)
+        except (ClamdError, TimeoutError, OSError):
+            return False
+        return True
+
     async def _engine_version(self) -> str:
         now = time.monotonic()
         if self._version is None or now - self._version[0] > VERSION_TTL:
@@ -312,9 +321,13 @@ class Scan(Processor):
             version = await self._engine_version()
             verdict = read_verdict(await self.client.instream(ctx.plaintext_path))
         except TimeoutError:
-            raise RetryableError(
-                f"scan: clamd at {self.client.address} did not answer within {self.config.timeout:g}s ({variable_for(self.name, 'timeout')})"
-            ) from None
+            variable = variable_for(self.name, "timeout")
+            late = f"scan: clamd at {self.client.address} did not answer within {self.config.timeout:g}s ({variable})"
+            if await self._answers():  # clamd is there: this file is what takes it so long
+                raise ProcessorTimeout(
+                    variable, f"{late}, though it answers PING: the file takes it that long"
+                ) from None
+            raise RetryableError(late) from None
         except ClamdError as exc:
             raise RetryableError(f"scan: {exc}") from None
         if not verdict.clean:

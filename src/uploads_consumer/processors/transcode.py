@@ -22,6 +22,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ from typing import Any
 from pydantic import Field
 
 from uploads_consumer.config import PositiveDuration
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
+from uploads_consumer.errors import (
+    ConfigError,
+    ErrorClass,
+    PermanentError,
+    ProcessorTimeout,
+    ResourceLimit,
+    RetryableError,
+    one_line,
+)
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
     Need,
@@ -41,6 +50,7 @@ from uploads_consumer.processors import (
     ProcessorSettings,
     StepSkipped,
     matches_any,
+    variable_prefix,
 )
 
 log = get_logger("uploads_consumer.processors.transcode")
@@ -84,7 +94,16 @@ class TranscodeSettings(ProcessorSettings):
     normalize: bool = Field(
         default=False, description="EBU R128 loudness normalisation (loudnorm); transcribe levels speech itself"
     )
-    timeout: PositiveDuration = Field(default=600.0, description="longest ffmpeg run for one file; longer is transient")
+    timeout: PositiveDuration = Field(
+        default="10m",
+        validate_default=True,
+        description="longest conversion of one file; longer is retried PROCESSOR_TIMEOUT_RETRIES times, then processor_timeout",
+    )
+    cpu_limit: PositiveDuration = Field(
+        default="10m",
+        validate_default=True,
+        description="CPU time one ffmpeg run may use, its threads together; more is resource_limit",
+    )
 
 
 @dataclass(frozen=True)
@@ -318,8 +337,9 @@ async def run_ffmpeg(
     Its stderr (and its stdout too when `stdout`, for `-version` and `-h`) is collected in a bounded way.
     With `cpu_limit`, the kernel stops it after that many seconds of CPU time (RLIMIT_CPU, all its
     threads together; `cpu_variable` names the setting).
-    Raises RetryableError when it cannot be started, is killed by a signal, or runs out of time; its
-    reason starts with `who` (the processor that ran it) and names `timeout_variable`.
+    Raises ResourceLimit when it used up `cpu_limit` (the file's doing), ProcessorTimeout when it ran
+    out of time (`timeout_variable`; perhaps a busy host), RetryableError when it cannot be started
+    or another signal killed it; each reason starts with `who` (the processor that ran it).
     """
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -342,6 +362,7 @@ async def run_ffmpeg(
             resource.prlimit(proc.pid, resource.RLIMIT_CPU, (seconds, seconds))
     run = FfmpegRun()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    began = time.monotonic()
     try:
         output = proc.stdout if stdout else proc.stderr
         assert output is not None
@@ -349,7 +370,9 @@ async def run_ffmpeg(
             await _collect(output, run, tail)
             run.returncode = await proc.wait()
     except TimeoutError:
-        raise RetryableError(f"{who}: ffmpeg did not finish within {timeout_variable} ({timeout:g}s)") from None
+        raise ProcessorTimeout(
+            timeout_variable, f"{who}: ffmpeg did not finish within {timeout_variable} ({timeout:g}s)"
+        ) from None
     finally:
         if proc.returncode is None:  # cancelled (shutdown) or late: never leave it running
             with contextlib.suppress(ProcessLookupError):
@@ -357,11 +380,22 @@ async def run_ffmpeg(
             await proc.wait()
     if run.returncode < 0:
         killer = signal.Signals(-run.returncode).name
-        if cpu_limit is not None and killer == "SIGKILL":
-            killer += f" (at {cpu_variable}, {cpu_limit:g}s of CPU time, or short of memory)"
+        if cpu_limit is not None and killer == "SIGKILL" and could_use(cpu_limit, time.monotonic() - began):
+            raise ResourceLimit(
+                cpu_variable,
+                f"{who}: ffmpeg used all of {cpu_variable} ({cpu_limit:g}s of CPU time) on this file; "
+                f"raise {cpu_variable} to process it",
+            )
         raise RetryableError(f"{who}: ffmpeg was killed by {killer}")
     run.tail = list(tail)
     return run
+
+
+def could_use(cpu_seconds: float, wall_seconds: float) -> bool:
+    """Whether a process could have used `cpu_seconds` of CPU time in `wall_seconds` on the cores this
+    one may use: a SIGKILL sooner than that was not the CPU limit's (the OOM killer, an operator)."""
+    cores = len(os.sched_getaffinity(0))
+    return wall_seconds * cores >= max(1, round(cpu_seconds)) * 0.9
 
 
 def filter_graph(normalize: bool) -> str:
@@ -424,12 +458,13 @@ class Transcode(Processor):
         super().__init__(name, settings, env)
         self.ffmpeg = ""
         self.normalize = self.settings.normalize
+        self.prefix = variable_prefix(name)
 
     async def start(self) -> None:
-        self.ffmpeg = find_ffmpeg(self.settings.ffmpeg)
-        version = await ffmpeg_version(self.ffmpeg, "TRANSCODE_FFMPEG")
+        self.ffmpeg = find_ffmpeg(self.settings.ffmpeg, f"{self.prefix}FFMPEG")
+        version = await ffmpeg_version(self.ffmpeg, f"{self.prefix}FFMPEG")
         if self.normalize and "Unknown filter" in await ask_ffmpeg(
-            self.ffmpeg, ["-h", "filter=loudnorm"], "TRANSCODE_FFMPEG"
+            self.ffmpeg, ["-h", "filter=loudnorm"], f"{self.prefix}FFMPEG"
         ):
             log.warning("this ffmpeg has no loudnorm filter: audio is transcoded without loudness normalisation")
             self.normalize = False
@@ -469,6 +504,9 @@ class Transcode(Processor):
             self.normalize,
             self.settings.timeout,
             ctx.log,
+            timeout_variable=f"{self.prefix}TIMEOUT",
+            cpu_limit=self.settings.cpu_limit,
+            cpu_variable=f"{self.prefix}CPU_LIMIT",
         )
 
 
@@ -482,14 +520,26 @@ async def to_wav(
     logger: Any,
     who: str = "transcode",
     timeout_variable: str = "TRANSCODE_TIMEOUT",
+    cpu_limit: float | None = None,
+    cpu_variable: str = "TRANSCODE_CPU_LIMIT",
 ) -> tuple[InputAudio, bool]:
     """`source` (an upload called `name`) → 16 kHz mono 16-bit WAV at `target`; returns the input's
-    description and whether it was normalised. Undecodable input is `unsupported_media`."""
+    description and whether it was normalised. Undecodable input is `unsupported_media`; `timeout`
+    bounds the whole conversion, `cpu_limit` each ffmpeg run (see run_ffmpeg)."""
     deadline = asyncio.get_running_loop().time() + timeout
 
     async def run_it(normalizing: bool) -> FfmpegRun:
         args = ffmpeg_arguments(source, target, normalizing)
-        return await run_ffmpeg(ffmpeg, args, deadline, timeout, who=who, timeout_variable=timeout_variable)
+        return await run_ffmpeg(
+            ffmpeg,
+            args,
+            deadline,
+            timeout,
+            who=who,
+            timeout_variable=timeout_variable,
+            cpu_limit=cpu_limit,
+            cpu_variable=cpu_variable,
+        )
 
     run = await run_it(normalize)
     normalized = normalize

@@ -101,10 +101,12 @@ class VideoSettings(ProcessorSettings):
         default=40_000_000, ge=1, description="larger frames (width × height from the header) are too_large, undecoded"
     )
     timeout: PositiveDuration = Field(
-        default="2m", validate_default=True, description="longest one ffmpeg run may take; longer is transient"
+        default="2m",
+        validate_default=True,
+        description="longest one ffmpeg run may take; longer is retried PROCESSOR_TIMEOUT_RETRIES times, then processor_timeout",
     )
     cpu_limit: PositiveDuration = Field(
-        default="60s", validate_default=True, description="CPU time one ffmpeg run may use; more is transient"
+        default="60s", validate_default=True, description="CPU time one ffmpeg run may use; more is resource_limit"
     )
 
     @field_validator("poster_at", mode="before")

@@ -30,7 +30,7 @@ from pydantic import BeforeValidator, Field
 from pydantic_settings import NoDecode
 
 from uploads_consumer.config import PositiveDuration, PositiveSize
-from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, RetryableError, one_line
+from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, ProcessorTimeout, RetryableError, one_line
 from uploads_consumer.observability import get_logger
 from uploads_consumer.processors import (
     Need,
@@ -214,9 +214,10 @@ class Extract(Processor):
         async with self._slots:
             try:
                 ended = await self.reader.run(job, self.settings.timeout)
-            except JobTimedOut:
-                raise RetryableError(
-                    f"extract: {name} took longer than {self.variable('timeout')} ({self.settings.timeout:g}s)"
+            except JobTimedOut:  # a busy host may be why: retried, PROCESSOR_TIMEOUT_RETRIES times for this upload
+                raise ProcessorTimeout(
+                    self.variable("timeout"),
+                    f"extract: {name} took longer than {self.variable('timeout')} ({self.settings.timeout:g}s)",
                 ) from None
         found = await asyncio.to_thread(_read_result, Path(job["result_path"]))
         if found is None or ended.exit != 0:

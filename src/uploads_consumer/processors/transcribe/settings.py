@@ -68,6 +68,16 @@ class TranscribeSettings(ProcessorSettings):
     api_key: SecretStr | None = Field(default=None, description="openai: bearer token")
     api_model: str = Field(default="whisper-1", description="openai: the model the server should use")
     api_timeout: PositiveDuration = Field(default=600.0, description="openai: longest request; longer is transient")
+    timeout: PositiveDuration = Field(
+        default="2h",
+        validate_default=True,
+        description="longest one transcription may take, decoding included; longer is retried PROCESSOR_TIMEOUT_RETRIES times, then processor_timeout",
+    )
+    max_duration: PositiveDuration = Field(
+        default="4h",
+        validate_default=True,
+        description="longest audio transcribed (from the WAV's header, before recognition); longer is resource_limit",
+    )
     result_subject: str = Field(
         default="audio.transcription.result", description="where the result message goes; empty: not published"
     )
