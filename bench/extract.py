@@ -9,7 +9,7 @@ as image-only PDFs).
 
 - "extract": the processor as the daemon runs it (started once, like a daemon: its reader server is
   warm), `run()` on each document — the fork of a sandboxed reader with its limits, PDFium, Tesseract
-  for the scans, langdetect, the counts, the `.txt` placed beside the upload (linked and fsynced).
+  for the scans, CLD2 for the language, the counts, the `.txt` placed beside the upload (linked and fsynced).
   CPU time is the bench process's own during `run()`, plus the reader's and its Tesseract runs' (from
   wait4), plus the reader server's (from /proc): everything it costs. Peak RSS is the reader's (or a
   Tesseract run's, the larger), from wait4.

@@ -2,7 +2,7 @@
 
 PDF text comes from PDFium (pypdfium2); a page with no text layer (a scan) and an image (PNG, JPEG,
 TIFF, WebP) go through Tesseract OCR (`tesseract`, EXTRACT_OCR_LANGUAGES). The language is detected
-with langdetect (ISO 639-1), words and characters are counted, and the text is written as
+with CLD2 (pycld2; ISO 639-1), words and characters are counted, and the text is written as
 `{name}.txt` (UTF-8, pages separated by form feeds) beside the saved upload; later steps get it as
 `files["text"]`, and the facts and a short summary as outputs (`${extract_summary}` in a template).
 
@@ -141,8 +141,8 @@ class Extract(Processor):
                 processor=self.name,
                 why=ready.get("network"),
             )
-        if not ready.get("langdetect"):
-            log.warning("extract: langdetect is not installed: no language is detected", processor=self.name)
+        if not ready.get("cld2"):
+            log.warning("extract: pycld2 is not installed: no language is detected", processor=self.name)
         log.info(
             "extract: ready",
             processor=self.name,

@@ -2,7 +2,7 @@
 
 Run as `python -E -s reader.py` (never imported by the daemon), with an environment of PATH and LC_ALL
 only. At start it cuts itself off the network (a user and network namespace of its own, where the
-kernel allows it), makes sure it dies with the daemon, loads PDFium and langdetect's profiles once,
+kernel allows it), makes sure it dies with the daemon, loads PDFium and CLD2 (pycld2) once,
 and says `{"ready": …}` on stdout. Then it reads one job a line on stdin and forks a reader per job,
 so a document is opened in a fresh process that inherits the loaded libraries (a fork costs about a
 millisecond; starting Python and PDFium again would cost a hundred). The forked reader limits itself
@@ -13,7 +13,7 @@ gets what is left of the CPU budget), and writes what it found as JSON. This pro
 reader's end on stdout (its exit status, CPU time and peak memory, from wait4), and kills a job's
 process group when told to (`{"kill": id}`) or when stdin closes.
 
-Standard library only, except PDFium (pypdfium2) and langdetect, imported once the sandbox holds.
+Standard library only, except PDFium (pypdfium2) and CLD2 (pycld2), imported once the sandbox holds.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ else:  # run as a program: the package is not imported, the file beside this one
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PAGE_SEPARATOR = "\f"  # between pages in the text file, as pdftotext writes them
-LANGUAGE_SAMPLE = 1000  # characters langdetect reads: enough for a language; its cost hardly depends on it
+LANGUAGE_SAMPLE = 1000  # characters CLD2 reads: enough for a language in a document
 MIN_LETTERS = 20  # fewer letters than this say no language
 SUMMARY_CHARS = 280
 STDERR_KEPT = 300
@@ -143,21 +143,22 @@ class Text:
 
 
 def language_of(sample: str) -> str | None:
-    """ISO 639-1 code of the sample's language (langdetect, seeded: the same text, the same answer), or
-    None when there are too few letters to tell or langdetect is not installed."""
+    """ISO 639-1 code of the sample's language (CLD2, Chrome's detector: its tables are the library's
+    read-only data, so a forked reader copies nothing to use them, where langdetect's 65 MiB of Python
+    profiles were copied page by page as it read them), or None when there are too few letters to tell,
+    CLD2 is not sure, or it names a language without a two-letter code."""
     if sum(c.isalpha() for c in sample) < MIN_LETTERS:
         return None
     try:
-        from langdetect import DetectorFactory, detect
-        from langdetect.lang_detect_exception import LangDetectException
+        import pycld2
     except ImportError:
         return None
-    DetectorFactory.seed = 0
     try:
-        code = str(detect(sample))
-    except LangDetectException:
+        reliable, _, found = pycld2.detect(sample.encode("utf-8", "replace").decode("utf-8"))
+    except pycld2.error:
         return None
-    return code.split("-", 1)[0]  # zh-cn, zh-tw → zh
+    code = str(found[0][1]).split("-", 1)[0] if found else "un"
+    return code if reliable and len(code) == 2 and code != "un" else None
 
 
 def summary_of(text: str) -> str:
@@ -354,12 +355,11 @@ def serve() -> None:
         say({"ready": False, "problem": f"pypdfium2 cannot be imported: {exc}"})
         return
     try:
-        from langdetect import detector_factory
+        import pycld2  # noqa: F401 - loaded once here: every fork finds it in memory
 
-        detector_factory.init_factory()  # the profiles, loaded once here, shared with every fork
-        versions["langdetect"] = True
+        versions["cld2"] = True
     except ImportError:
-        versions["langdetect"] = False
+        versions["cld2"] = False
     # Every object made so far is kept out of the collector's reach: a fork then shares their pages
     # instead of copying each one the collector would touch.
     gc.freeze()
