@@ -20,9 +20,10 @@ import pytest
 from helpers import TESTS, make_files, provision_now, publish_raw, publish_uploads, until, wait_ready, wait_settled
 from system import require_tool
 
-from uploads_consumer import tools
-from uploads_consumer.audit import FIELDS, ZERO_HASH, ChainCheck, canonical, chained, record_hash
-from uploads_consumer.audit_store import SqliteStore, store_for
+from uploads_consumer import audit_commands
+from uploads_consumer.audit.chain import ChainCheck
+from uploads_consumer.audit.record import FIELDS, ZERO_HASH, canonical, chained, record_hash
+from uploads_consumer.audit.store import SqliteStore, store_for
 from uploads_consumer.embedded import PostgresServer, clean_environment, free_port
 from uploads_consumer.producer import event_json
 
@@ -129,7 +130,7 @@ async def test_verify_names_the_first_record_edited_deleted_or_reordered(tmp_pat
     settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
 
     async def verify() -> tuple[int, str]:
-        code = await tools.audit_verify(settings)
+        code = await audit_commands.audit_verify(settings)
         return code, capsys.readouterr().out
 
     assert await verify() == (0, "9 records in 2 chains verified\n")
@@ -352,7 +353,7 @@ async def test_three_replicas_write_to_one_postgresql_as_an_append_only_role_and
     tmp_path, settings_for, start_daemon, nats_server, postgres, audit_db
 ):
     admin = postgres.url(database=audit_db)
-    assert await tools.audit_migrate(settings_for(AUDIT_URL=admin)) == 0
+    assert await audit_commands.audit_migrate(settings_for(AUDIT_URL=admin)) == 0
     await pg_execute(admin, *WRITER_GRANTS)
     writer_url = postgres.url("uploads_writer", audit_db, password="writer-secret-6d1f")
     await provision_now(settings_for())
@@ -376,7 +377,7 @@ async def test_three_replicas_write_to_one_postgresql_as_an_append_only_role_and
     assert sorted(r["event_id"] for r in records if r["outcome"] == "processed") == sorted(e.event_id for e in events)
     assert len({r["writer"] for r in records}) == 3, "each replica wrote a chain of its own"
     assert {r["pid"] for r in records} == {r.proc.pid for r in replicas}
-    assert await tools.audit_verify(settings) == 0
+    assert await audit_commands.audit_verify(settings) == 0
     report = await asyncio.to_thread(audit_command, {"AUDIT_URL": writer_url}, "report", "--json")
     assert json.loads(report.stdout)["total"]["uploads"] == 30 and json.loads(report.stdout)["total"]["bytes"] == 30_000
 
@@ -424,7 +425,7 @@ async def test_postgresql_stopped_mid_run_loses_no_upload_and_no_record(
     records = await stored(settings_for(AUDIT_URL=url))
     assert Counter(r["event_id"] for r in records) == {e.event_id: 1 for e in events}, "each upload exactly once"
     assert {r["outcome"] for r in records} == {"processed"}
-    assert await tools.audit_verify(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_verify(settings_for(AUDIT_URL=url)) == 0
 
 
 async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_taken_over_at_the_next_start(
@@ -432,7 +433,7 @@ async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_take
 ):
     url = postgres.url(database=audit_db)
     settings = settings_for()
-    assert await tools.audit_migrate(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_migrate(settings_for(AUDIT_URL=url)) == 0
     await provision_now(settings_for(ACK_WAIT="3s"))
     events = await publish_uploads(settings, make_files(tmp_path / "in", 8, size=700))
     postgres.stop()
@@ -460,5 +461,5 @@ async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_take
     # The two held when the first was killed had their records already: redelivered, they are duplicates.
     assert Counter(r["outcome"] for r in records) == {"processed": 8, "duplicate": 2}
     assert {r["pid"] for r in records if r["outcome"] == "processed"} >= {first.proc.pid}
-    assert await tools.audit_verify(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_verify(settings_for(AUDIT_URL=url)) == 0
     assert not list((downloads / ".audit-spool").glob("*.db"))

@@ -177,16 +177,16 @@ def cmd_processors(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from uploads_consumer import tools
+    from uploads_consumer import audit_commands
 
     settings = _settings()
     if args.audit_command == "verify":
-        return asyncio.run(tools.audit_verify(settings))
+        return asyncio.run(audit_commands.audit_verify(settings))
     if args.audit_command == "report":
-        return asyncio.run(tools.audit_report(settings, args.since, args.by, args.consumer, args.json))
+        return asyncio.run(audit_commands.audit_report(settings, args.since, args.by, args.consumer, args.json))
     if args.audit_command == "tail":
-        return asyncio.run(tools.audit_tail(settings, args.lines, args.json))
-    return asyncio.run(tools.audit_migrate(settings))
+        return asyncio.run(audit_commands.audit_tail(settings, args.lines, args.json))
+    return asyncio.run(audit_commands.audit_migrate(settings))
 
 
 def _duration(text: str) -> float:

@@ -18,8 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer import tracing
-from uploads_consumer.audit import Delivered
-from uploads_consumer.audit_spool import open_trail
+from uploads_consumer.audit import Delivered, open_trail
 from uploads_consumer.config import Settings
 from uploads_consumer.deadletter import DeadLetterPublisher
 from uploads_consumer.dedupe import Deduplicator

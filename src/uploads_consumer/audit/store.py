@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from uploads_consumer.audit import COLUMNS, Record
+from uploads_consumer.audit.record import COLUMNS, Record
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError
 

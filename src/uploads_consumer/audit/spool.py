@@ -19,8 +19,9 @@ import re
 import time
 from pathlib import Path
 
-from uploads_consumer.audit import Audit, AuditTrail, NoAudit, Record, writer_identity
-from uploads_consumer.audit_store import PostgresStore, SqliteStore, sqlite_path
+from uploads_consumer.audit.record import Record
+from uploads_consumer.audit.store import PostgresStore, SqliteStore, sqlite_path
+from uploads_consumer.audit.trail import Audit, AuditTrail, NoAudit, writer_identity
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import redact_url
 from uploads_consumer.errors import describe
