@@ -178,6 +178,54 @@ def test_a_chain_that_does_not_start_at_one_is_broken():
     assert check.breaks[0].seq == 2 and "record 1 of this chain missing" in check.breaks[0].problem
 
 
+async def sqlite_store_with(db: Path, *chains: list[dict]) -> None:
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        for records in chains:
+            await store.append(records)
+    finally:
+        await store.close()
+
+
+async def test_verify_names_a_record_whose_list_column_is_not_json_and_checks_every_other_chain(tmp_path, daemon_env):
+    db = tmp_path / "audit.db"
+    a, b, c = (chained(sample(3), writer, 0, ZERO_HASH) for writer in ("replica-a", "replica-b", "replica-c"))
+    await sqlite_store_with(db, a, b, c)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit_records SET processors = 'not json' WHERE writer = 'replica-a' AND seq = 2")
+        conn.execute("UPDATE audit_records SET size = 1 WHERE writer = 'replica-c' AND seq = 3")
+    verified = audit_command({**daemon_env, "AUDIT_URL": f"sqlite:///{db}"}, "verify")
+    assert verified.returncode == 1, verified.stderr
+    assert verified.stdout.splitlines() == [
+        "broken: writer replica-a seq 2: its processors column is not a JSON array of strings (edited)",
+        "broken: writer replica-c seq 3: its content does not match its hash (edited)",
+        "2 of 3 chains broken (9 records read)",
+    ]
+
+
+async def test_audit_tail_shows_a_record_whose_list_column_is_not_json(tmp_path, daemon_env):
+    db = tmp_path / "audit.db"
+    await sqlite_store_with(db, chained(sample(3), "w", 0, ZERO_HASH))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit_records SET skipped = '[\"unclosed' WHERE seq = 2")
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "uploads_consumer", "audit", "tail", "-n", "3", "--json"],
+        env=clean_environment(**{**daemon_env, "AUDIT_URL": f"sqlite:///{db}"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        shown = [json.loads(await asyncio.to_thread(tail.stdout.readline) or "null") for _ in range(3)]
+        assert [r and r["seq"] for r in shown] == [1, 2, 3], tail.stderr and tail.stderr.read()
+        assert shown[1]["skipped"] == '["unclosed'  # as stored, for a person to see
+    finally:
+        tail.send_signal(signal.SIGTERM)
+        assert tail.wait(10) == 0
+
+
 def test_an_audit_url_of_another_kind_is_a_configuration_error_that_does_not_echo_it(settings_for):
     from uploads_consumer.config import load_settings
     from uploads_consumer.errors import ConfigError

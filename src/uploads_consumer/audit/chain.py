@@ -6,7 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from uploads_consumer.audit.record import FORMAT, ZERO_HASH, record_hash
+from uploads_consumer.audit.record import FORMAT, LISTS, ZERO_HASH, record_hash
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,11 @@ class ChainCheck:
             return
         problem = None
         expected = self._seq + 1
+        unreadable = [name for name in LISTS if not _strings(record[name])]
         if record.get("format") != FORMAT:
             problem = f"unknown record format {record.get('format')!r}"
+        elif unreadable:
+            problem = f"its {unreadable[0]} column is not a JSON array of strings (edited)"
         elif record_hash(record) != record["hash"]:
             problem = "its content does not match its hash (edited)"
         elif record["seq"] != expected:

@@ -41,6 +41,7 @@ FIELDS = (
 )
 """The fields a record's hash covers: every field but `hash` itself."""
 COLUMNS = (*FIELDS, "hash")
+LISTS = ("processors", "skipped")  # arrays of strings (JSON text in a store)
 
 Record = dict[str, Any]
 

@@ -9,17 +9,17 @@ each computed by the database (GROUP BY), not row by row in Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from uploads_consumer.audit.record import COLUMNS, Record
+from uploads_consumer.audit.record import COLUMNS, LISTS, Record
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError
 
 SCHEMA_VERSION = 1
-LISTS = ("processors", "skipped")  # kept as JSON arrays in a text column
 GROUPS = ("day", "user", "type", "outcome")
 INSERT_CHUNK = 500  # rows per INSERT statement (SQLite allows 32766 parameters)
 
@@ -60,9 +60,12 @@ class SchemaTooNew(UploadsError):
 
 
 def _row(values: Sequence[Any]) -> Record:
+    """A row as a record. A list column that is not JSON (edited by hand) stays the text it is, for
+    verify to name the record and for tail to show it, never to stop either."""
     record = dict(zip(COLUMNS, values, strict=True))
     for name in LISTS:
-        record[name] = json.loads(record[name])
+        with contextlib.suppress(ValueError):
+            record[name] = json.loads(record[name])
     return record
 
 
