@@ -172,8 +172,15 @@ class Settings(BaseSettings):
     audit_url: SecretStr | None = None
     """`sqlite:///path` or `postgresql://…`; unset: no audit trail. May hold a password: a secret."""
     audit_spool_dir: Path | None = None
-    """Unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool`; see `audit_spool_path`."""
+    """Unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool/{NATS_CONSUMER_NAME}`; see `audit_spool_path`."""
     audit_spool_max: int = Field(default=100_000, ge=1)
+    audit_anchor_stream: str = "AUDIT_ANCHORS"
+    """Empty: no anchors. The stream, its permissions and what verify makes of it: audit/anchors.py."""
+    audit_anchor_subject: str = "audit.anchors"
+    audit_anchor_interval: PositiveDuration = 60.0
+    audit_signing_key: SecretStr | None = None
+    audit_verify_key: str | None = None
+    audit_retention: Duration | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -210,7 +217,7 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any, info: Any) -> Any:
         # An exported-but-empty variable means "unset", except where empty is meaningful.
-        if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket"):
+        if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket", "audit_anchor_stream"):
             field = cls.model_fields[info.field_name]
             return field.default
         return value
@@ -279,7 +286,7 @@ class Settings(BaseSettings):
     @property
     def audit_spool_path(self) -> Path:
         """Where a writer to a PostgreSQL audit store keeps the records the store has not taken yet."""
-        return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool"
+        return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool" / self.nats_consumer_name
 
     @property
     def allowed_buckets(self) -> frozenset[str]:

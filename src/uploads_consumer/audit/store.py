@@ -1,9 +1,11 @@
 """Where audit records are kept: SQLite (aiosqlite; WAL, every commit fsynced) or PostgreSQL (asyncpg).
 
-One table, `audit_records`, with one row per record and its place in the chain as a unique key; a
-version table, `audit_schema`, and the migrations that bring a database to this version, run at
-start. Writers only ever insert. The queries behind `audit verify`, `report` and `tail` are here too,
-each computed by the database (GROUP BY), not row by row in Python.
+Writers only ever insert. The queries behind `audit verify`, `report`, `show`, `export`, `tail`,
+`forget` and `prune` are here too, written once for both backends (`$1`-style parameters), each
+computed by the database; the tables are in schema.py.
+
+`lookup` (one upload's or one person's records, across consumers) is the query a console or a
+`trace` command reuses.
 """
 
 from __future__ import annotations
@@ -11,44 +13,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from uploads_consumer.audit.record import COLUMNS, LISTS, Record
+from uploads_consumer.audit.chain import Head
+from uploads_consumer.audit.record import COLUMNS, LISTS, PERSONAL, Record
+from uploads_consumer.audit.schema import (
+    BLOCK_DAYS,
+    DAY_MS,
+    FORGOTTEN_EMAIL,
+    NO_EMAIL,
+    NO_TYPE,
+    POSTGRES,
+    SCHEMA_VERSION,
+    SQLITE,
+    Dialect,
+    migrations,
+    rollup_rows,
+    rollup_upsert,
+)
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError
 
-SCHEMA_VERSION = 1
+INSERT_CHUNK = 500  # rows per INSERT statement on SQLite (it allows 32766 parameters)
+READ_COLUMNS = (*COLUMNS, "erasure_id")
+_SELECT = ", ".join(READ_COLUMNS)
+INTEGERS = frozenset({"format", "seq", "recorded_at", "pid", "stream_seq", "deliveries", "size", "duration_ms"})
 GROUPS = ("day", "user", "type", "outcome")
-INSERT_CHUNK = 500  # rows per INSERT statement (SQLite allows 32766 parameters)
-
-
-def _columns(integer: str, big: str, identity: str) -> str:
-    """The table of version 1, in a backend's types."""
-    return f"""
-    CREATE TABLE audit_records (
-        id {identity},
-        format {integer} NOT NULL, writer TEXT NOT NULL, seq {big} NOT NULL, prev_hash TEXT NOT NULL,
-        recorded_at {big} NOT NULL, consumer TEXT NOT NULL, host TEXT NOT NULL, pid {integer} NOT NULL,
-        stream TEXT NOT NULL, stream_seq {big} NOT NULL, deliveries {integer} NOT NULL,
-        event_id TEXT, file_uuid TEXT, email TEXT, filename TEXT, bucket TEXT,
-        size {big}, content_type TEXT, sha256 TEXT,
-        outcome TEXT NOT NULL, error_class TEXT, reason TEXT, duration_ms {big},
-        processors TEXT NOT NULL, skipped TEXT NOT NULL, hash TEXT NOT NULL,
-        UNIQUE (writer, seq)
-    )"""
-
-
-def _migrations(integer: str, big: str, identity: str) -> dict[int, list[str]]:
-    return {
-        1: [
-            "CREATE TABLE audit_schema (version INTEGER NOT NULL)",
-            "INSERT INTO audit_schema (version) VALUES (0)",
-            _columns(integer, big, identity),
-            "CREATE INDEX audit_records_recorded_at ON audit_records (recorded_at)",
-        ],
-    }
+MEASURES = ("records", "uploads", "bytes", "failures", "retries", "duplicates")
+_MEASURES_SQL = """SUM(records),
+    SUM(CASE WHEN outcome = 'processed' THEN records ELSE 0 END),
+    SUM(CASE WHEN outcome = 'processed' THEN bytes ELSE 0 END),
+    SUM(CASE WHEN outcome = 'dead_lettered' THEN records ELSE 0 END),
+    SUM(CASE WHEN outcome = 'retried' THEN records ELSE 0 END),
+    SUM(CASE WHEN outcome = 'duplicate' THEN records ELSE 0 END)"""
+_GROUP_COLUMNS = {"day": "day", "user": "email", "type": "content_type", "outcome": "outcome"}
+_FORGOTTEN = "CASE WHEN email IS NULL AND erasure_id IS NOT NULL THEN ' ' ELSE COALESCE(email, '') END"
 
 
 class SchemaTooNew(UploadsError):
@@ -59,53 +65,312 @@ class SchemaTooNew(UploadsError):
         )
 
 
-def _row(values: Sequence[Any]) -> Record:
+def _row(values: Sequence[Any], columns: Sequence[str] = READ_COLUMNS) -> Record:
     """A row as a record. A list column that is not JSON (edited by hand) stays the text it is, for
     verify to name the record and for tail to show it, never to stop either."""
-    record = dict(zip(COLUMNS, values, strict=True))
+    record = dict(zip(columns, values, strict=True))
     for name in LISTS:
-        with contextlib.suppress(ValueError):
+        try:
             record[name] = json.loads(record[name])
+        except ValueError:
+            pass
     return record
 
 
 def _params(record: Record) -> list[Any]:
-    return [json.dumps(record[c], ensure_ascii=False) if c in LISTS else record[c] for c in COLUMNS]
+    return [json.dumps(record[c], ensure_ascii=False) if c in LISTS else record.get(c) for c in COLUMNS]
 
 
-def _report_sql(group: str, param: Any) -> str:
-    """Records, uploads (processed), their bytes, failures (dead-lettered), retries and duplicates per group."""
-    return f"""
-    SELECT {group} AS grp, COUNT(*),
-        SUM(CASE WHEN outcome = 'processed' THEN 1 ELSE 0 END),
-        CAST(COALESCE(SUM(CASE WHEN outcome = 'processed' THEN size END), 0) AS BIGINT),
-        SUM(CASE WHEN outcome = 'dead_lettered' THEN 1 ELSE 0 END),
-        SUM(CASE WHEN outcome = 'retried' THEN 1 ELSE 0 END),
-        SUM(CASE WHEN outcome = 'duplicate' THEN 1 ELSE 0 END)
-    FROM audit_records WHERE recorded_at >= {param(1)} AND consumer = {param(2)}
-    GROUP BY grp ORDER BY grp"""
+def utc(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC: `2026-01-26T09:50:17.042Z`."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-REPORT_COLUMNS = ("group", "records", "uploads", "bytes", "failures", "retries", "duplicates")
+def day_text(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_MS // 1000))
 
 
-def _group(by: str, day: str) -> str:
-    if by not in GROUPS:
-        raise ValueError(f"--by must be one of {', '.join(GROUPS)}")
-    return {
-        "day": day,
-        "user": "COALESCE(email, '(none)')",
-        "type": "COALESCE(content_type, '(unknown)')",
-        "outcome": "outcome",
-    }[by]
+def _shown(dimension: str, value: Any) -> Any:
+    """A rollup key as a report shows it."""
+    if dimension == "day":
+        return day_text(int(value))
+    if dimension == "user":
+        return {NO_EMAIL: "(none)", FORGOTTEN_EMAIL: "(forgotten)"}.get(value, value)
+    if dimension == "type":
+        return value or "(unknown)"
+    return value
 
 
-class SqliteStore:
-    """A SQLite database file: the store of `sqlite:///…`, and each writer's spool for PostgreSQL."""
+def report_source(by: Sequence[str]) -> tuple[str, str]:
+    """Where a report by `by` reads (a description, and the rows: consumer $1, from day $2, whole
+    blocks from $3, days before block $3 from $4): the rollup with those keys; per user over more
+    than a block, the blocks and the days before the first whole one; per user and type together,
+    which no rollup keeps, the records."""
+    if "user" in by and "type" in by:
+        return "records", (
+            f"SELECT recorded_at / {DAY_MS} AS day, {_FORGOTTEN} AS email, COALESCE(content_type, '{NO_TYPE}') "
+            "AS content_type, outcome, 1 AS records, COALESCE(size, 0) AS bytes FROM audit_records "
+            f"WHERE consumer = $1 AND recorded_at >= $2 * {DAY_MS}"
+        )
+    if "user" not in by:
+        return "audit_daily", "SELECT * FROM audit_daily WHERE consumer = $1 AND day >= $2"
+    if "day" in by:
+        return "audit_daily_users", "SELECT * FROM audit_daily_users WHERE consumer = $1 AND day >= $2"
+    return "audit_block_users", (
+        "SELECT email, outcome, records, bytes FROM audit_block_users WHERE consumer = $1 AND block >= $3 "
+        "UNION ALL SELECT email, outcome, records, bytes FROM audit_daily_users "
+        "WHERE consumer = $1 AND day >= $2 AND day < $4"
+    )
 
-    DAY = "strftime('%Y-%m-%d', recorded_at / 1000, 'unixepoch')"
+
+@dataclass(frozen=True)
+class Erasure:
+    id: int
+    records: int
+
+
+class Store:
+    """What both backends do, over four primitives each implements: fetch, execute, stream, transaction."""
+
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self.stored: dict[str, Head] = {}
+        """Per writer, the last record this process has stored (what its anchors say)."""
+
+    def _note_stored(self, records: list[Record]) -> None:
+        for record in records:
+            self.stored[record["writer"]] = Head(record["seq"], record["hash"])
+
+    def stored_heads(self) -> dict[str, Head]:
+        return self.stored
+
+    # -- primitives
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        raise NotImplementedError
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def _stream(self, sql: str, *args: Any) -> AsyncIterator[Sequence[Any]]:
+        raise NotImplementedError
+
+    def _transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def open(self, create: bool = True) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def _value(self, sql: str, *args: Any) -> Any:
+        rows = await self._fetch(sql, *args)
+        return rows[0][0] if rows else None
+
+    # -- the trail
+
+    async def actor(self, who: str) -> str:
+        """`who`, and the database role it acts as (PostgreSQL), for an erasure record."""
+        return who
+
+    async def store_id(self) -> str:
+        """The store's own random name (audit_schema.store_id): a spool file says which store it is for."""
+        return str(await self._value("SELECT store_id FROM audit_schema"))
+
+    # -- verify
+
+    async def chains(self) -> AsyncIterator[Record]:
+        """Every record, in (writer, seq) order, read as it goes (constant memory)."""
+        async for values in self._stream(f"SELECT {_SELECT} FROM audit_records ORDER BY writer, seq"):
+            yield _row(values)
+
+    async def markers(self) -> dict[str, Head]:
+        """Per chain that retention shortened, the last record it removed."""
+        rows = await self._fetch("SELECT writer, seq, hash FROM audit_retention")
+        return {writer: Head(int(seq), hash) for writer, seq, hash in rows}
+
+    async def erasure_ids(self) -> set[int]:
+        return {int(row[0]) for row in await self._fetch("SELECT id FROM audit_erasures")}
+
+    # -- report
+
+    async def report(self, since_day: int, by: Sequence[str], consumer: str) -> list[dict[str, Any]]:
+        """Per group of `by` (one or two of GROUPS), from UTC day `since_day` on: MEASURES."""
+        if not by or len(by) > 2 or len(set(by)) != len(by) or any(g not in GROUPS for g in by):
+            raise ValueError(f"group by one or two of {', '.join(GROUPS)}")
+        _, rows = report_source(by)
+        keys = ", ".join(_GROUP_COLUMNS[g] for g in by)
+        first_block = -(-since_day // BLOCK_DAYS)
+        args = [consumer, since_day, first_block, first_block * BLOCK_DAYS][: 4 if "$4" in rows else 2]
+        sql = f"SELECT {keys}, {_MEASURES_SQL} FROM ({rows}) AS r GROUP BY {keys} ORDER BY {keys}"
+        result = await self._fetch(sql, *args)
+        return [
+            {
+                **{g: _shown(g, value) for g, value in zip(by, row, strict=False)},
+                **dict(zip(MEASURES, (int(v) for v in row[len(by) :]), strict=True)),
+            }
+            for row in result
+        ]
+
+    async def consumers_since(self, since_day: int) -> list[tuple[str, int]]:
+        """The consumers with records from UTC day `since_day` on, and how many each has."""
+        rows = await self._fetch(
+            "SELECT consumer, SUM(records) FROM audit_daily WHERE day >= $1 GROUP BY consumer ORDER BY consumer",
+            since_day,
+        )
+        return [(str(consumer), int(n)) for consumer, n in rows]
+
+    # -- show, export, tail
+
+    async def lookup(self, key: str, limit: int = 10_000) -> list[Record]:
+        """Every record of one upload or one person: `key` is a file_uuid, an event_id or an email
+        (each indexed), across consumers, oldest first."""
+        rows = await self._fetch(
+            f"SELECT {_SELECT} FROM audit_records WHERE file_uuid = $1 OR event_id = $1 OR email = $1 "
+            "ORDER BY recorded_at, writer, seq LIMIT $2",
+            key,
+            limit,
+        )
+        return [_row(r) for r in rows]
+
+    async def export(self, since_ms: int) -> AsyncIterator[Record]:
+        """Every record since then, oldest first, read as it goes (constant memory)."""
+        query = f"SELECT {_SELECT} FROM audit_records WHERE recorded_at >= $1 ORDER BY recorded_at, id"
+        async for values in self._stream(query, since_ms):
+            yield _row(values)
+
+    async def after(self, last_id: int, limit: int) -> list[tuple[int, Record]]:
+        rows = await self._fetch(
+            f"SELECT id, {_SELECT} FROM audit_records WHERE id > $1 ORDER BY id LIMIT $2", last_id, limit
+        )
+        return [(int(r[0]), _row(list(r)[1:])) for r in rows]
+
+    async def last_id(self, back: int) -> int:
+        return max(0, int(await self._value("SELECT COALESCE(MAX(id), 0) FROM audit_records")) - back)
+
+    # -- forget
+
+    async def _begin_erasure(self, what: str, by: str, note: str | None, at_ms: int) -> int:
+        rows = await self._fetch(
+            "INSERT INTO audit_erasures (erased_at, erased_by, what, records, note) VALUES ($1, $2, $3, 0, $4) "
+            "RETURNING id",
+            at_ms,
+            by,
+            what,
+            note,
+        )
+        return int(rows[0][0])
+
+    async def forget(self, column: str, value: str, by: str, note: str | None = None) -> Erasure | None:
+        """Remove the personal fields (and the salt) of every record whose `column` (email or file_uuid)
+        is `value`, in one transaction that also records the erasure and moves their counts in the
+        per-user rollups to `(forgotten)`. None when no record matched (nothing is recorded)."""
+        if column not in ("email", "file_uuid"):
+            raise ValueError(column)
+        match = f"{column} = $1 AND erasure_id IS NULL"
+        what = "email" if column == "email" else f"file_uuid {value}"  # never the address itself
+        try:
+            async with self._transaction():
+                erasure = await self._begin_erasure(what, by, note, int(time.time() * 1000))
+                await self._move_to_forgotten(match, value)
+                emptied = ", ".join(f"{name} = NULL" for name in (*PERSONAL, "salt"))
+                await self._execute(
+                    f"UPDATE audit_records SET {emptied}, erasure_id = $2 WHERE {match}", value, erasure
+                )
+                count = int(await self._value("SELECT COUNT(*) FROM audit_records WHERE erasure_id = $1", erasure))
+                if not count:
+                    raise _NothingToForget()
+                await self._execute("UPDATE audit_erasures SET records = $1 WHERE id = $2", count, erasure)
+        except _NothingToForget:
+            return None
+        return Erasure(erasure, count)
+
+    async def _move_to_forgotten(self, match: str, value: str) -> None:
+        """In the per-user rollups, the matching records' counts move from their email to `(forgotten)`."""
+        for table, rows in rollup_rows(f"(SELECT * FROM audit_records WHERE {match}) AS m").items():
+            if table == "audit_daily":
+                continue  # keeps no email
+            upsert = rollup_upsert(table).format(rows="VALUES ($1, $2, $3, $4, $5, $6)")
+            for consumer, period, email, outcome, n, size in await self._fetch(rows, value):
+                if email != NO_EMAIL:
+                    await self._execute(upsert, consumer, period, email, outcome, -n, -size)
+                    await self._execute(upsert, consumer, period, FORGOTTEN_EMAIL, outcome, n, size)
+            await self._execute(f"DELETE FROM {table} WHERE records <= 0")
+
+    async def erasures(self) -> list[dict[str, Any]]:
+        rows = await self._fetch("SELECT id, erased_at, erased_by, what, records, note FROM audit_erasures ORDER BY id")
+        return [dict(zip(("id", "erased_at", "erased_by", "what", "records", "note"), r, strict=True)) for r in rows]
+
+    # -- retention
+
+    async def prunable(self, cutoff_ms: int) -> list[tuple[str, int]]:
+        """Per chain with records older than the cutoff, the last seq of its prefix that is: up to the
+        first record that is not (or to its end)."""
+        rows = await self._fetch(
+            "SELECT o.writer, (SELECT MIN(seq) FROM audit_records y WHERE y.writer = o.writer AND y.recorded_at >= $1), "
+            "MAX(o.seq) FROM audit_records o WHERE o.recorded_at < $1 GROUP BY o.writer ORDER BY o.writer",
+            cutoff_ms,
+        )
+        return [(str(w), int(young) - 1 if young is not None else int(last)) for w, young, last in rows]
+
+    async def chain_slice(self, writer: str, after_seq: int, through_seq: int, limit: int) -> list[Record]:
+        rows = await self._fetch(
+            f"SELECT {_SELECT} FROM audit_records WHERE writer = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            writer,
+            after_seq,
+            through_seq,
+            limit,
+        )
+        return [_row(r) for r in rows]
+
+    async def begin_prune(self, what: str, by: str, at_ms: int) -> int:
+        async with self._transaction():
+            return await self._begin_erasure(what, by, None, at_ms)
+
+    async def remove_prefix(self, last: Record, pruned_at: int, erasure: int) -> int:
+        """Delete `last`'s chain up to it and move the chain's marker there, in one transaction."""
+        async with self._transaction():
+            n = int(
+                await self._value(
+                    "SELECT COUNT(*) FROM audit_records WHERE writer = $1 AND seq <= $2", last["writer"], last["seq"]
+                )
+            )
+            await self._execute(
+                "DELETE FROM audit_records WHERE writer = $1 AND seq <= $2", last["writer"], last["seq"]
+            )
+            await self._execute("DELETE FROM audit_retention WHERE writer = $1", last["writer"])
+            await self._execute(
+                "INSERT INTO audit_retention (writer, seq, hash, recorded_at, pruned_at) VALUES ($1, $2, $3, $4, $5)",
+                last["writer"],
+                last["seq"],
+                last["hash"],
+                last["recorded_at"],
+                pruned_at,
+            )
+            await self._execute("UPDATE audit_erasures SET records = records + $1 WHERE id = $2", n, erasure)
+        return n
+
+    async def drop_rollups_before(self, day: int) -> None:
+        """The daily figures of the days before `day` (and the per-user blocks wholly before it)."""
+        async with self._transaction():
+            await self._execute("DELETE FROM audit_daily WHERE day < $1", day)
+            await self._execute("DELETE FROM audit_daily_users WHERE day < $1", day)
+            await self._execute("DELETE FROM audit_block_users WHERE block < $1", day // BLOCK_DAYS)
+
+
+class _NothingToForget(Exception):
+    """Rolls the erasure back: no record matched."""
+
+
+class SqliteStore(Store):
+    """A SQLite database file: the store of `sqlite:///…` (and the daemon's journal for it)."""
+
+    dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self._db: Any = None
 
@@ -121,13 +386,39 @@ class SqliteStore:
             ) from None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)  # transactions are ours
+            # Transactions are ours; rows cross from aiosqlite's thread a thousand at a time (verify, export).
+            self._db = await aiosqlite.connect(self.path, isolation_level=None, iter_chunk_size=1000)
             for pragma in ("busy_timeout=10000", "journal_mode=WAL", "synchronous=FULL"):
                 await self._db.execute(f"PRAGMA {pragma}")
             await self._migrate()
         except (OSError, aiosqlite.Error) as exc:
             await self.close()
             raise ConfigError("AUDIT_URL", f"cannot open the SQLite database {self.path}: {exc}") from None
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return re.sub(r"\$(\d+)", r"?\1", sql)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._db.execute_fetchall(self._sql(sql), args))
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        await self._db.execute(self._sql(sql), args)
+
+    async def _stream(self, sql: str, *args: Any) -> AsyncIterator[Sequence[Any]]:
+        async with self._db.execute(self._sql(sql), args) as rows:
+            async for values in rows:
+                yield values
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        await self._db.execute("BEGIN IMMEDIATE")  # the write lock now: no upgrade that could fail later
+        try:
+            yield
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        await self._db.execute("COMMIT")
 
     async def _version(self) -> int:
         rows = await self._db.execute_fetchall("SELECT name FROM sqlite_master WHERE name = 'audit_schema'")
@@ -139,30 +430,29 @@ class SqliteStore:
     async def _migrate(self) -> None:
         if await self._version() == SCHEMA_VERSION:
             return
-        await self._db.execute("BEGIN IMMEDIATE")  # one migrator at a time, whatever the processes
-        try:
+        async with self._transaction():  # one migrator at a time, whatever the processes
             version = await self._version()
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(version)
-            for number, statements in _migrations("INTEGER", "INTEGER", "INTEGER PRIMARY KEY").items():
+            for number, statements in migrations(SQLITE).items():
                 if number > version:
                     for statement in statements:
                         await self._db.execute(statement)
                     await self._db.execute("UPDATE audit_schema SET version = ?", (number,))
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
 
     async def append(self, records: list[Record]) -> None:
         """One transaction, fsynced at its commit (WAL, synchronous=FULL); a record already there is kept."""
         names = ", ".join(COLUMNS)
         row = "(" + ", ".join("?" * len(COLUMNS)) + ")"
-        for start in range(0, len(records), INSERT_CHUNK):
-            chunk = records[start : start + INSERT_CHUNK]
-            values = [value for record in chunk for value in _params(record)]
-            sql = f"INSERT INTO audit_records ({names}) VALUES {', '.join([row] * len(chunk))} ON CONFLICT DO NOTHING"
-            await self._db.execute(sql, values)
+        async with self._transaction():
+            for start in range(0, len(records), INSERT_CHUNK):
+                chunk = records[start : start + INSERT_CHUNK]
+                values = [value for record in chunk for value in _params(record)]
+                sql = (
+                    f"INSERT INTO audit_records ({names}) VALUES {', '.join([row] * len(chunk))} ON CONFLICT DO NOTHING"
+                )
+                await self._db.execute(sql, values)
+        self._note_stored(records)
 
     def full(self) -> bool:
         """As the daemon's journal (`sqlite://`: the store is its own spool), never: it is the trail."""
@@ -171,38 +461,8 @@ class SqliteStore:
     async def wait_for_room(self, stopping: asyncio.Event) -> None:
         return None
 
-    async def count(self) -> int:
-        [(n,)] = await self._db.execute_fetchall("SELECT COUNT(*) FROM audit_records")
-        return int(n)
-
-    async def oldest(self, limit: int) -> tuple[int, list[Record]]:
-        """The first `limit` records (a spool's, in the order they were written) and the last one's id."""
-        rows = await self._db.execute_fetchall(
-            f"SELECT id, {', '.join(COLUMNS)} FROM audit_records ORDER BY id LIMIT ?", (limit,)
-        )
-        return (rows[-1][0] if rows else 0), [_row(r[1:]) for r in rows]
-
-    async def remove_through(self, last_id: int) -> None:
-        await self._db.execute("DELETE FROM audit_records WHERE id <= ?", (last_id,))
-
-    async def chains(self) -> AsyncIterator[Record]:
-        async with self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM audit_records ORDER BY writer, seq") as rows:
-            async for values in rows:
-                yield _row(values)
-
-    async def report(self, since_ms: int, by: str, consumer: str) -> list[dict[str, Any]]:
-        rows = await self._db.execute_fetchall(_report_sql(_group(by, self.DAY), lambda _: "?"), (since_ms, consumer))
-        return [dict(zip(REPORT_COLUMNS, row, strict=True)) for row in rows]
-
-    async def after(self, last_id: int, limit: int) -> list[tuple[int, Record]]:
-        rows = await self._db.execute_fetchall(
-            f"SELECT id, {', '.join(COLUMNS)} FROM audit_records WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)
-        )
-        return [(r[0], _row(r[1:])) for r in rows]
-
-    async def last_id(self, back: int) -> int:
-        [(top,)] = await self._db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM audit_records")
-        return max(0, int(top) - back)
+    async def flush(self, timeout: float) -> None:
+        return None  # what it took is stored
 
     async def close(self) -> None:
         if self._db is not None:
@@ -210,14 +470,15 @@ class SqliteStore:
             await db.close()
 
 
-class PostgresStore:
+class PostgresStore(Store):
     """A PostgreSQL database several writers share. One connection, made (and the schema checked)
     on first use and again after any failure."""
 
-    DAY = "to_char(to_timestamp(recorded_at / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    dialect = POSTGRES
     LOCK = 0x75636164  # pg_advisory_xact_lock key of the migration: one migrator at a time
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self._url = url
         self._conn: Any = None
 
@@ -233,7 +494,7 @@ class PostgresStore:
             raise ConfigError(
                 "AUDIT_URL", "the audit trail needs the audit extra: pip install 'uploads-consumer[audit]'"
             ) from None
-        conn = await asyncpg.connect(self._url, timeout=5, command_timeout=30)
+        conn = await asyncpg.connect(self._url, timeout=5, command_timeout=300)
         try:
             await self._migrate(conn)
         except BaseException:
@@ -241,6 +502,29 @@ class PostgresStore:
             raise
         self._conn = conn
         return conn
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        conn = await self._connection()
+        return [tuple(r) for r in await conn.fetch(sql, *args)]
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        conn = await self._connection()
+        await conn.execute(sql, *args)
+
+    async def _stream(self, sql: str, *args: Any) -> AsyncIterator[Sequence[Any]]:
+        conn = await self._connection()
+        async with conn.transaction():
+            async for values in conn.cursor(sql, *args, prefetch=1000):
+                yield tuple(values)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        conn = await self._connection()
+        async with conn.transaction():
+            yield
+
+    async def actor(self, who: str) -> str:
+        return f"{who} as {await self._value('SELECT current_user')}"
 
     @staticmethod
     async def _version(conn: Any) -> int:
@@ -257,50 +541,29 @@ class PostgresStore:
             version = await self._version(conn)
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(version)
-            identity = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-            for number, statements in _migrations("INTEGER", "BIGINT", identity).items():
+            for number, statements in migrations(POSTGRES).items():
                 if number > version:
                     for statement in statements:
                         await conn.execute(statement)
                     await conn.execute("UPDATE audit_schema SET version = $1", number)
 
     async def append(self, records: list[Record]) -> None:
-        """One transaction; a record already stored (a batch sent again after a lost answer) is kept as it is."""
+        """One statement in one transaction (the rollups' trigger then runs once); a record already
+        stored (a batch sent again after a lost answer) is kept as it is."""
         conn = await self._connection()
-        names = ", ".join(COLUMNS)
-        marks = ", ".join(f"${i}" for i in range(1, len(COLUMNS) + 1))
+        arrays = ", ".join(f"${i}::{'bigint' if c in INTEGERS else 'text'}[]" for i, c in enumerate(COLUMNS, 1))
+        columns = list(zip(*(_params(record) for record in records), strict=True))
         try:
             async with conn.transaction():
-                await conn.executemany(
-                    f"INSERT INTO audit_records ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING",
-                    [_params(record) for record in records],
+                await conn.execute(
+                    f"INSERT INTO audit_records ({', '.join(COLUMNS)}) SELECT * FROM unnest({arrays}) "
+                    "ON CONFLICT DO NOTHING",
+                    *columns,
                 )
         except BaseException:
             await self.close()  # a fresh connection next time
             raise
-
-    async def chains(self) -> AsyncIterator[Record]:
-        conn = await self._connection()
-        async with conn.transaction():
-            query = f"SELECT {', '.join(COLUMNS)} FROM audit_records ORDER BY writer, seq"
-            async for values in conn.cursor(query, prefetch=1000):
-                yield _row(values)
-
-    async def report(self, since_ms: int, by: str, consumer: str) -> list[dict[str, Any]]:
-        conn = await self._connection()
-        rows = await conn.fetch(_report_sql(_group(by, self.DAY), lambda n: f"${n}"), since_ms, consumer)
-        return [dict(zip(REPORT_COLUMNS, row, strict=True)) for row in rows]
-
-    async def after(self, last_id: int, limit: int) -> list[tuple[int, Record]]:
-        conn = await self._connection()
-        rows = await conn.fetch(
-            f"SELECT id, {', '.join(COLUMNS)} FROM audit_records WHERE id > $1 ORDER BY id LIMIT $2", last_id, limit
-        )
-        return [(r[0], _row(list(r)[1:])) for r in rows]
-
-    async def last_id(self, back: int) -> int:
-        conn = await self._connection()
-        return max(0, int(await conn.fetchval("SELECT COALESCE(MAX(id), 0) FROM audit_records")) - back)
+        self._note_stored(records)
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -24,8 +24,11 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from uploads_consumer.audit.record import FORMAT, ZERO_HASH, Record, chained
+from uploads_consumer.audit.anchors import SEAL_TIMEOUT, AnchorPublisher
+from uploads_consumer.audit.chain import Head
+from uploads_consumer.audit.record import ZERO_HASH, Record, chained, committed
 from uploads_consumer.errors import PermanentError, describe
 from uploads_consumer.events import FileUploadEvent, parse_event
 from uploads_consumer.observability import Metrics, get_logger
@@ -84,6 +87,14 @@ class Journal(Protocol):
 
     async def wait_for_room(self, stopping: asyncio.Event) -> None: ...
 
+    def stored_heads(self) -> Mapping[str, Head]:
+        """Per writer, the last record the store has (its own chain's, and any taken over)."""
+        ...
+
+    async def flush(self, timeout: float) -> None:
+        """Move what it holds to the store, for at most `timeout` seconds."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -117,8 +128,10 @@ class AuditTrail:
         metrics: Metrics,
         stopping: asyncio.Event,
         identity: tuple[str, int, str] | None = None,
+        anchors: AnchorPublisher | None = None,
     ) -> None:
         self.journal = journal
+        self.anchors = anchors
         self._consumer = consumer
         self._metrics = metrics
         self._stopping = stopping
@@ -136,8 +149,25 @@ class AuditTrail:
         if self._writing is not None:
             await asyncio.wait([self._writing])
         await self.journal.close()
-        # The end of this chain, for whoever keeps the logs: a deleted last record leaves no gap in it.
+        # The end of this chain, for whoever keeps the logs (and its anchor, when it could be published).
         log.info("audit trail closed", writer=self.writer, seq=self.seq, hash=self.head)
+
+    async def anchoring(self, js: JetStreamContext) -> None:
+        """Publish the chains' heads every AUDIT_ANCHOR_INTERVAL (a task, cancelled at the stop)."""
+        if self.anchors is not None:
+            await self.anchors.run(js)
+
+    async def seal(self) -> None:
+        """At a clean stop, once every settlement is recorded and before NATS closes: the records to the
+        store (a spool: for a moment), then their heads anchored."""
+        if self.anchors is None:
+            return
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        began = time.monotonic()  # both within SEAL_TIMEOUT: the stop's own time limit counts on it
+        await self.journal.flush(SEAL_TIMEOUT / 2)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.anchors.publish(), SEAL_TIMEOUT - (time.monotonic() - began))
 
     async def record(self, delivered: Delivered, settlement: Settlement) -> None:
         """Make the settlement's record durable. Past the journal's bound, the settlement then waits
@@ -157,30 +187,31 @@ class AuditTrail:
         event = _event(delivered.data)
         result = settlement.result or {}
         received = settlement.received
-        return {
-            "format": FORMAT,
-            "recorded_at": int(time.time() * 1000),
-            "consumer": self._consumer,
-            "host": self.host,
-            "pid": self.pid,
-            "stream": delivered.stream,
-            "stream_seq": delivered.stream_seq,
-            "deliveries": delivered.deliveries,
-            "event_id": event.event_id if event else None,
-            "file_uuid": event.file_uuid if event else None,
-            "email": _text(event.email) if event else None,
-            "filename": _text(result.get("original_filename") or (event.stored_name if event else None)),
-            "bucket": _text(event.bucket_name) if event else None,
-            "size": result.get("size"),
-            "content_type": result.get("content_type"),
-            "sha256": result.get("sha256"),
-            "outcome": str(settlement.outcome),
-            "error_class": settlement.error_class,
-            "reason": _text(settlement.reason),
-            "duration_ms": round(1000 * (time.monotonic() - received)) if received is not None else None,
-            "processors": [_text(name) for name in result.get("processors", ())],
-            "skipped": [_text(name) for name in result.get("skipped", ())],
-        }
+        return committed(
+            {
+                "recorded_at": int(time.time() * 1000),
+                "consumer": self._consumer,
+                "host": self.host,
+                "pid": self.pid,
+                "stream": delivered.stream,
+                "stream_seq": delivered.stream_seq,
+                "deliveries": delivered.deliveries,
+                "event_id": event.event_id if event else None,
+                "file_uuid": event.file_uuid if event else None,
+                "email": _text(event.email) if event else None,
+                "filename": _text(result.get("original_filename") or (event.stored_name if event else None)),
+                "bucket": _text(event.bucket_name) if event else None,
+                "size": result.get("size"),
+                "content_type": result.get("content_type"),
+                "sha256": result.get("sha256"),
+                "outcome": str(settlement.outcome),
+                "error_class": settlement.error_class,
+                "reason": _text(settlement.reason),
+                "duration_ms": round(1000 * (time.monotonic() - received)) if received is not None else None,
+                "processors": [_text(name) for name in result.get("processors", ())],
+                "skipped": [_text(name) for name in result.get("skipped", ())],
+            }
+        )
 
     async def _write(self) -> None:
         """Group commit: whatever waits is chained and appended in one go. A failed append does not
@@ -225,6 +256,12 @@ class NoAudit:
         return None
 
     async def record(self, delivered: Delivered, settlement: Settlement) -> None:
+        return None
+
+    async def anchoring(self, js: JetStreamContext) -> None:
+        return None
+
+    async def seal(self) -> None:
         return None
 
 
