@@ -241,3 +241,61 @@ def test_keygen_prints_a_pair_that_signs_and_verifies():
 
     anchor = Signer(values["AUDIT_SIGNING_KEY"]).sign(Anchor("w", "c", 1, "0" * 64, 1))
     assert signature_problem(anchor, verify_keys([values["AUDIT_VERIFY_KEY"]], "AUDIT_VERIFY_KEY")) is None
+
+
+TAMPERING = {
+    "edited after the anchor": (
+        "UPDATE audit_records SET size = 1 WHERE seq = 5",
+        "broken: writer w seq 5: its content does not match its hash (edited)",
+    ),
+    "its last records removed": (
+        "DELETE FROM audit_records WHERE seq >= 4",
+        "truncated: writer w seq 4: the chain ends at seq 3, before its anchor of seq 4",
+    ),
+    "the anchored record removed": (
+        "DELETE FROM audit_records WHERE seq = 4",
+        "broken: writer w seq 4: record 4 of this chain, anchored, is missing (deleted)",
+    ),
+}
+
+
+@pytest.mark.parametrize("tampering", TAMPERING, ids=list(TAMPERING))
+async def test_an_incremental_verify_reads_each_chain_from_its_last_anchor_and_sees(
+    tmp_path, settings_for, daemon_env, tampering
+):
+    db = tmp_path / "audit.db"
+    settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
+    records = chained(recent(6), "w", 0, ZERO_HASH)
+    await fill(settings, records, chained(recent(2), "unanchored", 0, ZERO_HASH))
+    await publish_anchor(settings, "w", 4, records[3]["hash"])
+    env = {**daemon_env, "AUDIT_URL": settings.audit_url.get_secret_value()}
+    clean = audit_command(env, "verify", "--incremental")
+    assert clean.returncode == 0
+    assert lines(clean)[0] == "5 records in 2 chains verified", "w from seq 4, and the chain without an anchor whole"
+    assert lines(clean)[-1].startswith("incremental: 3 records before their chain's last anchor not read again")
+
+    statement, named = TAMPERING[tampering]
+    with sqlite3.connect(db) as conn:
+        conn.execute(statement)
+    verified = audit_command(env, "verify", "--incremental")
+    assert verified.returncode == 1 and lines(verified)[0].startswith(named)
+
+
+async def test_an_incremental_verify_sees_a_rewrite_up_to_the_anchor_but_not_an_older_edit(
+    tmp_path, settings_for, daemon_env
+):
+    db = tmp_path / "audit.db"
+    settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
+    records = chained(recent(6), "w", 0, ZERO_HASH)
+    await fill(settings, records)
+    await publish_anchor(settings, "w", 4, records[3]["hash"])
+    env = {**daemon_env, "AUDIT_URL": settings.audit_url.get_secret_value()}
+    with sqlite3.connect(db) as conn:  # an old record's content changed, its hash left as it was
+        conn.execute("UPDATE audit_records SET size = 1 WHERE seq = 2")
+    assert audit_command(env, "verify", "--incremental").returncode == 0, "the records before the anchor are not read"
+    assert (
+        lines(audit_command(env, "verify"))[0] == "broken: writer w seq 2: its content does not match its hash (edited)"
+    )
+    await rewrite_from(settings, "w", 2)  # now with every hash recomputed from there on
+    verified = audit_command(env, "verify", "--incremental")
+    assert verified.returncode == 1 and lines(verified)[0].startswith("rewritten: writer w seq 4: its hash is not")

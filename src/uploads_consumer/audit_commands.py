@@ -96,8 +96,13 @@ def _print_verification(result: Verification, keys: int | None, stream: str) -> 
         )
 
 
-async def audit_verify(settings: Settings, use_anchors: bool = True, public_keys: Sequence[str] = ()) -> int:
-    """Walk every writer's chain, then hold it against its anchors; exit 1 naming each break."""
+async def audit_verify(
+    settings: Settings, use_anchors: bool = True, public_keys: Sequence[str] = (), incremental: bool = False
+) -> int:
+    """Walk every writer's chain, then hold it against its anchors; exit 1 naming each break.
+    `incremental`: each chain from its last anchor on."""
+    if incremental and not (use_anchors and settings.audit_anchor_stream):
+        raise UploadsError("--incremental starts each chain at its last anchor: it needs the anchors")
     keys = _verify_keys(settings, public_keys)
     stream = settings.audit_anchor_stream
     raw: list[tuple[int, bytes]] | None = None
@@ -118,10 +123,15 @@ async def audit_verify(settings: Settings, use_anchors: bool = True, public_keys
     store = store_for(settings)
     await store.open(create=False)
     try:
-        result = await verify(store, raw, keys)
+        result = await verify(store, raw, keys, incremental and raw is not None)
     finally:
         await store.close()
     _print_verification(result, len(keys) if keys is not None else None, stream)
+    if incremental and raw is not None:
+        print(
+            f"incremental: {_plural(result.not_reread, 'record')} before their chain's last anchor not read again "
+            "(a verify without --incremental checks their content)"
+        )
     if unread is not None:
         print(
             f"anchors: {unread}: the removal of a chain's last records, or a rewrite of every hash from a "

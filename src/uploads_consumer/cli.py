@@ -188,7 +188,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = _settings()
     action = args.audit_command
     if action == "verify":
-        return asyncio.run(audit.audit_verify(settings, not args.no_anchors, args.public_key))
+        return asyncio.run(audit.audit_verify(settings, not args.no_anchors, args.public_key, args.incremental))
     if action == "report":
         by = [group for groups in args.by or [("day",)] for group in groups]
         if len(by) > 2 or len(set(by)) != len(by):
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "deleted, reordered, truncated, rewritten, a forged anchor)",
         "examples:\n  AUDIT_URL=sqlite:////var/lib/uploads-consumer/audit.db uploads-consumer audit verify\n"
         "  uploads-consumer audit verify --public-key $(cat audit-verify.key)\n"
+        "  uploads-consumer audit verify --incremental  # from each chain's last anchor on: hourly, say\n"
         "  uploads-consumer audit verify --no-anchors   # the chains alone (a copy of the store, no NATS)",
     )
     av.add_argument(
@@ -364,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse every anchor not signed with this Ed25519 key (base64; repeatable; default: AUDIT_VERIFY_KEY)",
     )
     av.add_argument("--no-anchors", action="store_true", help="check the chains without reading the anchors")
+    av.add_argument(
+        "--incremental",
+        action="store_true",
+        help="each chain only from its last anchor on (its anchored record, then every later one): fast enough "
+        "to run often; a full verify still checks the older records' content",
+    )
     ar = audit_action(
         "report",
         "uploads, bytes and failures per day, user, content type or outcome (or two of them), from the daily "

@@ -110,6 +110,20 @@ class ChainCheck:
             self.forgotten_v1 += 1
         self._seq, self._hash = seq, record["hash"]
 
+    def resume_at(self, record: Mapping[str, Any]) -> None:
+        """Begin a chain at `record` rather than at its start (verify --incremental: at its last anchor).
+        Its content is checked; its link to the records before it, which are not read, is not."""
+        writer = record["writer"]
+        self.records += 1
+        self.chains += 1
+        self.heads[writer] = Head(record["seq"], record["hash"])
+        self.seen.setdefault(writer, {})[record["seq"]] = record["hash"]
+        self._writer, self._seq, self._hash, self._broken = writer, record["seq"], record["hash"], False
+        problem = content_problem(record, self.erasures)
+        if problem is not None:
+            self.breaks.append(Break(writer, record["seq"], problem))
+            self._broken = True
+
     def _link_problem(self, seq: int, prev_hash: str) -> str | None:
         expected = self._seq + 1
         if seq != expected:

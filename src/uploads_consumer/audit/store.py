@@ -186,6 +186,24 @@ class Store:
         async for values in self._stream(f"SELECT {_SELECT} FROM audit_records ORDER BY writer, seq"):
             yield _row(values)
 
+    async def writers(self) -> list[str]:
+        """Every writer with records, one index probe each (not a scan of the records)."""
+        rows = await self._fetch(
+            "WITH RECURSIVE w (writer) AS (SELECT MIN(writer) FROM audit_records UNION ALL "
+            "SELECT (SELECT MIN(writer) FROM audit_records WHERE writer > w.writer) FROM w WHERE w.writer IS NOT NULL) "
+            "SELECT writer FROM w WHERE writer IS NOT NULL"
+        )
+        return [str(row[0]) for row in rows]
+
+    async def chain_from(self, writer: str, seq: int) -> AsyncIterator[Record]:
+        """A writer's records from `seq` on, in order, read as it goes."""
+        query = f"SELECT {_SELECT} FROM audit_records WHERE writer = $1 AND seq >= $2 ORDER BY seq"
+        async for values in self._stream(query, writer, seq):
+            yield _row(values)
+
+    async def last_seq(self, writer: str) -> int:
+        return int(await self._value("SELECT COALESCE(MAX(seq), 0) FROM audit_records WHERE writer = $1", writer))
+
     async def markers(self) -> dict[str, Head]:
         """Per chain that retention shortened, the last record it removed."""
         rows = await self._fetch("SELECT writer, seq, hash FROM audit_retention")
