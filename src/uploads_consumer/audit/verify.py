@@ -11,13 +11,14 @@ chain's last anchor (at most AUDIT_ANCHOR_INTERVAL of one writer's, plus what wa
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from uploads_consumer.audit.anchors import Anchor, decode_anchors, signature_problem
 from uploads_consumer.audit.chain import Break, ChainCheck, Head
-from uploads_consumer.audit.record import ZERO_HASH
+from uploads_consumer.audit.record import ZERO_HASH, Record
 from uploads_consumer.audit.store import Store, utc
 
 
@@ -86,6 +87,17 @@ def _against_anchors(
     return None
 
 
+PAGE = 10_000  # records per query when a chain is read from its last anchor
+
+
+async def _pages(store: Store, writer: str, after: int) -> AsyncIterator[list[Record]]:
+    """A writer's records after seq `after`, a page per query: from an anchor they are few, and one
+    query each costs less than a cursor's transaction."""
+    while page := await store.chain_slice(writer, after, 1 << 62, PAGE):
+        yield page
+        after = page[-1]["seq"]
+
+
 async def _walk_from_anchors(
     store: Store, check: ChainCheck, accepted: dict[str, dict[int, Anchor]], markers: dict[str, Head]
 ) -> int:
@@ -96,13 +108,14 @@ async def _walk_from_anchors(
         marker = markers.get(writer)
         start = marker.seq if marker else 0
         top = max(accepted[writer]) if writer in accepted else 0
-        if top <= start:
-            async for record in store.chain_from(writer, start + 1):
-                check.add(record)
+        if top <= start:  # no anchor past the marker: the whole chain, a page at a time
+            async for page in _pages(store, writer, start):
+                for record in page:
+                    check.add(record)
             continue
-        records = store.chain_from(writer, top)
-        first = await anext(records, None)
-        if first is None or first["seq"] != top:
+        pages = _pages(store, writer, top - 1)
+        first_page: list[Record] = await anext(pages, [])
+        if not first_page or first_page[0]["seq"] != top:
             last = await store.last_seq(writer)
             check.chains += 1
             check.heads[writer] = Head(last, "")  # before the anchor: truncated; past it: the anchored one is gone
@@ -110,9 +123,12 @@ async def _walk_from_anchors(
                 check.breaks.append(Break(writer, top, f"record {top} of this chain, anchored, is missing (deleted)"))
             continue
         skipped += top - start - 1
-        check.resume_at(first)
-        async for record in records:
+        check.resume_at(first_page[0])
+        for record in first_page[1:]:
             check.add(record)
+        async for page in pages:
+            for record in page:
+                check.add(record)
     return skipped
 
 
