@@ -11,7 +11,7 @@ import asyncpg
 
 from uploads_consumer.audit.record import FIELDS_V1, committed
 from uploads_consumer.audit.schema import DAY_MS
-from uploads_consumer.audit.store import store_for
+from uploads_consumer.audit.store import store_at, store_for
 from uploads_consumer.embedded import clean_environment
 
 # The grants of docs/contract.md (12.7) that make the table append-only for the daemons.
@@ -46,9 +46,9 @@ async def stored(settings) -> list[dict]:
         await store.close()
 
 
-async def fill(settings, *chains: list[dict]) -> None:
-    """Append each chain's records to the store AUDIT_URL names (created as the daemon would)."""
-    store = store_for(settings)
+async def fill(url: str, *chains: list[dict]) -> None:
+    """Append each chain's records to the store at `url` (created as the daemon would)."""
+    store = store_at(url)
     await store.open()
     try:
         for records in chains:

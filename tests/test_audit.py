@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from audit_support import AUDITOR_GRANTS, WRITER_GRANTS, audit_command, pg_execute, sample, stored
+from audit_support import AUDITOR_GRANTS, WRITER_GRANTS, audit_command, fill, pg_execute, sample, stored
 from helpers import TESTS, make_files, provision_now, publish_raw, publish_uploads, until, wait_ready, wait_settled
 
 from uploads_consumer import audit_commands
@@ -136,20 +136,10 @@ def test_a_chain_that_does_not_start_at_one_is_broken():
     assert check.breaks[0].seq == 2 and "record 1 of this chain missing" in check.breaks[0].problem
 
 
-async def sqlite_store_with(db: Path, *chains: list[dict]) -> None:
-    store = SqliteStore(db)
-    await store.open()
-    try:
-        for records in chains:
-            await store.append(records)
-    finally:
-        await store.close()
-
-
 async def test_verify_names_a_record_whose_list_column_is_not_json_and_checks_every_other_chain(tmp_path, daemon_env):
     db = tmp_path / "audit.db"
     a, b, c = (chained(sample(3), writer, 0, ZERO_HASH) for writer in ("replica-a", "replica-b", "replica-c"))
-    await sqlite_store_with(db, a, b, c)
+    await fill(f"sqlite:///{db}", a, b, c)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE audit_records SET processors = 'not json' WHERE writer = 'replica-a' AND seq = 2")
         conn.execute("UPDATE audit_records SET size = 1 WHERE writer = 'replica-c' AND seq = 3")
@@ -164,7 +154,7 @@ async def test_verify_names_a_record_whose_list_column_is_not_json_and_checks_ev
 
 async def test_audit_tail_shows_a_record_whose_list_column_is_not_json(tmp_path, daemon_env):
     db = tmp_path / "audit.db"
-    await sqlite_store_with(db, chained(sample(3), "w", 0, ZERO_HASH))
+    await fill(f"sqlite:///{db}", chained(sample(3), "w", 0, ZERO_HASH))
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE audit_records SET skipped = '[\"unclosed' WHERE seq = 2")
     tail = subprocess.Popen(

@@ -178,7 +178,7 @@ async def rewrite_from(settings, writer: str, seq: int) -> None:
 async def test_every_hash_rewritten_from_a_record_on_is_named_rewritten(store_url, settings_for, daemon_env):
     settings = settings_for(AUDIT_URL=store_url)
     records = chained(recent(6, email="ana@example.com"), "w", 0, ZERO_HASH)
-    await fill(settings, records)
+    await fill(store_url, records)
     await publish_anchor(settings, "w", 6, records[-1]["hash"])
     env = {**daemon_env, "AUDIT_URL": store_url}
     assert audit_command(env, "verify").returncode == 0
@@ -198,7 +198,7 @@ async def test_an_anchor_not_signed_with_the_key_is_refused(tmp_path, settings_f
     settings = settings_for(AUDIT_URL=url)
     private, public = keygen()
     records = chained(recent(3), "w", 0, ZERO_HASH)
-    await fill(settings, records)
+    await fill(url, records)
     await publish_anchor(settings, "w", 3, records[-1]["hash"], signing_key=private)
     # Whoever may publish to the subject claims the chain went on to seq 9, unsigned and with another key.
     await publish_anchor(settings, "w", 9, "f" * 64)
@@ -264,11 +264,12 @@ async def test_an_incremental_verify_reads_each_chain_from_its_last_anchor_and_s
     tmp_path, settings_for, daemon_env, tampering
 ):
     db = tmp_path / "audit.db"
-    settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
+    url = f"sqlite:///{db}"
+    settings = settings_for(AUDIT_URL=url)
     records = chained(recent(6), "w", 0, ZERO_HASH)
-    await fill(settings, records, chained(recent(2), "unanchored", 0, ZERO_HASH))
+    await fill(url, records, chained(recent(2), "unanchored", 0, ZERO_HASH))
     await publish_anchor(settings, "w", 4, records[3]["hash"])
-    env = {**daemon_env, "AUDIT_URL": settings.audit_url.get_secret_value()}
+    env = {**daemon_env, "AUDIT_URL": url}
     clean = audit_command(env, "verify", "--incremental")
     assert clean.returncode == 0
     assert lines(clean)[0] == "5 records in 2 chains verified", "w from seq 4, and the chain without an anchor whole"
@@ -285,11 +286,12 @@ async def test_an_incremental_verify_sees_a_rewrite_up_to_the_anchor_but_not_an_
     tmp_path, settings_for, daemon_env
 ):
     db = tmp_path / "audit.db"
-    settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
+    url = f"sqlite:///{db}"
+    settings = settings_for(AUDIT_URL=url)
     records = chained(recent(6), "w", 0, ZERO_HASH)
-    await fill(settings, records)
+    await fill(url, records)
     await publish_anchor(settings, "w", 4, records[3]["hash"])
-    env = {**daemon_env, "AUDIT_URL": settings.audit_url.get_secret_value()}
+    env = {**daemon_env, "AUDIT_URL": url}
     with sqlite3.connect(db) as conn:  # an old record's content changed, its hash left as it was
         conn.execute("UPDATE audit_records SET size = 1 WHERE seq = 2")
     assert audit_command(env, "verify", "--incremental").returncode == 0, "the records before the anchor are not read"

@@ -15,7 +15,7 @@ from test_audit_anchors import publish_anchor
 
 from uploads_consumer.audit.record import PERSONAL, ZERO_HASH, chained
 from uploads_consumer.audit.schema import POSTGRES, SQLITE, migrations
-from uploads_consumer.audit.store import store_for
+from uploads_consumer.audit.store import store_at
 
 ANA, BEN = "ana@example.com", "ben@example.com"
 
@@ -47,7 +47,7 @@ async def test_forget_then_verify_passes_and_an_edit_after_the_forget_still_fail
     settings = settings_for(AUDIT_URL=store_url)
     entries = recent(3, email=ANA, filename="ana-passport.pdf", reason="ana-passport.pdf: not a PDF")
     entries[1].update(file_uuid="5b0c1a52-5d8e-4a9b-9a3e-0c1c2f7e8d10")
-    await fill(settings, chained(entries + recent(2, email=BEN, filename="ben.txt"), "w", 0, ZERO_HASH))
+    await fill(store_url, chained(entries + recent(2, email=BEN, filename="ben.txt"), "w", 0, ZERO_HASH))
     env = {**daemon_env, "AUDIT_URL": store_url}
 
     forgot = audit_command(env, "forget", "--email", ANA, "--note", "request 2026-114")
@@ -79,7 +79,7 @@ async def test_forget_then_verify_passes_and_an_edit_after_the_forget_still_fail
 
 
 async def test_personal_fields_removed_outside_forget_break_the_chain(store_url, settings_for, daemon_env):
-    await fill(settings_for(AUDIT_URL=store_url), chained(recent(2, email=BEN), "w", 0, ZERO_HASH))
+    await fill(store_url, chained(recent(2, email=BEN), "w", 0, ZERO_HASH))
     await execute(store_url, "UPDATE audit_records SET email = NULL, salt = NULL WHERE seq = 2")
     code, out = verify({**daemon_env, "AUDIT_URL": store_url})
     assert (code, out[0]) == (
@@ -92,7 +92,7 @@ async def test_forget_by_file_uuid_keeps_the_persons_other_uploads(store_url, se
     settings = settings_for(AUDIT_URL=store_url)
     one, other = "5b0c1a52-5d8e-4a9b-9a3e-0c1c2f7e8d10", "0ab35a7e-7a72-4e37-b34d-1045459d355f"
     await fill(
-        settings,
+        store_url,
         chained(recent(2, email=ANA, file_uuid=one) + recent(1, email=ANA, file_uuid=other), "w", 0, ZERO_HASH),
     )
     env = {**daemon_env, "AUDIT_URL": store_url}
@@ -112,7 +112,7 @@ async def test_retention_then_verify_passes_and_a_deletion_in_the_middle_still_f
     settings = settings_for(AUDIT_URL=store_url)
     w = chained(recent(5, days_ago=40) + recent(3, days_ago=1), "w", 0, ZERO_HASH)
     v = chained(recent(2, days_ago=40), "v", 0, ZERO_HASH)  # every record old: the whole chain goes
-    await fill(settings, w, v)
+    await fill(store_url, w, v)
     await publish_anchor(settings, "w", 8, w[-1]["hash"])
     await publish_anchor(settings, "v", 2, v[-1]["hash"])
     env = {**daemon_env, "AUDIT_URL": store_url, "AUDIT_RETENTION": "30d"}
@@ -140,7 +140,7 @@ async def test_retention_then_verify_passes_and_a_deletion_in_the_middle_still_f
 
 
 async def test_a_deletion_at_the_start_of_a_chain_without_retention_is_tampering(store_url, settings_for, daemon_env):
-    await fill(settings_for(AUDIT_URL=store_url), chained(recent(3, days_ago=40), "w", 0, ZERO_HASH))
+    await fill(store_url, chained(recent(3, days_ago=40), "w", 0, ZERO_HASH))
     await execute(store_url, "DELETE FROM audit_records WHERE seq = 1")
     code, out = verify({**daemon_env, "AUDIT_URL": store_url})
     assert (code, out[0]) == (1, "broken: writer w seq 2: record 1 of this chain missing before it (deleted)")
@@ -148,7 +148,7 @@ async def test_a_deletion_at_the_start_of_a_chain_without_retention_is_tampering
 
 async def test_prune_keeps_a_chain_from_its_first_record_that_does_not_verify(store_url, settings_for, daemon_env):
     settings = settings_for(AUDIT_URL=store_url)
-    await fill(settings, chained(recent(5, days_ago=40), "w", 0, ZERO_HASH))
+    await fill(store_url, chained(recent(5, days_ago=40), "w", 0, ZERO_HASH))
     await execute(store_url, "UPDATE audit_records SET size = 1 WHERE seq = 3")
     pruned = audit_command({**daemon_env, "AUDIT_URL": store_url, "AUDIT_RETENTION": "30d"}, "prune")
     assert pruned.returncode == 1
@@ -197,14 +197,13 @@ async def a_version_1_store(url: str, records: list[dict]) -> None:
         await conn.close()
 
 
-async def test_an_old_format_store_keeps_verifying_after_the_upgrade(store_url, settings_for, daemon_env):
-    settings = settings_for(AUDIT_URL=store_url)
+async def test_an_old_format_store_keeps_verifying_after_the_upgrade(store_url, daemon_env):
     old = chained(sample(3, email=ANA, filename="a.pdf") + sample(1, email=BEN), "old/1/aaaa", 0, ZERO_HASH)
     await a_version_1_store(store_url, old)
     env = {**daemon_env, "AUDIT_URL": store_url}
     migrated = audit_command(env, "migrate")
     assert (migrated.returncode, migrated.stdout) == (0, "audit schema at version 2\n")
-    await fill(settings, chained(recent(2, email=ANA), "new/2/bbbb", 0, ZERO_HASH))
+    await fill(store_url, chained(recent(2, email=ANA), "new/2/bbbb", 0, ZERO_HASH))
     code, out = verify(env)
     assert (code, out[0]) == (0, "6 records in 2 chains verified")
     report = json.loads(audit_command(env, "report", "--since", "400d", "--by", "user", "--json").stdout)
@@ -224,10 +223,10 @@ async def test_an_old_format_store_keeps_verifying_after_the_upgrade(store_url, 
 @pytest.mark.parametrize("twice", [1, 2])
 async def test_the_daily_figures_count_a_batch_sent_twice_once(store_url, settings_for, daemon_env, twice):
     records = chained(recent(4, email=ANA), "w", 0, ZERO_HASH)  # of 100, 200, 300 and 400 bytes
-    await fill(settings_for(AUDIT_URL=store_url), *([records] * twice))  # a batch sent again after a lost answer
+    await fill(store_url, *([records] * twice))  # a batch sent again after a lost answer
     report = json.loads(audit_command({**daemon_env, "AUDIT_URL": store_url}, "report", "--json").stdout)
     assert (report["total"]["records"], report["total"]["bytes"]) == (4, 1000)
-    store = store_for(settings_for(AUDIT_URL=store_url))
+    store = store_at(store_url)
     await store.open()
     try:
         assert len([r async for r in store.chains()]) == 4

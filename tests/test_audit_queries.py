@@ -23,7 +23,7 @@ async def test_a_report_of_a_consumer_without_records_exits_1_naming_the_consume
 ):
     notify = chained(recent(2, consumer="notify"), "w1", 0, ZERO_HASH)
     archive = chained(recent(1, consumer="archive"), "w2", 0, ZERO_HASH)
-    await fill(settings_for(AUDIT_URL=store_url), notify, archive)
+    await fill(store_url, notify, archive)
     env = {**daemon_env, "AUDIT_URL": store_url}
     for args in ((), ("--consumer", "nobody"), ("--json",)):
         report = audit_command(env, "report", *args)
@@ -42,7 +42,7 @@ async def test_a_report_groups_by_two_keys(store_url, settings_for, daemon_env):
         0,
         ZERO_HASH,
     )
-    await fill(settings_for(AUDIT_URL=store_url), records)
+    await fill(store_url, records)
     env = {**daemon_env, "AUDIT_URL": store_url}
     expected = [
         {"group": [ana, days_ago(1)], "user": ana, "day": days_ago(1), "records": 1, "uploads": 1, "failures": 0},
@@ -68,7 +68,7 @@ async def test_a_report_groups_by_two_keys(store_url, settings_for, daemon_env):
 
 async def test_a_report_counts_whole_utc_days_back_to_the_one_since_falls_on(store_url, settings_for, daemon_env):
     records = chained(recent(3) + recent(2, days_ago=8) + recent(1, days_ago=10), "w", 0, ZERO_HASH)
-    await fill(settings_for(AUDIT_URL=store_url), records)
+    await fill(store_url, records)
     env = {**daemon_env, "AUDIT_URL": store_url}
 
     def total(since: str) -> int:
@@ -90,7 +90,7 @@ async def test_show_prints_every_record_of_an_upload_or_a_person_across_consumer
     notify = recent(1, days_ago=0.005, consumer="notify", **ana)
     other = recent(1, email="ana@example.com", file_uuid="0ab35a7e-7a72-4e37-b34d-1045459d355f", event_id="e-2")
     await fill(
-        settings_for(AUDIT_URL=store_url),
+        store_url,
         chained(process + other, "p", 0, ZERO_HASH),
         chained(notify, "n", 0, ZERO_HASH),
         chained(recent(2, email="ben@example.com"), "b", 0, ZERO_HASH),
@@ -126,7 +126,7 @@ async def test_export_streams_the_records_since_as_json_lines_or_csv(store_url, 
 
     old, new = recent(2, days_ago=10), recent(3, email="ana@example.com", filename='a "quoted", name.pdf')
     records = chained(old + new, "w", 0, ZERO_HASH)
-    await fill(settings_for(AUDIT_URL=store_url), records)
+    await fill(store_url, records)
     env = {**daemon_env, "AUDIT_URL": store_url}
 
     jsonl = audit_command(env, "export", "--since", "7d")

@@ -597,9 +597,13 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite:///"))
 
 
+def store_at(url: str) -> AuditStore:
+    """The store an AUDIT_URL value names (not opened)."""
+    return SqliteStore(sqlite_path(url)) if url.startswith("sqlite:") else PostgresStore(url)
+
+
 def store_for(settings: Settings) -> AuditStore:
     """The store AUDIT_URL names (not opened); ConfigError when it is unset."""
     if settings.audit_url is None:
         raise ConfigError("AUDIT_URL", "not set: the audit commands read the trail it names")
-    url = settings.audit_url.get_secret_value()
-    return SqliteStore(sqlite_path(url)) if url.startswith("sqlite:") else PostgresStore(url)
+    return store_at(settings.audit_url.get_secret_value())
