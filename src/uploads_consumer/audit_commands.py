@@ -207,7 +207,17 @@ async def audit_report(settings: Settings, since: float, by: Sequence[str], cons
 
 
 def _tail_line(record: Record) -> str:
-    shown = ("stream_seq", "deliveries", "event_id", "email", "filename", "size", "content_type", "error_class")
+    shown = (
+        "stream_seq",
+        "deliveries",
+        "event_id",
+        "file_uuid",
+        "email",
+        "filename",
+        "size",
+        "content_type",
+        "error_class",
+    )
     facts = " ".join(f"{k}={record[k]}" for k in shown if record[k] is not None)
     took = f" {record['duration_ms']}ms" if record["duration_ms"] is not None else ""
     why = f" reason={json.dumps(record['reason'], ensure_ascii=False)}" if record["reason"] else ""
