@@ -241,6 +241,7 @@ def test_the_operators_alerts_are_all_there():
         "UploadsConsumerStuck",
         "UploadsConsumerRedeliveriesClimbing",
         "UploadsConsumerAuditSpoolNotEmptying",
+        "UploadsConsumerAuditAnchorsFailing",
     }
 
 
