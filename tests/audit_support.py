@@ -22,8 +22,8 @@ WRITER_GRANTS = [
 ]
 AUDITOR_GRANTS = [
     "CREATE ROLE uploads_auditor LOGIN PASSWORD 'auditor-secret-2b7c'",
-    "GRANT SELECT ON audit_schema, audit_records, audit_erasures, audit_retention, audit_daily, audit_daily_users, "
-    "audit_block_users TO uploads_auditor",
+    "GRANT SELECT ON audit_schema, audit_records, audit_erasures, audit_retention, audit_daily, audit_users_1d, "
+    "audit_users_4d, audit_users_32d, audit_users_256d TO uploads_auditor",
 ]
 
 

@@ -9,7 +9,7 @@ import json
 from audit_support import audit_command, fill, recent
 
 from uploads_consumer.audit.record import ZERO_HASH, chained
-from uploads_consumer.audit.store import day_text
+from uploads_consumer.audit.store import day_text, user_periods
 
 
 def days_ago(n: int) -> str:
@@ -139,3 +139,15 @@ async def test_export_streams_the_records_since_as_json_lines_or_csv(store_url, 
     assert [int(r["seq"]) for r in rows] == [3, 4, 5]
     assert rows[0]["filename"] == 'a "quoted", name.pdf' and rows[0]["hash"] == records[2]["hash"]
     assert json.loads(rows[0]["processors"]) == ["save"] and rows[0]["error_class"] == ""
+
+
+def test_the_users_pyramid_covers_every_day_from_since_on_once():
+    horizon = 21_000
+    for since in range(20_000, 20_600):
+        covered = []
+        for days, first, end in user_periods(since):
+            for period in range(first, end if end is not None else horizon // days):
+                covered.extend(range(period * days, (period + 1) * days))
+        assert sorted(covered) == list(range(since, covered[-1] + 1)), since
+        assert len(user_periods(since)) <= 4
+    assert user_periods(20429) == [(1, 20429, 20432), (4, 5108, 5112), (32, 639, 640), (256, 80, None)]

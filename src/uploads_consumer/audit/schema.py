@@ -7,9 +7,9 @@ Version 1: `audit_records` (one row per record, its place in the chain a unique 
 - `audit_erasures` (each `forget` and `prune`: who, when, what, how many records);
 - `audit_retention` (per chain, the last record retention removed, and its hash: where verify starts);
 - the report's rollups, kept by a trigger in the transaction that inserts the records: per UTC day
-  `audit_daily` (content type, outcome) and `audit_daily_users` (email, outcome), and per block of
-  BLOCK_DAYS days `audit_block_users`, so a report over a year by user reads a dozen blocks, not
-  365 days;
+  `audit_daily` (content type, outcome), and per uploader and outcome a pyramid of periods of 1, 4,
+  32 and 256 days (`audit_users_1d` … `audit_users_256d`), so that a report by user over a year
+  reads a period of 256 days, a few of 32, 4 and 1 — not 365 days of every user;
 - `audit_schema.store_id`, a random name of the store, which a spool file records (spool.py).
 
 The daemons' role needs no grant on the rollups: on PostgreSQL the trigger runs as the tables' owner.
@@ -21,13 +21,18 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 2
 DAY_MS = 86_400_000
-BLOCK_DAYS = 32
+USER_PERIODS = (1, 4, 32, 256)  # days: each a multiple of the one before, counted from 1970-01-01
 NO_EMAIL, FORGOTTEN_EMAIL = "", " "  # rollup keys no uploader's email can be (an email is never blank)
 NO_TYPE = ""
-ROLLUPS = {  # table: (its period column, its key below the consumer and the period)
-    "audit_daily": ("day", ("content_type", "outcome")),
-    "audit_daily_users": ("day", ("email", "outcome")),
-    "audit_block_users": ("block", ("email", "outcome")),
+
+
+def users_table(days: int) -> str:
+    return f"audit_users_{days}d"
+
+
+ROLLUPS = {  # table: (its period column, its length in days, its key below the consumer and the period)
+    "audit_daily": ("day", 1, ("content_type", "outcome")),
+    **{users_table(days): ("period", days, ("email", "outcome")) for days in USER_PERIODS},
 }
 
 
@@ -75,22 +80,28 @@ def _version_1(d: Dialect) -> list[str]:
 def rollup_rows(source: str, email: str = "email") -> dict[str, str]:
     """Per rollup, the SELECT that sums `source`'s rows into its keys (GROUP BY and ORDER BY its key:
     concurrent writers then lock the rows they share in one order)."""
-    day = f"recorded_at / {DAY_MS}"
-    keys = {
-        "audit_daily": f"{day}, COALESCE(content_type, '{NO_TYPE}'), outcome",
-        "audit_daily_users": f"{day}, COALESCE({email}, '{NO_EMAIL}'), outcome",
-        "audit_block_users": f"{day} / {BLOCK_DAYS}, COALESCE({email}, '{NO_EMAIL}'), outcome",
-    }
     return {
-        table: f"SELECT consumer, {key}, COUNT(*), COALESCE(SUM(size), 0) FROM {source} "
+        table: f"SELECT consumer, {_keys(table, email)}, COUNT(*), COALESCE(SUM(size), 0) FROM {source} "
         f"GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
-        for table, key in keys.items()
+        for table in ROLLUPS
     }
+
+
+def _keys(table: str, email: str = "email", row: str = "") -> str:
+    """A rollup's period and key, as expressions over a record's columns (`row`: `NEW.` in a trigger)."""
+    _, days, key = ROLLUPS[table]
+    period = f"{row}recorded_at / {DAY_MS * days}"
+    column = (
+        f"COALESCE({row}content_type, '{NO_TYPE}')"
+        if key[0] == "content_type"
+        else f"COALESCE({row}{email}, '{NO_EMAIL}')"
+    )
+    return f"{period}, {column}, {row}outcome"
 
 
 def rollup_upsert(table: str) -> str:
     """INSERT … ON CONFLICT that adds rows (consumer, period, key…, records, bytes) into `table`."""
-    period, key = ROLLUPS[table]
+    period, _, key = ROLLUPS[table]
     columns = ", ".join(("consumer", period, *key))
     return (
         f"INSERT INTO {table} ({columns}, records, bytes) {{rows}} ON CONFLICT ({columns}) "
@@ -100,7 +111,7 @@ def rollup_upsert(table: str) -> str:
 
 def _rollup_tables(d: Dialect) -> list[str]:
     statements = []
-    for table, (period, key) in ROLLUPS.items():
+    for table, (period, _, key) in ROLLUPS.items():
         keys = " ".join(f"{column} TEXT NOT NULL," for column in key)
         statements.append(
             f"CREATE TABLE {table} (consumer TEXT NOT NULL, {period} {d.integer} NOT NULL, {keys} "
@@ -113,15 +124,11 @@ def _rollup_tables(d: Dialect) -> list[str]:
 
 def _rollup_trigger(d: Dialect) -> list[str]:
     if d is SQLITE:  # row by row: SQLite has no statement triggers
-        day = f"NEW.recorded_at / {DAY_MS}"
-        values = {
-            "audit_daily": f"{day}, COALESCE(NEW.content_type, '{NO_TYPE}')",
-            "audit_daily_users": f"{day}, COALESCE(NEW.email, '{NO_EMAIL}')",
-            "audit_block_users": f"{day} / {BLOCK_DAYS}, COALESCE(NEW.email, '{NO_EMAIL}')",
-        }
         body = "; ".join(
-            rollup_upsert(table).format(rows=f"VALUES (NEW.consumer, {v}, NEW.outcome, 1, COALESCE(NEW.size, 0))")
-            for table, v in values.items()
+            rollup_upsert(table).format(
+                rows=f"VALUES (NEW.consumer, {_keys(table, row='NEW.')}, 1, COALESCE(NEW.size, 0))"
+            )
+            for table in ROLLUPS
         )
         return [f"CREATE TRIGGER audit_rollups AFTER INSERT ON audit_records BEGIN {body}; END"]
     # One pass per INSERT (or COPY) statement over the rows it added; ON CONFLICT DO NOTHING adds none

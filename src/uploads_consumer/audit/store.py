@@ -25,18 +25,20 @@ from typing import Any
 from uploads_consumer.audit.chain import Head
 from uploads_consumer.audit.record import COLUMNS, LISTS, PERSONAL, Record
 from uploads_consumer.audit.schema import (
-    BLOCK_DAYS,
     DAY_MS,
     FORGOTTEN_EMAIL,
     NO_EMAIL,
     NO_TYPE,
     POSTGRES,
+    ROLLUPS,
     SCHEMA_VERSION,
     SQLITE,
+    USER_PERIODS,
     Dialect,
     migrations,
     rollup_rows,
     rollup_upsert,
+    users_table,
 )
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ConfigError, UploadsError
@@ -47,12 +49,17 @@ _SELECT = ", ".join(READ_COLUMNS)
 INTEGERS = frozenset({"format", "seq", "recorded_at", "pid", "stream_seq", "deliveries", "size", "duration_ms"})
 GROUPS = ("day", "user", "type", "outcome")
 MEASURES = ("records", "uploads", "bytes", "failures", "retries", "duplicates")
-_MEASURES_SQL = """SUM(records),
-    SUM(CASE WHEN outcome = 'processed' THEN records ELSE 0 END),
-    SUM(CASE WHEN outcome = 'processed' THEN bytes ELSE 0 END),
-    SUM(CASE WHEN outcome = 'dead_lettered' THEN records ELSE 0 END),
-    SUM(CASE WHEN outcome = 'retried' THEN records ELSE 0 END),
-    SUM(CASE WHEN outcome = 'duplicate' THEN records ELSE 0 END)"""
+_MEASURES_SQL = ", ".join(  # as BIGINT: PostgreSQL sums a BIGINT into a NUMERIC
+    f"CAST(SUM({value}) AS BIGINT)"
+    for value in (
+        "records",
+        "CASE WHEN outcome = 'processed' THEN records ELSE 0 END",
+        "CASE WHEN outcome = 'processed' THEN bytes ELSE 0 END",
+        "CASE WHEN outcome = 'dead_lettered' THEN records ELSE 0 END",
+        "CASE WHEN outcome = 'retried' THEN records ELSE 0 END",
+        "CASE WHEN outcome = 'duplicate' THEN records ELSE 0 END",
+    )
+)
 _GROUP_COLUMNS = {"day": "day", "user": "email", "type": "content_type", "outcome": "outcome"}
 _FORGOTTEN = "CASE WHEN email IS NULL AND erasure_id IS NOT NULL THEN ' ' ELSE COALESCE(email, '') END"
 
@@ -101,26 +108,46 @@ def _shown(dimension: str, value: Any) -> Any:
     return value
 
 
-def report_source(by: Sequence[str]) -> tuple[str, str]:
-    """Where a report by `by` reads (a description, and the rows: consumer $1, from day $2, whole
-    blocks from $3, days before block $3 from $4): the rollup with those keys; per user over more
-    than a block, the blocks and the days before the first whole one; per user and type together,
-    which no rollup keeps, the records."""
+def user_periods(since_day: int) -> list[tuple[int, int, int | None]]:
+    """[since_day, for ever) as (days, first, end) ranges of the users' pyramid of periods: single days
+    up to the first 4-day boundary, 4-day periods up to the first 32-day one, and so on; the last
+    level open-ended. A year is then one 256-day period and a few of each smaller size."""
+    ranges: list[tuple[int, int, int | None]] = []
+    day = since_day
+    for days, above in zip(USER_PERIODS, (*USER_PERIODS[1:], None), strict=True):
+        if above is None:
+            ranges.append((days, day // days, None))
+            break
+        boundary = -(-day // above) * above
+        if boundary > day:
+            ranges.append((days, day // days, boundary // days))
+        day = boundary
+    return ranges
+
+
+def report_source(by: Sequence[str], since_day: int) -> tuple[str, str]:
+    """Where a report by `by` reads (a description, and the rows, consumer `$1`): the daily rollup
+    when it is not by user; by user and day, the users' daily one; by user, the users' pyramid
+    (`user_periods`); by user and type, which no rollup keeps, the records."""
     if "user" in by and "type" in by:
         return "records", (
             f"SELECT recorded_at / {DAY_MS} AS day, {_FORGOTTEN} AS email, COALESCE(content_type, '{NO_TYPE}') "
             "AS content_type, outcome, 1 AS records, COALESCE(size, 0) AS bytes FROM audit_records "
-            f"WHERE consumer = $1 AND recorded_at >= $2 * {DAY_MS}"
+            f"WHERE consumer = $1 AND recorded_at >= {since_day * DAY_MS}"
         )
     if "user" not in by:
-        return "audit_daily", "SELECT * FROM audit_daily WHERE consumer = $1 AND day >= $2"
+        return "audit_daily", f"SELECT * FROM audit_daily WHERE consumer = $1 AND day >= {since_day}"
     if "day" in by:
-        return "audit_daily_users", "SELECT * FROM audit_daily_users WHERE consumer = $1 AND day >= $2"
-    return "audit_block_users", (
-        "SELECT email, outcome, records, bytes FROM audit_block_users WHERE consumer = $1 AND block >= $3 "
-        "UNION ALL SELECT email, outcome, records, bytes FROM audit_daily_users "
-        "WHERE consumer = $1 AND day >= $2 AND day < $4"
-    )
+        return users_table(1), (
+            f"SELECT period AS day, email, outcome, records, bytes FROM {users_table(1)} "
+            f"WHERE consumer = $1 AND period >= {since_day}"
+        )
+    parts = [
+        f"SELECT email, outcome, records, bytes FROM {users_table(days)} WHERE consumer = $1 AND period >= {first}"
+        + (f" AND period < {end}" if end is not None else "")
+        for days, first, end in user_periods(since_day)
+    ]
+    return "audit_users_*", " UNION ALL ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -218,16 +245,15 @@ class Store:
         """Per group of `by` (one or two of GROUPS), from UTC day `since_day` on: MEASURES."""
         if not by or len(by) > 2 or len(set(by)) != len(by) or any(g not in GROUPS for g in by):
             raise ValueError(f"group by one or two of {', '.join(GROUPS)}")
-        _, rows = report_source(by)
+        _, rows = report_source(by, since_day)
         keys = ", ".join(_GROUP_COLUMNS[g] for g in by)
-        first_block = -(-since_day // BLOCK_DAYS)
-        args = [consumer, since_day, first_block, first_block * BLOCK_DAYS][: 4 if "$4" in rows else 2]
         sql = f"SELECT {keys}, {_MEASURES_SQL} FROM ({rows}) AS r GROUP BY {keys} ORDER BY {keys}"
-        result = await self._fetch(sql, *args)
+        result = await self._fetch(sql, consumer)
+        keyed = len(by)
         return [
             {
                 **{g: _shown(g, value) for g, value in zip(by, row, strict=False)},
-                **dict(zip(MEASURES, (int(v) for v in row[len(by) :]), strict=True)),
+                **dict(zip(MEASURES, row[keyed:], strict=True)),
             }
             for row in result
         ]
@@ -371,11 +397,10 @@ class Store:
         return n
 
     async def drop_rollups_before(self, day: int) -> None:
-        """The daily figures of the days before `day` (and the per-user blocks wholly before it)."""
+        """The figures of the days before `day` (of the longer periods, those wholly before it)."""
         async with self._transaction():
-            await self._execute("DELETE FROM audit_daily WHERE day < $1", day)
-            await self._execute("DELETE FROM audit_daily_users WHERE day < $1", day)
-            await self._execute("DELETE FROM audit_block_users WHERE block < $1", day // BLOCK_DAYS)
+            for table, (period, days, _) in ROLLUPS.items():
+                await self._execute(f"DELETE FROM {table} WHERE {period} < $1", day // days)
 
 
 class _NothingToForget(Exception):
