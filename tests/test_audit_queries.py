@@ -57,6 +57,11 @@ async def test_a_report_groups_by_two_keys(store_url, settings_for, daemon_env):
         kept = ("group", "user", "day", "records", "uploads", "failures")
         assert [{k: g[k] for k in kept} for g in shown["groups"]] == expected
         assert shown["total"]["records"] == 4
+    by_outcome = json.loads(audit_command(env, "report", "--by", "user,outcome", "--json").stdout)["groups"]
+    assert [(g["user"], g["outcome"], g["records"], g["uploads"], g["bytes"]) for g in by_outcome] == [
+        (ana, "processed", 3, 3, 100 + 200 + 100),  # each entry's sizes count from 100 again
+        (ben, "dead_lettered", 1, 0, 0),
+    ]
     table = audit_command(env, "report", "--by", "day,outcome").stdout.splitlines()
     assert table[1].split()[:3] == ["DAY", "OUTCOME", "RECORDS"]
     assert [line.split()[:3] for line in table[2:-1]] == [

@@ -7,9 +7,9 @@ Version 1: `audit_records` (one row per record, its place in the chain a unique 
 - `audit_erasures` (each `forget` and `prune`: who, when, what, how many records);
 - `audit_retention` (per chain, the last record retention removed, and its hash: where verify starts);
 - the report's rollups, kept by a trigger in the transaction that inserts the records: per UTC day
-  `audit_daily` (content type, outcome), and per uploader and outcome a pyramid of periods of 1, 4,
-  32 and 256 days (`audit_users_1d` … `audit_users_256d`), so that a report by user over a year
-  reads a period of 256 days, a few of 32, 4 and 1 — not 365 days of every user;
+  and content type `audit_daily`, and per uploader a pyramid of periods of 1, 4, 32 and 256 days
+  (`audit_users_1d` … `audit_users_256d`), so that a report by user over a year reads a period of
+  256 days and a few of 32, 4 and 1 — not 365 days of every user; each row holds FIGURES;
 - `audit_schema.store_id`, a random name of the store, which a spool file records (spool.py).
 
 The daemons' role needs no grant on the rollups: on PostgreSQL the trigger runs as the tables' owner.
@@ -31,9 +31,25 @@ def users_table(days: int) -> str:
 
 
 ROLLUPS = {  # table: (its period column, its length in days, its key below the consumer and the period)
-    "audit_daily": ("day", 1, ("content_type", "outcome")),
-    **{users_table(days): ("period", days, ("email", "outcome")) for days in USER_PERIODS},
+    "audit_daily": ("day", 1, "content_type"),
+    **{users_table(days): ("period", days, "email") for days in USER_PERIODS},
 }
+FIGURES = ("records", "uploads", "bytes", "failures", "retries", "duplicates")
+"""What a rollup row holds of its records: how many, the processed ones and their size, the dead-lettered,
+retried and duplicate ones (the outcome is not in the key: a user's year is one row, not four)."""
+
+
+def figures(row: str = "") -> tuple[str, ...]:
+    """FIGURES as expressions over one record (`row`: `NEW.` in a trigger)."""
+    outcome, size = f"{row}outcome", f"COALESCE({row}size, 0)"
+    return (
+        "1",
+        f"CASE WHEN {outcome} = 'processed' THEN 1 ELSE 0 END",
+        f"CASE WHEN {outcome} = 'processed' THEN {size} ELSE 0 END",
+        f"CASE WHEN {outcome} = 'dead_lettered' THEN 1 ELSE 0 END",
+        f"CASE WHEN {outcome} = 'retried' THEN 1 ELSE 0 END",
+        f"CASE WHEN {outcome} = 'duplicate' THEN 1 ELSE 0 END",
+    )
 
 
 @dataclass(frozen=True)
@@ -80,9 +96,9 @@ def _version_1(d: Dialect) -> list[str]:
 def rollup_rows(source: str, email: str = "email") -> dict[str, str]:
     """Per rollup, the SELECT that sums `source`'s rows into its keys (GROUP BY and ORDER BY its key:
     concurrent writers then lock the rows they share in one order)."""
+    sums = ", ".join(f"SUM({f})" for f in figures())
     return {
-        table: f"SELECT consumer, {_keys(table, email)}, COUNT(*), COALESCE(SUM(size), 0) FROM {source} "
-        f"GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+        table: f"SELECT consumer, {_keys(table, email)}, {sums} FROM {source} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
         for table in ROLLUPS
     }
 
@@ -90,32 +106,31 @@ def rollup_rows(source: str, email: str = "email") -> dict[str, str]:
 def _keys(table: str, email: str = "email", row: str = "") -> str:
     """A rollup's period and key, as expressions over a record's columns (`row`: `NEW.` in a trigger)."""
     _, days, key = ROLLUPS[table]
-    period = f"{row}recorded_at / {DAY_MS * days}"
     column = (
         f"COALESCE({row}content_type, '{NO_TYPE}')"
-        if key[0] == "content_type"
+        if key == "content_type"
         else f"COALESCE({row}{email}, '{NO_EMAIL}')"
     )
-    return f"{period}, {column}, {row}outcome"
+    return f"{row}recorded_at / {DAY_MS * days}, {column}"
 
 
 def rollup_upsert(table: str) -> str:
-    """INSERT … ON CONFLICT that adds rows (consumer, period, key…, records, bytes) into `table`."""
+    """INSERT … ON CONFLICT that adds rows (consumer, period, key, FIGURES…) into `table`."""
     period, _, key = ROLLUPS[table]
-    columns = ", ".join(("consumer", period, *key))
+    added = ", ".join(f"{f} = {table}.{f} + excluded.{f}" for f in FIGURES)
     return (
-        f"INSERT INTO {table} ({columns}, records, bytes) {{rows}} ON CONFLICT ({columns}) "
-        f"DO UPDATE SET records = {table}.records + excluded.records, bytes = {table}.bytes + excluded.bytes"
+        f"INSERT INTO {table} (consumer, {period}, {key}, {', '.join(FIGURES)}) {{rows}} "
+        f"ON CONFLICT (consumer, {period}, {key}) DO UPDATE SET {added}"
     )
 
 
 def _rollup_tables(d: Dialect) -> list[str]:
     statements = []
+    counts = ", ".join(f"{f} {d.big} NOT NULL" for f in FIGURES)
     for table, (period, _, key) in ROLLUPS.items():
-        keys = " ".join(f"{column} TEXT NOT NULL," for column in key)
         statements.append(
-            f"CREATE TABLE {table} (consumer TEXT NOT NULL, {period} {d.integer} NOT NULL, {keys} "
-            f"records {d.big} NOT NULL, bytes {d.big} NOT NULL, PRIMARY KEY (consumer, {period}, {', '.join(key)}))"
+            f"CREATE TABLE {table} (consumer TEXT NOT NULL, {period} {d.integer} NOT NULL, {key} TEXT NOT NULL, "
+            f"{counts}, PRIMARY KEY (consumer, {period}, {key}))"
         )
         # The records already there (a store upgraded from version 1).
         statements.append(rollup_upsert(table).format(rows=rollup_rows("audit_records")[table]))
@@ -124,10 +139,9 @@ def _rollup_tables(d: Dialect) -> list[str]:
 
 def _rollup_trigger(d: Dialect) -> list[str]:
     if d is SQLITE:  # row by row: SQLite has no statement triggers
+        one = ", ".join(figures("NEW."))
         body = "; ".join(
-            rollup_upsert(table).format(
-                rows=f"VALUES (NEW.consumer, {_keys(table, row='NEW.')}, 1, COALESCE(NEW.size, 0))"
-            )
+            rollup_upsert(table).format(rows=f"VALUES (NEW.consumer, {_keys(table, row='NEW.')}, {one})")
             for table in ROLLUPS
         )
         return [f"CREATE TRIGGER audit_rollups AFTER INSERT ON audit_records BEGIN {body}; END"]

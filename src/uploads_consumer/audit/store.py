@@ -15,7 +15,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +26,7 @@ from uploads_consumer.audit.chain import Head
 from uploads_consumer.audit.record import COLUMNS, LISTS, PERSONAL, Record
 from uploads_consumer.audit.schema import (
     DAY_MS,
+    FIGURES,
     FORGOTTEN_EMAIL,
     NO_EMAIL,
     NO_TYPE,
@@ -35,6 +36,7 @@ from uploads_consumer.audit.schema import (
     SQLITE,
     USER_PERIODS,
     Dialect,
+    figures,
     migrations,
     rollup_rows,
     rollup_upsert,
@@ -48,18 +50,8 @@ READ_COLUMNS = (*COLUMNS, "erasure_id")
 _SELECT = ", ".join(READ_COLUMNS)
 INTEGERS = frozenset({"format", "seq", "recorded_at", "pid", "stream_seq", "deliveries", "size", "duration_ms"})
 GROUPS = ("day", "user", "type", "outcome")
-MEASURES = ("records", "uploads", "bytes", "failures", "retries", "duplicates")
-_MEASURES_SQL = ", ".join(  # as BIGINT: PostgreSQL sums a BIGINT into a NUMERIC
-    f"CAST(SUM({value}) AS BIGINT)"
-    for value in (
-        "records",
-        "CASE WHEN outcome = 'processed' THEN records ELSE 0 END",
-        "CASE WHEN outcome = 'processed' THEN bytes ELSE 0 END",
-        "CASE WHEN outcome = 'dead_lettered' THEN records ELSE 0 END",
-        "CASE WHEN outcome = 'retried' THEN records ELSE 0 END",
-        "CASE WHEN outcome = 'duplicate' THEN records ELSE 0 END",
-    )
-)
+MEASURES = FIGURES
+_MEASURES_SQL = ", ".join(f"CAST(SUM({f}) AS BIGINT)" for f in FIGURES)  # PostgreSQL sums a BIGINT into a NUMERIC
 _GROUP_COLUMNS = {"day": "day", "user": "email", "type": "content_type", "outcome": "outcome"}
 _FORGOTTEN = "CASE WHEN email IS NULL AND erasure_id IS NOT NULL THEN ' ' ELSE COALESCE(email, '') END"
 
@@ -97,15 +89,13 @@ def day_text(day: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_MS // 1000))
 
 
-def _shown(dimension: str, value: Any) -> Any:
-    """A rollup key as a report shows it."""
-    if dimension == "day":
-        return day_text(int(value))
-    if dimension == "user":
-        return {NO_EMAIL: "(none)", FORGOTTEN_EMAIL: "(forgotten)"}.get(value, value)
-    if dimension == "type":
-        return value or "(unknown)"
-    return value
+_NAMELESS = {NO_EMAIL: "(none)", FORGOTTEN_EMAIL: "(forgotten)"}
+_SHOWN: dict[str, Callable[[Any], Any]] = {  # a rollup key as a report shows it
+    "day": lambda value: day_text(int(value)),
+    "user": lambda value: _NAMELESS.get(value, value),
+    "type": lambda value: value or "(unknown)",
+    "outcome": str,
+}
 
 
 def user_periods(since_day: int) -> list[tuple[int, int, int | None]]:
@@ -126,28 +116,54 @@ def user_periods(since_day: int) -> list[tuple[int, int, int | None]]:
 
 
 def report_source(by: Sequence[str], since_day: int) -> tuple[str, str]:
-    """Where a report by `by` reads (a description, and the rows, consumer `$1`): the daily rollup
-    when it is not by user; by user and day, the users' daily one; by user, the users' pyramid
-    (`user_periods`); by user and type, which no rollup keeps, the records."""
+    """Where a report by `by` reads (a description, and its rows, consumer `$1`): keys named as GROUPS
+    map them, then FIGURES. Not by user: the daily rollup; by user and day: the users' daily one; by
+    user: the users' pyramid (`user_periods`); by user and type, which no rollup keeps: the records.
+    By outcome, each row is split into one per outcome."""
+    day = "day" if "day" in by else ""
     if "user" in by and "type" in by:
-        return "records", (
+        figures_sql = ", ".join(f"{f} AS {name}" for f, name in zip(figures(), FIGURES, strict=True))
+        rows = (
             f"SELECT recorded_at / {DAY_MS} AS day, {_FORGOTTEN} AS email, COALESCE(content_type, '{NO_TYPE}') "
-            "AS content_type, outcome, 1 AS records, COALESCE(size, 0) AS bytes FROM audit_records "
+            f"AS content_type, {figures_sql} FROM audit_records "
             f"WHERE consumer = $1 AND recorded_at >= {since_day * DAY_MS}"
         )
-    if "user" not in by:
-        return "audit_daily", f"SELECT * FROM audit_daily WHERE consumer = $1 AND day >= {since_day}"
-    if "day" in by:
-        return users_table(1), (
-            f"SELECT period AS day, email, outcome, records, bytes FROM {users_table(1)} "
+        where = "records"
+    elif "user" not in by:
+        rows = f"SELECT * FROM audit_daily WHERE consumer = $1 AND day >= {since_day}"
+        where = "audit_daily"
+    elif day:
+        rows = (
+            f"SELECT period AS day, email, {', '.join(FIGURES)} FROM {users_table(1)} "
             f"WHERE consumer = $1 AND period >= {since_day}"
         )
-    parts = [
-        f"SELECT email, outcome, records, bytes FROM {users_table(days)} WHERE consumer = $1 AND period >= {first}"
-        + (f" AND period < {end}" if end is not None else "")
-        for days, first, end in user_periods(since_day)
-    ]
-    return "audit_users_*", " UNION ALL ".join(parts)
+        where = users_table(1)
+    else:
+        rows = " UNION ALL ".join(
+            f"SELECT email, {', '.join(FIGURES)} FROM {users_table(days)} WHERE consumer = $1 AND period >= {first}"
+            + (f" AND period < {end}" if end is not None else "")
+            for days, first, end in user_periods(since_day)
+        )
+        where = "audit_users_*"
+    if "outcome" in by:  # one row per outcome a row has, with that outcome's figures alone
+        keys = "".join(f"{_GROUP_COLUMNS[g]}, " for g in by if g != "outcome")
+        parts = []
+        for outcome, column in _OUTCOMES:
+            values = dict.fromkeys(FIGURES, "0") | {"records": column, column: column}
+            if column == "uploads":
+                values["bytes"] = "bytes"
+            shown = ", ".join(f"{v} AS {f}" for f, v in values.items())
+            parts.append(f"SELECT {keys}'{outcome}' AS outcome, {shown} FROM ({rows}) AS s WHERE {column} > 0")
+        rows = " UNION ALL ".join(parts)
+    return where, rows
+
+
+_OUTCOMES = (
+    ("processed", "uploads"),
+    ("dead_lettered", "failures"),
+    ("retried", "retries"),
+    ("duplicate", "duplicates"),
+)
 
 
 @dataclass(frozen=True)
@@ -248,15 +264,16 @@ class Store:
         _, rows = report_source(by, since_day)
         keys = ", ".join(_GROUP_COLUMNS[g] for g in by)
         sql = f"SELECT {keys}, {_MEASURES_SQL} FROM ({rows}) AS r GROUP BY {keys} ORDER BY {keys}"
-        result = await self._fetch(sql, consumer)
-        keyed = len(by)
+        names, shown, keyed = (*by, *MEASURES), [_SHOWN[g] for g in by], len(by)
         return [
-            {
-                **{g: _shown(g, value) for g, value in zip(by, row, strict=False)},
-                **dict(zip(MEASURES, row[keyed:], strict=True)),
-            }
-            for row in result
+            dict(
+                zip(names, (*(show(v) for show, v in zip(shown, row[:keyed], strict=True)), *row[keyed:]), strict=True)
+            )
+            for row in await self._report_rows(sql, consumer)
         ]
+
+    async def _report_rows(self, sql: str, consumer: str) -> Sequence[Sequence[Any]]:
+        return await self._fetch(sql, consumer)
 
     async def consumers_since(self, since_day: int) -> list[tuple[str, int]]:
         """The consumers with records from UTC day `since_day` on, and how many each has."""
@@ -332,15 +349,16 @@ class Store:
         return Erasure(erasure, count)
 
     async def _move_to_forgotten(self, match: str, value: str) -> None:
-        """In the per-user rollups, the matching records' counts move from their email to `(forgotten)`."""
+        """In the per-user rollups, the matching records' figures move from their email to `(forgotten)`."""
+        marks = ", ".join(f"${i}" for i in range(1, len(FIGURES) + 4))
         for table, rows in rollup_rows(f"(SELECT * FROM audit_records WHERE {match}) AS m").items():
-            if table == "audit_daily":
-                continue  # keeps no email
-            upsert = rollup_upsert(table).format(rows="VALUES ($1, $2, $3, $4, $5, $6)")
-            for consumer, period, email, outcome, n, size in await self._fetch(rows, value):
+            if ROLLUPS[table][2] != "email":
+                continue
+            upsert = rollup_upsert(table).format(rows=f"VALUES ({marks})")
+            for consumer, period, email, *counts in await self._fetch(rows, value):
                 if email != NO_EMAIL:
-                    await self._execute(upsert, consumer, period, email, outcome, -n, -size)
-                    await self._execute(upsert, consumer, period, FORGOTTEN_EMAIL, outcome, n, size)
+                    await self._execute(upsert, consumer, period, email, *(-n for n in counts))
+                    await self._execute(upsert, consumer, period, FORGOTTEN_EMAIL, *counts)
             await self._execute(f"DELETE FROM {table} WHERE records <= 0")
 
     async def erasures(self) -> list[dict[str, Any]]:
@@ -553,6 +571,15 @@ class PostgresStore(Store):
     async def _execute(self, sql: str, *args: Any) -> None:
         conn = await self._connection()
         await conn.execute(sql, *args)
+
+    async def _report_rows(self, sql: str, consumer: str) -> Sequence[Sequence[Any]]:
+        # A report groups tens of thousands of users: its hash table in memory, not spilled to disk
+        # in batches as PostgreSQL's default 4 MB of work_mem would have it.
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.execute("SET LOCAL work_mem = '64MB'")
+            rows: Sequence[Sequence[Any]] = await conn.fetch(sql, consumer)
+            return rows
 
     async def _stream(self, sql: str, *args: Any) -> AsyncIterator[Sequence[Any]]:
         conn = await self._connection()
