@@ -5,7 +5,7 @@
     python bench/run.py --rounds 3 --profile /tmp/ours.txt   # medians of 3 interleaved rounds; py-spy profiles
     python bench/run.py --same-work        # also the floor doing the daemon's per-file work (sniff, durable save)
     python bench/run.py --webhook-only     # also ours with PROCESSORS=webhook (the event only, no S3) to a local receiver
-    python bench/run.py --audit            # also ours with an audit trail: AUDIT_URL=sqlite, and a PostgreSQL store
+    python bench/run.py --audit            # also ours with an audit trail (anchors signed): AUDIT_URL=sqlite, and a PostgreSQL store
     python bench/run.py --tracing          # also ours with tracing on, exporting to a local OTLP/HTTP receiver
 
 The floor (bench/floor_consumer.py) is the least a consumer can do per upload, with no guarantees;
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from uploads_consumer.audit.anchors import keygen
 from uploads_consumer.config import Settings
 from uploads_consumer.embedded import DaemonProcess, NatsServer, PostgresServer, S3Server, clean_environment, free_port
 from uploads_consumer.envelope import MasterKeyRing, ObjectDecryptor, encrypt_stream
@@ -493,9 +494,10 @@ def main() -> int:
         if audit_db is not None:  # one store for every round, as a deployment has (records only add up)
             audit_db.start()
             ours = [sys.executable, "-m", "uploads_consumer"]
-            consumers["ours audit=sqlite"] = ["env", f"AUDIT_URL=sqlite:///{work}/audit.db", *ours]
+            signed = f"AUDIT_SIGNING_KEY={keygen()[0]}"  # anchors signed, as a deployment that wants them trusted
+            consumers["ours audit=sqlite"] = ["env", f"AUDIT_URL=sqlite:///{work}/audit.db", signed, *ours]
             spool = f"AUDIT_SPOOL_DIR={work}/audit-spool"
-            consumers["ours audit=postgresql"] = ["env", f"AUDIT_URL={audit_db.url()}", spool, *ours]
+            consumers["ours audit=postgresql"] = ["env", f"AUDIT_URL={audit_db.url()}", spool, signed, *ours]
             rounds.update({name: [] for name in consumers if name not in rounds})
         small = make_files(work / "small", args.small, args.small_size)
         large = make_files(work / "large", 1, args.large_mib * MiB) if args.large_mib else []

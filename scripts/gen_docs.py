@@ -356,7 +356,7 @@ def message_schemas() -> dict[str, Any]:
         messages.TranscriptionHeaders,
         messages.DeadLetterHeaders,
         MaxDeliveriesAdvisory,
-        AuditAnchor,
+        messages.AuditAnchor,
     ]
     top, defs = models_json_schema(
         [(m, "serialization") for m in models], ref_template=SCHEMA_REF, title="uploads-consumer messages"
@@ -367,9 +367,9 @@ def message_schemas() -> dict[str, Any]:
     return {name: schemas[name] for name in sorted(schemas)}
 
 
-def _define_foreign_models() -> tuple[type, type]:
-    """Models of two messages no module of ours defines: JetStream's advisory (NATS' format, of which the
-    daemon reads two fields) and the audit anchor (issue 29, not merged yet: provisional)."""
+def _define_foreign_models() -> type:
+    """The model of a message no module of ours defines: JetStream's advisory (NATS' format, of which the
+    daemon reads two fields)."""
     from pydantic import BaseModel, ConfigDict, Field
 
     class MaxDeliveriesAdvisory(BaseModel):
@@ -383,24 +383,10 @@ def _define_foreign_models() -> tuple[type, type]:
         stream_seq: int = Field(ge=1, description="the message's sequence in the stream (read by the daemon)")
         deliveries: int = Field(ge=1, description="how many times it was delivered (read by the daemon)")
 
-    class AuditAnchor(BaseModel):
-        """PROVISIONAL (issue 29, being built): one writer's audit chain head, published at most every
-        AUDIT_ANCHOR_INTERVAL and on a clean stop, so deleting a chain's newest records shows. Align this
-        model with the audit package's when that merges."""
-
-        model_config = ConfigDict(extra="allow")
-        writer: str = Field(description="the chain's writer (host/pid/random)")
-        seq: int = Field(ge=1, description="the sequence of the writer's newest record")
-        hash: str = Field(description="that record's SHA-256, hex")
-        time: str = Field(description="when the anchor was made, RFC 3339 UTC")
-        signature: str | None = Field(
-            default=None, description="Ed25519 signature of the anchor, base64, when AUDIT_SIGNING_KEY is set"
-        )
-
-    return MaxDeliveriesAdvisory, AuditAnchor
+    return MaxDeliveriesAdvisory
 
 
-MaxDeliveriesAdvisory, AuditAnchor = _define_foreign_models()
+MaxDeliveriesAdvisory = _define_foreign_models()
 
 
 def load_examples() -> dict[str, dict[str, Any]]:
@@ -503,15 +489,17 @@ def asyncapi_document() -> dict[str, Any]:
             "messages": {"maxDeliveriesAdvisory": _ref("messages", "maxDeliveriesAdvisory")},
         },
         "auditAnchors": {
-            "address": None,
-            "title": "Audit anchors (provisional)",
-            "description": "PROVISIONAL: issue 29 is building it; its subject and fields will be aligned "
-            "when it merges. Each audit writer publishes its chain head (writer, seq, hash, time, and an "
-            "Ed25519 signature when `AUDIT_SIGNING_KEY` is set) to the `AUDIT_ANCHORS` stream, which denies "
-            "delete and purge, at most every `AUDIT_ANCHOR_INTERVAL` (60 s) and on a clean stop.",
+            "address": f"{d['audit_anchor_subject'].default}.{{consumer}}",
+            "title": "Audit anchors",
+            "description": "With `AUDIT_URL` set, each audit writer (one per daemon process) publishes its "
+            "chain's head — writer, consumer, seq, hash, time, and an Ed25519 signature when "
+            "`AUDIT_SIGNING_KEY` is set — every `AUDIT_ANCHOR_INTERVAL` (60 s) in which the chain moved and "
+            "at a clean stop, to `{AUDIT_ANCHOR_SUBJECT}.{consumer}`, with `Nats-Msg-Id: {writer}:{seq}`. "
+            "The `AUDIT_ANCHORS` stream (`AUDIT_ANCHOR_STREAM`) captures `{AUDIT_ANCHOR_SUBJECT}.>` and denies delete and purge; `audit verify` reads it. Empty "
+            "`AUDIT_ANCHOR_STREAM`: none.",
+            "parameters": consumer,
             "messages": {"auditAnchor": _ref("messages", "auditAnchor")},
             jetstream: {"stream": "AUDIT_ANCHORS", "denyDelete": True, "denyPurge": True},
-            "x-provisional": True,
         },
     }
 
@@ -566,7 +554,7 @@ def asyncapi_document() -> dict[str, Any]:
             bindings={"nats": {"queue": ADVISORY_QUEUE}},
         ),
         "sendAuditAnchor": op(
-            "send", "auditAnchors", "PROVISIONAL (issue 29): publish a writer's chain head.", ["auditAnchor"]
+            "send", "auditAnchors", "Publish a writer's chain head (contract 12.5).", ["auditAnchor"]
         ),
     }
     trace = "Headers: `traceparent`/`tracestate` when tracing is on (OpenTelemetry, W3C trace context)."
@@ -637,10 +625,9 @@ def asyncapi_document() -> dict[str, Any]:
         },
         "auditAnchor": {
             "name": "AuditAnchor",
-            "title": "Audit anchor (provisional)",
+            "title": "Audit anchor",
             "contentType": "application/json",
             "payload": _ref("schemas", "AuditAnchor"),
-            "x-provisional": True,
         },
     }
     security = ["userPassword", "token", "nkey", "creds", "mutualTls"]

@@ -16,7 +16,15 @@ from twilio_server import ACCOUNT, API_KEY, API_SECRET, TOKEN, TwilioServer
 from webhook_receiver import WebhookReceiver
 
 from uploads_consumer.config import VARIABLES, Settings
-from uploads_consumer.embedded import ClamdServer, DaemonProcess, NatsServer, S3Server, clean_environment, free_port
+from uploads_consumer.embedded import (
+    ClamdServer,
+    DaemonProcess,
+    NatsServer,
+    PostgresServer,
+    S3Server,
+    clean_environment,
+    free_port,
+)
 
 OUR_VARIABLES = VARIABLES
 
@@ -145,3 +153,34 @@ async def twilio() -> AsyncIterator[TwilioServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL for the session: initdb and pg_ctl in a temporary folder, on a free port."""
+    server = PostgresServer(bin_dir=Path(require_tool("initdb")).parent)
+    with server:
+        yield server
+
+
+@pytest.fixture
+async def audit_db(postgres: PostgresServer) -> str:
+    """A fresh, empty database of its own on the session's server; its name."""
+    import asyncpg
+
+    name = f"audit_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(postgres.url())
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty audit store of each kind: a SQLite file, or a database of its own on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.db'}"
+    server = request.getfixturevalue("postgres")
+    return server.url(database=request.getfixturevalue("audit_db"))

@@ -12,83 +12,19 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from audit_support import AUDITOR_GRANTS, WRITER_GRANTS, audit_command, fill, pg_execute, sample, stored
 from helpers import TESTS, make_files, provision_now, publish_raw, publish_uploads, until, wait_ready, wait_settled
-from system import require_tool
 
-from uploads_consumer import tools
-from uploads_consumer.audit import FIELDS, ZERO_HASH, ChainCheck, canonical, chained, record_hash
-from uploads_consumer.audit_store import SqliteStore, store_for
-from uploads_consumer.embedded import PostgresServer, clean_environment, free_port
+from uploads_consumer import audit_commands
+from uploads_consumer.audit.chain import ChainCheck, content_problem
+from uploads_consumer.audit.record import ZERO_HASH, canonical, chained, record_hash
+from uploads_consumer.audit.store import SqliteStore
+from uploads_consumer.embedded import clean_environment, free_port
 from uploads_consumer.producer import event_json
-
-# The grants of docs/contract.md (12.6) that make the table append-only for the daemons.
-WRITER_GRANTS = [
-    "CREATE ROLE uploads_writer LOGIN PASSWORD 'writer-secret-6d1f'",
-    "GRANT SELECT ON audit_schema TO uploads_writer",
-    "GRANT SELECT, INSERT ON audit_records TO uploads_writer",
-]
-
-
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """A real PostgreSQL for the session: initdb and pg_ctl in a temporary folder, on a free port."""
-    server = PostgresServer(bin_dir=Path(require_tool("initdb")).parent)
-    with server:
-        yield server
-
-
-@pytest.fixture
-async def audit_db(postgres: PostgresServer) -> str:
-    """A fresh database of its own on the session's server, its tables made by `audit migrate`; its name."""
-    name = f"audit_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(postgres.url())
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return name
-
-
-async def pg_execute(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def stored(settings) -> list[dict]:
-    """Every record in the store AUDIT_URL names, in chain order."""
-    store = store_for(settings)
-    await store.open(create=False)
-    try:
-        return [record async for record in store.chains()]
-    finally:
-        await store.close()
-
-
-def audit_command(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "uploads_consumer", "audit", *args],
-        env=clean_environment(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def sample(n: int, **fields) -> list[dict]:
-    entry = {name: None for name in FIELDS if name not in ("writer", "seq", "prev_hash")}
-    entry.update(format=1, consumer="file_processor", host="h", pid=7, stream="FILE_UPLOADS", deliveries=1)
-    entry.update(outcome="processed", processors=["save"], skipped=[], **fields)
-    return [{**entry, "stream_seq": i + 1, "recorded_at": 1769421017042 + i, "size": 100 * (i + 1)} for i in range(n)]
-
 
 # --- the record, its canonical form and the chain ----------------------------------------------
 
@@ -113,6 +49,28 @@ def test_the_canonical_form_and_the_hash_of_a_record_are_the_contracts_example()
     assert record["hash"] in (Path(__file__).parents[1] / "docs" / "contract.md").read_text()
 
 
+def test_a_format_2_records_canonical_form_commits_to_its_personal_fields_as_the_contracts_example_does():
+    salt = "000102030405060708090a0b0c0d0e0f"
+    [entry] = sample(1, event_id="0ab35a7e-7a72-4e37-b34d-1045459d355f", email="ana@example.com", filename="résumé.pdf")
+    email = hashlib.sha256(bytes.fromhex(salt) + b"email\0" + b"ana@example.com").hexdigest()
+    filename = hashlib.sha256(bytes.fromhex(salt) + b"filename\0" + "résumé.pdf".encode()).hexdigest()
+    entry.update(format=2, salt=salt, email_commitment=email, filename_commitment=filename, reason_commitment=None)
+    [record] = chained([entry], "h/7/1a2b3c4d", 0, ZERO_HASH)
+    expected = (
+        '{"bucket":null,"consumer":"file_processor","content_type":null,"deliveries":1,"duration_ms":null,'
+        f'"email_commitment":"{email}","error_class":null,"event_id":"0ab35a7e-7a72-4e37-b34d-1045459d355f",'
+        f'"file_uuid":null,"filename_commitment":"{filename}","format":2,"host":"h","outcome":"processed","pid":7,'
+        '"prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","processors":["save"],'
+        '"reason_commitment":null,"recorded_at":1769421017042,"seq":1,"sha256":null,"size":100,"skipped":[],'
+        '"stream":"FILE_UPLOADS","stream_seq":1,"writer":"h/7/1a2b3c4d"}'
+    )
+    assert canonical(record) == expected.encode("utf-8")
+    assert record["hash"] == hashlib.sha256(expected.encode("utf-8")).hexdigest()
+    contract = (Path(__file__).parents[1] / "docs" / "contract.md").read_text()
+    assert email in contract and filename in contract and record["hash"] in contract
+    assert content_problem({**record, "erasure_id": None}, set()) is None
+
+
 def test_each_record_carries_the_hash_of_the_one_before_it():
     records = chained(sample(3), "w", 0, ZERO_HASH)
     assert [r["seq"] for r in records] == [1, 2, 3]
@@ -129,10 +87,11 @@ async def test_verify_names_the_first_record_edited_deleted_or_reordered(tmp_pat
     settings = settings_for(AUDIT_URL=f"sqlite:///{db}")
 
     async def verify() -> tuple[int, str]:
-        code = await tools.audit_verify(settings)
+        code = await audit_commands.audit_verify(settings, use_anchors=False)
         return code, capsys.readouterr().out
 
-    assert await verify() == (0, "9 records in 2 chains verified\n")
+    code, out = await verify()
+    assert (code, out.splitlines()[0]) == (0, "9 records in 2 chains verified")
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE audit_records SET size = 1 WHERE writer = 'replica-a' AND seq = 3")
     code, out = await verify()
@@ -175,6 +134,44 @@ def test_a_chain_that_does_not_start_at_one_is_broken():
     for record in chained(sample(3), "w", 0, ZERO_HASH)[1:]:
         check.add(record)
     assert check.breaks[0].seq == 2 and "record 1 of this chain missing" in check.breaks[0].problem
+
+
+async def test_verify_names_a_record_whose_list_column_is_not_json_and_checks_every_other_chain(tmp_path, daemon_env):
+    db = tmp_path / "audit.db"
+    a, b, c = (chained(sample(3), writer, 0, ZERO_HASH) for writer in ("replica-a", "replica-b", "replica-c"))
+    await fill(f"sqlite:///{db}", a, b, c)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit_records SET processors = 'not json' WHERE writer = 'replica-a' AND seq = 2")
+        conn.execute("UPDATE audit_records SET size = 1 WHERE writer = 'replica-c' AND seq = 3")
+    verified = audit_command({**daemon_env, "AUDIT_URL": f"sqlite:///{db}"}, "verify", "--no-anchors")
+    assert verified.returncode == 1, verified.stderr
+    assert verified.stdout.splitlines()[:3] == [
+        "broken: writer replica-a seq 2: its processors column is not a JSON array of strings (edited)",
+        "broken: writer replica-c seq 3: its content does not match its hash (edited)",
+        "2 of 3 chains broken (9 records read)",
+    ]
+
+
+async def test_audit_tail_shows_a_record_whose_list_column_is_not_json(tmp_path, daemon_env):
+    db = tmp_path / "audit.db"
+    await fill(f"sqlite:///{db}", chained(sample(3), "w", 0, ZERO_HASH))
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE audit_records SET skipped = '[\"unclosed' WHERE seq = 2")
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "uploads_consumer", "audit", "tail", "-n", "3", "--json"],
+        env=clean_environment(**{**daemon_env, "AUDIT_URL": f"sqlite:///{db}"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        shown = [json.loads(await asyncio.to_thread(tail.stdout.readline) or "null") for _ in range(3)]
+        assert [r and r["seq"] for r in shown] == [1, 2, 3], tail.stderr and tail.stderr.read()
+        assert shown[1]["skipped"] == '["unclosed'  # as stored, for a person to see
+    finally:
+        tail.send_signal(signal.SIGTERM)
+        assert tail.wait(10) == 0
 
 
 def test_an_audit_url_of_another_kind_is_a_configuration_error_that_does_not_echo_it(settings_for):
@@ -233,7 +230,7 @@ async def test_every_settlement_is_recorded_on_sqlite_and_the_report_adds_up(
 
     env = {**daemon_env, "AUDIT_URL": url}
     verified = audit_command(env, "verify")
-    assert (verified.returncode, verified.stdout) == (0, "9 records in 1 chain verified\n")
+    assert (verified.returncode, verified.stdout.splitlines()[0]) == (0, "9 records in 1 chain verified")
     report = json.loads(audit_command(env, "report", "--by", "outcome", "--json").stdout)
     assert report["total"] == {
         "records": 9,
@@ -264,10 +261,6 @@ async def test_every_settlement_is_recorded_on_sqlite_and_the_report_adds_up(
     broken = audit_command(env, "verify")
     assert broken.returncode == 1
     assert broken.stdout.startswith(f"broken: writer {records[0]['writer']} seq {seq}: its content does not match")
-    with sqlite3.connect(db) as conn:  # the day the duplicate was recorded, moved back ten days
-        conn.execute("UPDATE audit_records SET recorded_at = recorded_at - 864000000 WHERE outcome = 'duplicate'")
-    assert sum(g[0] for g in groups("--since", "7d").values()) == 8
-    assert sum(g[0] for g in groups("--since", "11d").values()) == 9
 
 
 async def test_a_locked_sqlite_store_holds_the_settlements_and_loses_nothing(
@@ -295,7 +288,7 @@ async def test_a_locked_sqlite_store_holds_the_settlements_and_loses_nothing(
     assert sorted(r["event_id"] for r in records) == sorted(e.event_id for e in events)
     assert {r["outcome"] for r in records} == {"processed"}
     verified = audit_command({**daemon_env, "AUDIT_URL": url}, "verify")
-    assert (verified.returncode, verified.stdout) == (0, "2 records in 1 chain verified\n")
+    assert (verified.returncode, verified.stdout.splitlines()[0]) == (0, "2 records in 1 chain verified")
 
 
 async def test_a_dead_letter_after_some_steps_records_what_was_known_of_the_upload(
@@ -335,7 +328,7 @@ async def test_audit_tail_prints_the_last_records_then_follows_new_ones_until_st
     try:
         assert tail.stdout is not None
         shown = [json.loads(await asyncio.to_thread(tail.stdout.readline)) for _ in range(2)]
-        assert [r["seq"] for r in shown] == [2, 3] and shown[1] == first[2]
+        assert [r["seq"] for r in shown] == [2, 3] and {k: shown[1][k] for k in first[2]} == first[2]
         [newer] = chained(sample(1, email="late@example.com"), "w", 3, first[-1]["hash"])
         await store.append([newer])
         assert json.loads(await asyncio.to_thread(tail.stdout.readline))["email"] == "late@example.com"
@@ -352,7 +345,7 @@ async def test_three_replicas_write_to_one_postgresql_as_an_append_only_role_and
     tmp_path, settings_for, start_daemon, nats_server, postgres, audit_db
 ):
     admin = postgres.url(database=audit_db)
-    assert await tools.audit_migrate(settings_for(AUDIT_URL=admin)) == 0
+    assert await audit_commands.audit_migrate(settings_for(AUDIT_URL=admin)) == 0
     await pg_execute(admin, *WRITER_GRANTS)
     writer_url = postgres.url("uploads_writer", audit_db, password="writer-secret-6d1f")
     await provision_now(settings_for())
@@ -371,13 +364,15 @@ async def test_three_replicas_write_to_one_postgresql_as_an_append_only_role_and
         assert replica.terminate() == 0
         assert "writer-secret-6d1f" not in replica.log_text()
 
-    settings = settings_for(AUDIT_URL=writer_url)
+    await pg_execute(admin, *AUDITOR_GRANTS)
+    auditor_url = postgres.url("uploads_auditor", audit_db, password="auditor-secret-2b7c")
+    settings = settings_for(AUDIT_URL=auditor_url)
     records = await stored(settings)
     assert sorted(r["event_id"] for r in records if r["outcome"] == "processed") == sorted(e.event_id for e in events)
     assert len({r["writer"] for r in records}) == 3, "each replica wrote a chain of its own"
     assert {r["pid"] for r in records} == {r.proc.pid for r in replicas}
-    assert await tools.audit_verify(settings) == 0
-    report = await asyncio.to_thread(audit_command, {"AUDIT_URL": writer_url}, "report", "--json")
+    assert await audit_commands.audit_verify(settings) == 0
+    report = await asyncio.to_thread(audit_command, {"AUDIT_URL": auditor_url}, "report", "--json")
     assert json.loads(report.stdout)["total"]["uploads"] == 30 and json.loads(report.stdout)["total"]["bytes"] == 30_000
 
     conn = await asyncpg.connect(writer_url)
@@ -424,7 +419,7 @@ async def test_postgresql_stopped_mid_run_loses_no_upload_and_no_record(
     records = await stored(settings_for(AUDIT_URL=url))
     assert Counter(r["event_id"] for r in records) == {e.event_id: 1 for e in events}, "each upload exactly once"
     assert {r["outcome"] for r in records} == {"processed"}
-    assert await tools.audit_verify(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_verify(settings_for(AUDIT_URL=url)) == 0
 
 
 async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_taken_over_at_the_next_start(
@@ -432,7 +427,7 @@ async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_take
 ):
     url = postgres.url(database=audit_db)
     settings = settings_for()
-    assert await tools.audit_migrate(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_migrate(settings_for(AUDIT_URL=url)) == 0
     await provision_now(settings_for(ACK_WAIT="3s"))
     events = await publish_uploads(settings, make_files(tmp_path / "in", 8, size=700))
     postgres.stop()
@@ -460,5 +455,46 @@ async def test_a_full_spool_holds_settlements_and_a_killed_writers_spool_is_take
     # The two held when the first was killed had their records already: redelivered, they are duplicates.
     assert Counter(r["outcome"] for r in records) == {"processed": 8, "duplicate": 2}
     assert {r["pid"] for r in records if r["outcome"] == "processed"} >= {first.proc.pid}
-    assert await tools.audit_verify(settings_for(AUDIT_URL=url)) == 0
+    assert await audit_commands.audit_verify(settings_for(AUDIT_URL=url)) == 0
     assert not list((downloads / ".audit-spool").glob("*.db"))
+
+
+def test_the_default_spool_folders_of_two_consumers_are_apart(settings_for):
+    a, b = (settings_for(NATS_CONSUMER_NAME=name).audit_spool_path for name in ("cons_a", "cons_b"))
+    assert a != b and a.parent == b.parent
+
+
+async def test_a_killed_consumers_spool_goes_only_to_a_process_writing_to_its_store(
+    tmp_path, settings_for, start_daemon, nats_server, postgres, audit_db
+):
+    # cons_a writes to a database that does not exist yet (its store is down); cons_b to a healthy one.
+    # Both keep their spools in one folder, the worst case (by default each consumer has its own).
+    store_a, store_b = postgres.url(database=f"audit_{uuid.uuid4().hex[:10]}"), postgres.url(database=audit_db)
+    shared = {"AUDIT_SPOOL_DIR": str(tmp_path / "spools")}
+    await provision_now(settings_for(NATS_CONSUMER_NAME="cons_a"))
+    await provision_now(settings_for(NATS_CONSUMER_NAME="cons_b"))
+    events = await publish_uploads(settings_for(), make_files(tmp_path / "in", 3, size=600))
+    first = start_daemon("a.log", NATS_CONSUMER_NAME="cons_a", AUDIT_URL=store_a, **shared)
+    first.wait_http()
+    await until(lambda: first.metric("uploads_consumer_audit_spool_depth") == 3, 30, "3 records spooled", first)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    other = start_daemon("b.log", NATS_CONSUMER_NAME="cons_b", AUDIT_URL=store_b, HTTP_PORT=str(free_port()), **shared)
+    other.wait_http()
+    await wait_settled(nats_server.url, 3, consumer="cons_b", daemon=other)
+    await until(lambda: other.metric("uploads_consumer_audit_spool_depth") == 0, 20, "cons_b's spool emptied", other)
+    looked = ("audit spool of a process that wrote to another store", "taking over the audit spool")
+    await until(lambda: any(said in other.log_text() for said in looked), 40, "a look at the spool", other)
+    assert other.terminate() == 0
+    assert "taking over" not in other.log_text()
+    assert {r["consumer"] for r in await stored(settings_for(AUDIT_URL=store_b))} == {"cons_b"}
+
+    await pg_execute(postgres.url(), f"CREATE DATABASE {store_a.rsplit('/', 1)[1]}")  # cons_a's store is back
+    again = start_daemon("a2.log", NATS_CONSUMER_NAME="cons_a", AUDIT_URL=store_a, HTTP_PORT=str(free_port()), **shared)
+    again.wait_http()
+    await until(lambda: "taking over the audit spool" in again.log_text(), 40, "the spool taken over", again)
+    await until(lambda: again.metric("uploads_consumer_audit_spool_depth") == 0, 20, "moved to its store", again)
+    assert again.terminate() == 0
+    records = await stored(settings_for(AUDIT_URL=store_a))
+    assert sorted(r["event_id"] for r in records if r["pid"] == first.proc.pid) == sorted(e.event_id for e in events)

@@ -842,7 +842,7 @@ def test_kubernetes_settings_load_and_the_master_key_is_a_file_mounted_from_a_se
 
 
 CONTRACT = (ROOT / "docs" / "contract.md").read_text()
-SECRET_VARIABLES = re.compile(r"AUDIT_URL|.*_(PASSWORD|SECRET)$")
+SECRET_VARIABLES = re.compile(r"AUDIT_URL|AUDIT_SIGNING_KEY|.*_(PASSWORD|SECRET)$")
 
 
 def commented_env_entries() -> list[dict]:

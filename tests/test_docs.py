@@ -214,3 +214,25 @@ def test_the_processor_table_says_transcode_alone_keeps_no_wav():
     table = (ROOT / "docs" / "processors" / "index.md").read_text()
     [row] = [line for line in table.splitlines() if line.startswith("| `transcode` |")]
     assert "private work folder" in row and "`transcode` alone keeps nothing" in row
+
+
+def commands() -> list[str]:
+    """Every command line the CLI takes, `audit verify` and the like for those with actions."""
+    import argparse
+
+    from uploads_consumer.cli import build_parser
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(found[0].choices) if found else {}
+
+    return [
+        f"{name} {action}" if action else name
+        for name, sub in actions(build_parser()).items()
+        for action in (actions(sub) or {"": sub})
+    ]
+
+
+@pytest.mark.parametrize("command", commands())
+def test_every_command_is_in_the_contracts_command_table(command):
+    assert f"| `uploads-consumer {command}" in CONTRACT

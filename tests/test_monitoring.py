@@ -242,6 +242,7 @@ def test_the_operators_alerts_are_all_there():
         "UploadsConsumerRedeliveriesClimbing",
         "UploadsConsumerRetryingForLong",
         "UploadsConsumerAuditSpoolNotEmptying",
+        "UploadsConsumerAuditAnchorsFailing",
     }
 
 

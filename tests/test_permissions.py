@@ -80,6 +80,8 @@ async def test_each_role_works_with_exactly_the_permissions_setup_prints(
 ):
     process, notify = roles["process"], roles["notify"]
     notify["WEBHOOK_URL"] = webhook_receiver.url + "/hook"
+    for env in (process, notify):  # audited: the daemons anchor their chains, the operator verifies them
+        env["AUDIT_URL"] = f"sqlite:///{tmp_path / 'audit.db'}"
     users = {
         # One user per role: the admin's two sets (one per consumer) as one.
         "admin": _union(printed(process, "admin"), printed(notify, "admin")),
@@ -119,8 +121,11 @@ async def test_each_role_works_with_exactly_the_permissions_setup_prints(
         await until(lambda: _one_letter_again(url_of(server, "operator")), 30, "dead-lettered again", daemons[0])
         for daemon in daemons:
             assert daemon.http_get("/readyz")[0] == 200
-            assert daemon.terminate() == 0
-            assert "NATS refused" not in daemon.log_text()
+            assert daemon.terminate() == 0  # a clean stop anchors each chain's head
+            assert "NATS refused" not in daemon.log_text() and "anchor not published" not in daemon.log_text()
+        verified = cli(operator, "audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert re.search(r"; 2 of 2 chains anchored;", verified.stdout), verified.stdout
         assert violations(server) == []
 
 

@@ -90,6 +90,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from nats.js.api import DeliverPolicy
 
     from uploads_consumer import stages
+    from uploads_consumer.audit import ensure_anchor_stream
     from uploads_consumer.connection import command_connection
     from uploads_consumer.provision import retention_warnings
 
@@ -104,6 +105,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
             js = nc.jetstream(timeout=10)
             report = await stages.setup(js, settings, role, streams, deliver, enable_replay=args.enable_replay)
             warnings.extend(report.warnings + await retention_warnings(js, settings))
+            anchors, warned = await ensure_anchor_stream(js, settings)  # with AUDIT_URL: the anchor stream
+            report.lines += anchors
+            warnings.extend(warned)
         for line in report.lines:
             print(line)
         for warning in warnings:
@@ -254,16 +258,40 @@ def _chain_verdict(chain: list[dict[str, Any]]) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from uploads_consumer import tools
+    from uploads_consumer import audit_commands as audit
 
+    if args.audit_command == "keygen":
+        return audit.audit_keygen()
     settings = _settings()
-    if args.audit_command == "verify":
-        return asyncio.run(tools.audit_verify(settings))
-    if args.audit_command == "report":
-        return asyncio.run(tools.audit_report(settings, args.since, args.by, args.consumer, args.json))
-    if args.audit_command == "tail":
-        return asyncio.run(tools.audit_tail(settings, args.lines, args.json))
-    return asyncio.run(tools.audit_migrate(settings))
+    action = args.audit_command
+    if action == "verify":
+        return asyncio.run(audit.audit_verify(settings, not args.no_anchors, args.public_key, args.incremental))
+    if action == "report":
+        by = [group for groups in args.by or [("day",)] for group in groups]
+        if len(by) > 2 or len(set(by)) != len(by):
+            raise UploadsError("--by: one or two different groups of day, user, type, outcome")
+        return asyncio.run(audit.audit_report(settings, args.since, by, args.consumer, args.json))
+    if action == "show":
+        return asyncio.run(audit.audit_show(settings, args.id, args.json))
+    if action == "export":
+        return asyncio.run(audit.audit_export(settings, args.since, args.format))
+    if action == "forget":
+        return asyncio.run(audit.audit_forget(settings, args.email, args.file_uuid, args.note))
+    if action == "prune":
+        return asyncio.run(audit.audit_prune(settings, args.dry_run))
+    if action == "erasures":
+        return asyncio.run(audit.audit_erasures(settings, args.json))
+    if action == "tail":
+        return asyncio.run(audit.audit_tail(settings, args.lines, args.json))
+    return asyncio.run(audit.audit_migrate(settings))
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in text.split(",") if g.strip())
+    unknown = [g for g in groups if g not in ("day", "user", "type", "outcome")]
+    if not groups or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: groups are day, user, type and outcome")
+    return groups
 
 
 def _duration(text: str) -> float:
@@ -413,27 +441,105 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     kc.add_argument("--last", type=int, default=20, metavar="N", help="how many of the newest uploads (20)")
-    p = add("audit", cmd_audit, "the audit trail AUDIT_URL names: verify its chains, report usage, follow it")
+    p = add(
+        "audit",
+        cmd_audit,
+        "the audit trail AUDIT_URL names: verify, report, show, export, forget, prune, follow it",
+    )
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     def audit_action(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
         return asub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
 
-    audit_action(
+    av = audit_action(
         "verify",
-        "walk every writer's hash chain; exit 1 naming the first broken record (edited, deleted, reordered)",
-        "example:\n  AUDIT_URL=sqlite:////var/lib/uploads-consumer/audit.db uploads-consumer audit verify",
+        "walk every writer's hash chain and hold it against its anchors; exit 1 naming each break (edited, "
+        "deleted, reordered, truncated, rewritten, a forged anchor)",
+        "examples:\n  AUDIT_URL=sqlite:////var/lib/uploads-consumer/audit.db uploads-consumer audit verify\n"
+        "  uploads-consumer audit verify --public-key $(cat audit-verify.key)\n"
+        "  uploads-consumer audit verify --incremental  # from each chain's last anchor on: hourly, say\n"
+        "  uploads-consumer audit verify --no-anchors   # the chains alone (a copy of the store, no NATS)",
+    )
+    av.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="refuse every anchor not signed with this Ed25519 key (base64; repeatable; default: AUDIT_VERIFY_KEY)",
+    )
+    av.add_argument("--no-anchors", action="store_true", help="check the chains without reading the anchors")
+    av.add_argument(
+        "--incremental",
+        action="store_true",
+        help="each chain only from its last anchor on (its anchored record, then every later one): fast enough "
+        "to run often; a full verify still checks the older records' content",
     )
     ar = audit_action(
         "report",
-        "uploads, bytes and failures per day, user, content type or outcome, computed by the database",
+        "uploads, bytes and failures per day, user, content type or outcome (or two of them), from the daily "
+        "figures the database keeps; exit 1 when the consumer has no records, naming those that have",
         "examples:\n  uploads-consumer audit report\n  uploads-consumer audit report --since 30d --by user\n"
-        "  uploads-consumer audit report --by type --json",
+        "  uploads-consumer audit report --by user,day\n  uploads-consumer audit report --by type --json",
     )
-    ar.add_argument("--since", type=_duration, default=7 * 86400.0, metavar="DURATION", help="how far back (7d)")
-    ar.add_argument("--by", choices=("day", "user", "type", "outcome"), default="day", help="the groups (day)")
+    ar.add_argument(
+        "--since", type=_duration, default=7 * 86400.0, metavar="DURATION", help="how far back (7d), in whole UTC days"
+    )
+    ar.add_argument(
+        "--by",
+        type=_groups,
+        action="append",
+        metavar="GROUP[,GROUP]",
+        help="the groups, one or two of day, user, type, outcome (day); `--by user,day` or `--by user --by day`",
+    )
     ar.add_argument("--consumer", metavar="NAME", help="whose records (default: NATS_CONSUMER_NAME)")
     ar.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ash = audit_action(
+        "show",
+        "every record of one upload (its file_uuid or event_id) or one person (an email), across consumers; "
+        "exit 1 when there is none",
+        "examples:\n  uploads-consumer audit show 5b0c1a52-5d8e-4a9b-9a3e-0c1c2f7e8d10\n"
+        "  uploads-consumer audit show ana@example.com --json",
+    )
+    ash.add_argument("id", metavar="ID", help="a file_uuid, an event_id or an email")
+    ash.add_argument("--json", action="store_true", help="one JSON record per line, as stored")
+    ae = audit_action(
+        "export",
+        "every record since then, oldest first, to stdout as JSON lines or CSV, streamed (for a SIEM or a warehouse)",
+        "examples:\n  uploads-consumer audit export --since 7d > audit.jsonl\n"
+        "  uploads-consumer audit export --since 30d --format csv | gzip > audit.csv.gz",
+    )
+    ae.add_argument("--since", type=_duration, default=7 * 86400.0, metavar="DURATION", help="how far back (7d)")
+    ae.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="jsonl (the default) or csv")
+    af = audit_action(
+        "forget",
+        "remove the email, file name and reason of one person's (or one upload's) records, keeping every chain "
+        "verifiable; the erasure itself is recorded (run it as the tables' owner)",
+        "examples:\n  uploads-consumer audit forget --email ana@example.com --note 'request 2026-114'\n"
+        "  uploads-consumer audit forget --file-uuid 5b0c1a52-5d8e-4a9b-9a3e-0c1c2f7e8d10",
+    )
+    whose = af.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--email", metavar="EMAIL", help="every record of this uploader")
+    whose.add_argument("--file-uuid", metavar="UUID", help="every record of this upload")
+    af.add_argument("--note", metavar="TEXT", help="kept with the erasure record (a ticket, a request number)")
+    ap = audit_action(
+        "prune",
+        "remove the records AUDIT_RETENTION no longer keeps, in whole chain prefixes that verify, leaving each "
+        "chain a marker verify starts from (run it daily as the tables' owner)",
+        "examples:\n  AUDIT_RETENTION=365d uploads-consumer audit prune\n"
+        "  AUDIT_RETENTION=90d uploads-consumer audit prune --dry-run",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="only say how many records would go")
+    aer = audit_action(
+        "erasures",
+        "every erasure recorded (forget and prune): when, by whom, what and how many records",
+        "example:\n  uploads-consumer audit erasures --json",
+    )
+    aer.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit_action(
+        "keygen",
+        "print a new Ed25519 pair: AUDIT_SIGNING_KEY for the daemons, AUDIT_VERIFY_KEY for `audit verify`",
+        "example:\n  uploads-consumer audit keygen > audit-keys.env",
+    )
     at = audit_action(
         "tail",
         "print the last records, then each new one as it is stored, until interrupted",

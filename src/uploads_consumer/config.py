@@ -288,9 +288,21 @@ class Settings(BaseSettings):
     audit_url: SecretStr | None = None
     """The audit trail: `sqlite:///PATH` or `postgresql://…` (a secret: it may hold a password); unset: none."""
     audit_spool_dir: Path | None = None
-    """With PostgreSQL, where each process spools its records first; unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool`."""
+    """With PostgreSQL, where each writer spools its records first; unset: `{DECRYPT_DOWNLOAD_PATH}/.audit-spool/{NATS_CONSUMER_NAME}`."""
     audit_spool_max: int = Field(default=100_000, ge=1)
     """Spooled records after which settlements wait for the store."""
+    audit_anchor_stream: str = "AUDIT_ANCHORS"
+    """The JetStream stream of the audit chains' heads; empty: no anchors (audit/anchors.py)."""
+    audit_anchor_subject: str = "audit.anchors"
+    """A daemon anchors to `{AUDIT_ANCHOR_SUBJECT}.{NATS_CONSUMER_NAME}`; the stream captures `.>`."""
+    audit_anchor_interval: PositiveDuration = 60.0
+    """How often, at most, each chain whose head moved is anchored (and once more at a clean stop)."""
+    audit_signing_key: SecretStr | None = None
+    """Base64 of a 32-byte Ed25519 private key the daemons sign their anchors with; unset: unsigned."""
+    audit_verify_key: str | None = None
+    """For `audit verify`: public keys, base64, comma-separated; every anchor must be signed by one."""
+    audit_retention: Duration | None = None
+    """For `audit prune`: records older than this go, in whole chain prefixes; unset: keep every record."""
 
     @model_validator(mode="before")
     @classmethod
@@ -379,7 +391,7 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any, info: Any) -> Any:
         # An exported-but-empty variable means "unset", except where empty is meaningful.
-        if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket"):
+        if value == "" and info.field_name not in ("nats_result_subject", "dedupe_bucket", "audit_anchor_stream"):
             field = cls.model_fields[info.field_name]
             return field.default
         return value
@@ -477,7 +489,7 @@ class Settings(BaseSettings):
     @property
     def audit_spool_path(self) -> Path:
         """Where a writer to a PostgreSQL audit store keeps the records the store has not taken yet."""
-        return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool"
+        return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool" / self.nats_consumer_name
 
     @property
     def allowed_buckets(self) -> frozenset[str]:

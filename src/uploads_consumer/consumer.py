@@ -18,8 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from uploads_consumer import stages, tracing
-from uploads_consumer.audit import Delivered
-from uploads_consumer.audit_spool import open_trail
+from uploads_consumer.audit import Delivered, ensure_anchor_stream, open_trail
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import grant_hint, known_subjects, no_jetstream, no_jetstream_reason
 from uploads_consumer.deadletter import DeadLetterPublisher
@@ -219,6 +218,7 @@ class UploadConsumer:
             asyncio.create_task(self.inflight.progress_loop(), name="progress"),
             asyncio.create_task(source.refresh_loop(), name="consumer-refresh"),
             asyncio.create_task(self._report_loop(presence), name="presence"),
+            asyncio.create_task(self._audit.anchoring(js), name="audit-anchors"),
         ]
         self._pull_task = asyncio.create_task(
             source.run(self.inflight.room, self.inflight.wait_for_room, self._stopping), name="pull"
@@ -229,6 +229,7 @@ class UploadConsumer:
             self._pull_task.cancel()
             await source.stop_deliveries(INBOX_CLOSE_TIMEOUT)
             await self.inflight.finish(s.shutdown_grace, self._hurry, SETTLE_TIMEOUT)
+            await self._audit.seal()  # every record stored and its chain's head anchored, while NATS is up
         finally:
             for task in side:
                 task.cancel()
@@ -247,6 +248,8 @@ class UploadConsumer:
         assert js is not None
         streams = [stream for p in self._processors for stream in p.streams()]
         report = await stages.setup(js, self.settings, self._role, streams)
+        lines, warnings = await ensure_anchor_stream(js, self.settings)  # when audited: AUDIT_ANCHOR_STREAM
+        report.lines, report.warnings = report.lines + lines, report.warnings + warnings
         for line in report.lines:
             log.info("setup " + line)
         for warning in report.warnings:

@@ -7,6 +7,7 @@ import json
 import unicodedata
 import uuid
 from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
@@ -238,3 +239,8 @@ def upload_of(body: bytes) -> FileUploadEvent | None:
         return parse_result(body, str(data.get("consumer"))).event if isinstance(data, dict) else None
     except (PermanentError, ValueError, RecursionError):
         return None
+
+
+def utc_text(epoch_ms: int) -> str:
+    """Epoch milliseconds (an event's `timestamp`, a record's time) as ISO 8601 UTC: `2026-01-26T09:50:17.042Z`."""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

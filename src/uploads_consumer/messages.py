@@ -159,3 +159,25 @@ class DeadLetterHeaders(TraceHeaders):
         pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
         description="when, RFC 3339 UTC with milliseconds",
     )
+
+
+class AuditAnchor(_Message):
+    """One audit writer's chain head, published by the daemon to `{AUDIT_ANCHOR_SUBJECT}.{consumer}`
+    (captured by `AUDIT_ANCHOR_STREAM`, which denies deletes and purges) every `AUDIT_ANCHOR_INTERVAL`
+    in which the chain moved, and at a clean stop, with `Nats-Msg-Id: {writer}:{seq}` (docs/contract.md 12.5)."""
+
+    writer: str = Field(description="the chain's writer: `{host}/{pid}/{8 hex digits}`, one per process")
+    consumer: str = Field(description="the consumer the writer records for (NATS_CONSUMER_NAME)")
+    seq: int = Field(ge=1, description="the sequence of the chain's last record the store holds")
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="that record's SHA-256, hex")
+    at: int = Field(ge=0, description="when the anchor was made, epoch milliseconds")
+    key: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="with AUDIT_SIGNING_KEY: the first 16 hex digits of the SHA-256 of the public key",
+    )
+    signature: str | None = Field(
+        default=None,
+        description="with AUDIT_SIGNING_KEY: base64 of the Ed25519 signature of "
+        "`uploads-consumer audit anchor 1\\n` and the canonical JSON of at, consumer, hash, seq and writer",
+    )

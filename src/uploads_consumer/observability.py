@@ -167,6 +167,10 @@ class Metrics:
             "audit_flush_errors",
             "Failed attempts to write audit records (to the local journal, or from the spool to the store).",
         )
+        self.audit_anchors = single(Counter, "audit_anchors", "Audit chain heads published to the anchor stream.")
+        self.audit_anchor_errors = single(
+            Counter, "audit_anchor_errors", "Failed attempts to publish an audit anchor (tried again next interval)."
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

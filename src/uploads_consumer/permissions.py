@@ -4,7 +4,8 @@ Three roles (`uploads-consumer setup --print-permissions --role ROLE`):
 
 - `daemon`: the daemon with `AUTO_SETUP=false` (an admin ran `setup`): read its consumer, pull, settle,
   its idempotency bucket, publish its results, dead letters and what its processors publish;
-- `operator`: `status`, `dlq list`, `dlq replay`, `keys check` (the commands an operator runs);
+- `operator`: `status`, `dlq list`, `dlq replay`, `keys check` (the commands an operator runs), and
+  with `AUDIT_URL` the anchors `audit verify` reads;
 - `admin`: `setup` (and a daemon with `AUTO_SETUP=true`, which needs `daemon` and `admin` together).
 
 Each set was measured: the daemon and every command run against a nats-server that allows exactly it
@@ -70,6 +71,11 @@ def _reads_uploads(settings: Settings, actions: tuple[str, ...], why: str) -> li
     ]
 
 
+def _anchors(settings: Settings) -> str | None:
+    """The audit anchor stream, when this consumer is audited and anchors are on (contract 12.5)."""
+    return settings.audit_anchor_stream if settings.audit_url is not None and settings.audit_anchor_stream else None
+
+
 def daemon(
     settings: Settings,
     streams: Sequence[tuple[str, str]] = (),
@@ -100,6 +106,8 @@ def daemon(
         p.allow(s.result_subject)
     p.allow(s.dlq_subject)
     p.allow(*(subject for _, subject in streams))
+    if _anchors(s):
+        p.allow(f"{s.audit_anchor_subject}.{s.nats_consumer_name}")  # its audit chains' heads; nothing else there
     p.subscribe = [f"{s.nats_inbox_prefix}.>", f"{ADVISORY}.{consumer}"]
     if fetches in ("object", "plaintext"):
         p.aws += _reads_uploads(s, ("s3:GetObject",), "the upload's object and metadata.json")
@@ -131,6 +139,13 @@ def operator(settings: Settings) -> Permissions:
     )
     if s.nats_result_subject:
         p.allow(f"{s.nats_result_subject}.replay.>")
+    if anchors := _anchors(s):  # audit verify: the anchors, through an ordered consumer
+        p.allow(
+            f"$JS.API.STREAM.INFO.{anchors}",
+            f"$JS.API.CONSUMER.CREATE.{anchors}",
+            f"$JS.API.CONSUMER.CREATE.{anchors}.>",
+            f"$JS.FC.{anchors}.>",  # its flow control's replies, once the stream holds more than a batch
+        )
     p.subscribe = [f"{s.nats_inbox_prefix}.>"]
     p.aws += [
         AwsGrant(
@@ -154,6 +169,8 @@ def admin(settings: Settings, streams: Sequence[tuple[str, str]] = ()) -> Permis
     made = [source.stream, s.dlq_stream_name, *(name for name, _ in streams)]
     if source.after is None:
         made.append(s.nats_stream_name)
+    if anchors := _anchors(s):
+        made.append(anchors)
     if s.nats_result_subject:
         made.append(s.nats_result_stream_name)
     for stream in dict.fromkeys(made):

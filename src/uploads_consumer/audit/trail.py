@@ -5,7 +5,7 @@ or a term (and once a copy of a message the server gave up on is stored): an `Au
 `NoAudit` when AUDIT_URL is unset. Each record is chained to the previous
 record of its writer (one chain per process: the SHA-256 of its canonical form and that of the record
 before it) and appended, fsynced, to a `Journal`: the SQLite store itself, or the local spool of a
-PostgreSQL store (audit_spool.py). Several settlements waiting at once are written in one transaction.
+PostgreSQL store (spool.py). Several settlements waiting at once are written in one transaction.
 
 Record format, canonical form and guarantees: docs/contract.md, "12. Audit trail".
 """
@@ -14,133 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from uploads_consumer.audit.anchors import SEAL_TIMEOUT, AnchorPublisher
+from uploads_consumer.audit.chain import Head
+from uploads_consumer.audit.record import ZERO_HASH, Record, chained, committed
 from uploads_consumer.errors import describe
 from uploads_consumer.events import FileUploadEvent, upload_of
 from uploads_consumer.observability import Metrics, get_logger
 
 log = get_logger("uploads_consumer.audit")
 
-FORMAT = 1
-ZERO_HASH = "0" * 64
-FIELDS = (
-    "format",
-    "writer",
-    "seq",
-    "prev_hash",
-    "recorded_at",
-    "consumer",
-    "host",
-    "pid",
-    "stream",
-    "stream_seq",
-    "deliveries",
-    "event_id",
-    "file_uuid",
-    "email",
-    "filename",
-    "bucket",
-    "size",
-    "content_type",
-    "sha256",
-    "outcome",
-    "error_class",
-    "reason",
-    "duration_ms",
-    "processors",
-    "skipped",
-)
-"""The fields a record's hash covers: every field but `hash` itself."""
-COLUMNS = (*FIELDS, "hash")
 RETRY_LIMIT = 30.0  # longest pause between attempts to write to a journal that failed
-
-Record = dict[str, Any]
-
-
-def canonical(record: Mapping[str, Any]) -> bytes:
-    """The bytes a record's hash is taken over: the FIELDS as one JSON object, keys sorted, no
-    whitespace, non-ASCII as UTF-8 (for strings, integers, null and lists of strings: RFC 8785)."""
-    return json.dumps(
-        {k: record[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
-
-
-def record_hash(record: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical(record)).hexdigest()
-
-
-def chained(entries: Iterable[Mapping[str, Any]], writer: str, seq: int, prev_hash: str) -> list[Record]:
-    """Entries as the records that follow (seq, prev_hash) in `writer`'s chain."""
-    records = []
-    for entry in entries:
-        seq += 1
-        record = {**entry, "writer": writer, "seq": seq, "prev_hash": prev_hash}
-        record["hash"] = prev_hash = record_hash(record)
-        records.append(record)
-    return records
-
-
-@dataclass(frozen=True)
-class Break:
-    """The first record of a chain that does not verify."""
-
-    writer: str
-    seq: int
-    problem: str
-
-
-@dataclass
-class ChainCheck:
-    """Walks records in (writer, seq) order, as `audit verify` reads them, and notes each chain's
-    first break: an edited record (its hash), records missing before it (its seq), or one that does
-    not follow the record before it (its prev_hash: reordered, or a neighbour removed or rewritten)."""
-
-    records: int = 0
-    chains: int = 0
-    breaks: list[Break] = field(default_factory=list)
-    _writer: str | None = None
-    _seq: int = 0
-    _hash: str = ZERO_HASH
-    _broken: bool = False
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        self.records += 1
-        if record["writer"] != self._writer:
-            self.chains += 1
-            self._writer, self._seq, self._hash, self._broken = record["writer"], 0, ZERO_HASH, False
-        if self._broken:
-            return
-        problem = None
-        expected = self._seq + 1
-        if record.get("format") != FORMAT:
-            problem = f"unknown record format {record.get('format')!r}"
-        elif record_hash(record) != record["hash"]:
-            problem = "its content does not match its hash (edited)"
-        elif record["seq"] != expected:
-            missing = (
-                f"record {expected}" if record["seq"] == expected + 1 else f"records {expected}-{record['seq'] - 1}"
-            )
-            problem = (
-                f"{missing} of this chain missing before it (deleted)" if record["seq"] > expected else "out of order"
-            )
-        elif record["prev_hash"] != self._hash:
-            problem = "its prev_hash is not the hash of the record before it (reordered or rewritten)"
-        if problem is not None:
-            self.breaks.append(Break(record["writer"], record["seq"], problem))
-            self._broken = True
-        self._seq, self._hash = record["seq"], record["hash"]
 
 
 class Outcome(StrEnum):
@@ -192,6 +87,14 @@ class Journal(Protocol):
 
     async def wait_for_room(self, stopping: asyncio.Event) -> None: ...
 
+    def stored_heads(self) -> Mapping[str, Head]:
+        """Per writer, the last record the store has (its own chain's, and any taken over)."""
+        ...
+
+    async def flush(self, timeout: float) -> None:
+        """Move what it holds to the store, for at most `timeout` seconds."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -222,8 +125,10 @@ class AuditTrail:
         metrics: Metrics,
         stopping: asyncio.Event,
         identity: tuple[str, int, str] | None = None,
+        anchors: AnchorPublisher | None = None,
     ) -> None:
         self.journal = journal
+        self.anchors = anchors
         self._consumer = consumer
         self._metrics = metrics
         self._stopping = stopping
@@ -241,8 +146,25 @@ class AuditTrail:
         if self._writing is not None:
             await asyncio.wait([self._writing])
         await self.journal.close()
-        # The end of this chain, for whoever keeps the logs: a deleted last record leaves no gap in it.
+        # The end of this chain, for whoever keeps the logs (and its anchor, when it could be published).
         log.info("audit trail closed", writer=self.writer, seq=self.seq, hash=self.head)
+
+    async def anchoring(self, js: JetStreamContext) -> None:
+        """Publish the chains' heads every AUDIT_ANCHOR_INTERVAL (a task, cancelled at the stop)."""
+        if self.anchors is not None:
+            await self.anchors.run(js)
+
+    async def seal(self) -> None:
+        """At a clean stop, once every settlement is recorded and before NATS closes: the records to the
+        store (a spool: for a moment), then their heads anchored."""
+        if self.anchors is None:
+            return
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        began = time.monotonic()  # both within SEAL_TIMEOUT: the stop's own time limit counts on it
+        await self.journal.flush(SEAL_TIMEOUT / 2)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.anchors.publish(), SEAL_TIMEOUT - (time.monotonic() - began))
 
     async def record(self, delivered: Delivered, settlement: Settlement) -> None:
         """Make the settlement's record durable. Past the journal's bound, the settlement then waits
@@ -262,30 +184,31 @@ class AuditTrail:
         event = _event(delivered.data)
         result = settlement.result or {}
         received = settlement.received
-        return {
-            "format": FORMAT,
-            "recorded_at": int(time.time() * 1000),
-            "consumer": self._consumer,
-            "host": self.host,
-            "pid": self.pid,
-            "stream": delivered.stream,
-            "stream_seq": delivered.stream_seq,
-            "deliveries": delivered.deliveries,
-            "event_id": event.event_id if event else None,
-            "file_uuid": event.file_uuid if event else None,
-            "email": _text(event.email) if event else None,
-            "filename": _text(result.get("original_filename") or (event.stored_name if event else None)),
-            "bucket": _text(event.bucket_name) if event else None,
-            "size": result.get("size"),
-            "content_type": result.get("content_type"),
-            "sha256": result.get("sha256"),
-            "outcome": str(settlement.outcome),
-            "error_class": settlement.error_class,
-            "reason": _text(settlement.reason),
-            "duration_ms": round(1000 * (time.monotonic() - received)) if received is not None else None,
-            "processors": [_text(name) for name in result.get("processors", ())],
-            "skipped": [_text(name) for name in result.get("skipped", ())],
-        }
+        return committed(
+            {
+                "recorded_at": int(time.time() * 1000),
+                "consumer": self._consumer,
+                "host": self.host,
+                "pid": self.pid,
+                "stream": delivered.stream,
+                "stream_seq": delivered.stream_seq,
+                "deliveries": delivered.deliveries,
+                "event_id": event.event_id if event else None,
+                "file_uuid": event.file_uuid if event else None,
+                "email": _text(event.email) if event else None,
+                "filename": _text(result.get("original_filename") or (event.stored_name if event else None)),
+                "bucket": _text(event.bucket_name) if event else None,
+                "size": result.get("size"),
+                "content_type": result.get("content_type"),
+                "sha256": result.get("sha256"),
+                "outcome": str(settlement.outcome),
+                "error_class": settlement.error_class,
+                "reason": _text(settlement.reason),
+                "duration_ms": round(1000 * (time.monotonic() - received)) if received is not None else None,
+                "processors": [_text(name) for name in result.get("processors", ())],
+                "skipped": [_text(name) for name in result.get("skipped", ())],
+            }
+        )
 
     async def _write(self) -> None:
         """Group commit: whatever waits is chained and appended in one go. A failed append does not
@@ -330,6 +253,12 @@ class NoAudit:
         return None
 
     async def record(self, delivered: Delivered, settlement: Settlement) -> None:
+        return None
+
+    async def anchoring(self, js: JetStreamContext) -> None:
+        return None
+
+    async def seal(self) -> None:
         return None
 
 
