@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from uploads_consumer.config import Settings, result_subject
+from uploads_consumer.config import Settings, default_dedupe_bucket, result_subject
 from uploads_consumer.events import Incoming, parse_event, parse_result
 from uploads_consumer.provision import ProvisionError, ProvisionReport, consumer_filters, provision
 
@@ -36,6 +36,8 @@ META_FETCHES = "uploads_consumer_fetches"
 """What its chain reads of an upload: event, object or plaintext."""
 META_REMOVES = "uploads_consumer_removes_upload"
 """`true` when a step of its chain deletes the stored upload (ARCHIVE_DELETE_SOURCE)."""
+META_BUCKET = "uploads_consumer_bucket"
+"""Its idempotency bucket (DEDUPE_BUCKET), where `trace` finds what it processed; empty: none."""
 
 
 class UpstreamMissing(ProvisionError):
@@ -51,9 +53,10 @@ class Role:
     after: str | None
     fetches: str | None = None
     removes_upload: bool | None = None
+    bucket: str | None = None
 
     def metadata(self) -> dict[str, str]:
-        out = {META_RESULTS: self.results or "", META_AFTER: self.after or ""}
+        out = {META_RESULTS: self.results or "", META_AFTER: self.after or "", META_BUCKET: self.bucket or ""}
         if self.fetches is not None:
             out[META_FETCHES] = self.fetches
         if self.removes_upload is not None:
@@ -62,7 +65,7 @@ class Role:
 
 
 def role_of(settings: Settings, fetches: str | None = None, removes_upload: bool | None = None) -> Role:
-    return Role(settings.result_subject, settings.after, fetches, removes_upload)
+    return Role(settings.result_subject, settings.after, fetches, removes_upload, settings.dedupe_bucket or None)
 
 
 # -- what a stage reads
@@ -92,6 +95,8 @@ class Node:
     results_known: bool = False
     fetches: str | None = None
     removes_upload: bool = False
+    bucket: str | None = None
+    """Its idempotency bucket: as its metadata says, else `{name}_done` (the default); None: it has none."""
 
     @property
     def pending(self) -> int:
@@ -124,7 +129,9 @@ class Topology:
 
 def _node(info: ConsumerInfo, stream: str, results_base: str | None) -> Node:
     meta = info.config.metadata or {}
-    node = Node(info.name, stream, info)
+    node = Node(info.name, stream, info, bucket=default_dedupe_bucket(info.name))
+    if META_BUCKET in meta:
+        node.bucket = meta[META_BUCKET] or None
     if META_RESULTS in meta:
         node.results_known = True
         node.results = meta[META_RESULTS] or None
