@@ -1,4 +1,4 @@
-"""Command line: `uploads-consumer [run|setup|status|publish|dlq|audit|decrypt|demo]`."""
+"""Command line: `uploads-consumer [run|setup|status|trace|console|publish|dlq|audit|decrypt|demo]`."""
 
 from __future__ import annotations
 
@@ -140,6 +140,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from uploads_consumer.status import print_status
 
     return asyncio.run(print_status(_settings(), as_json=args.json, consumer_name=args.consumer))
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from uploads_consumer.trace import print_trace
+
+    if (args.id is None) == (args.seq is None):
+        print("uploads-consumer: trace takes an ID (file_uuid or event_id) or --seq N, one of them", file=sys.stderr)
+        return EXIT_FATAL
+    return asyncio.run(print_trace(_settings(), args.id, args.seq, args.json))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -361,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--consumer", metavar="NAME", help="the consumer to report on (default: NATS_CONSUMER_NAME)")
+    p = add(
+        "trace",
+        cmd_trace,
+        "one upload's timeline across every consumer and stage: its message, each one's state, deliveries, "
+        "steps, outputs and dead letters; exit 1 when no such upload is found",
+        "examples:\n  uploads-consumer trace 1cbfac96-1cb1-45b2-a682-39c0de4ea705   # a file_uuid or an event_id\n"
+        "  uploads-consumer trace --seq 42 --json",
+    )
+    p.add_argument("id", nargs="?", metavar="ID", help="the upload's file_uuid or event_id")
+    p.add_argument("--seq", type=int, metavar="N", help="instead of an ID: the upload's sequence in NATS_STREAM_NAME")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = add(
         "publish",
         cmd_publish,
