@@ -151,6 +151,41 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return asyncio.run(print_trace(_settings(), args.id, args.seq, args.json))
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.console_command == "user":
+        return _console_user(args.name, args.role)
+    try:
+        from uploads_consumer.console.app import serve
+    except ImportError as exc:
+        raise ConfigError(
+            "CONSOLE_BIND", f"the console needs the console extra: pip install 'uploads-consumer[console]' ({exc.name})"
+        ) from None
+    return asyncio.run(serve(_settings()))
+
+
+def _console_user(name: str, role: str) -> int:
+    """A line for CONSOLE_USERS_FILE: the password asked twice on a terminal, else read from stdin."""
+    import getpass
+
+    from uploads_consumer.console.auth import hash_password
+
+    if ":" in name or not name.strip():
+        print("uploads-consumer: a user name cannot be empty or hold ':'", file=sys.stderr)
+        return EXIT_FATAL
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            print("uploads-consumer: the two passwords differ", file=sys.stderr)
+            return EXIT_FATAL
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("uploads-consumer: a password of at least 8 characters, please", file=sys.stderr)
+        return EXIT_FATAL
+    print(f"{name}:{hash_password(password)}:{role}")
+    return EXIT_OK
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from uploads_consumer import tracing
     from uploads_consumer.tools import publish_files
@@ -381,6 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", metavar="ID", help="the upload's file_uuid or event_id")
     p.add_argument("--seq", type=int, metavar="N", help="instead of an ID: the upload's sequence in NATS_STREAM_NAME")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p = add(
+        "console",
+        cmd_console,
+        "serve the web console (overview, uploads, dead letters, usage) until SIGTERM; a process of its own",
+        "examples:\n  uploads-consumer console                 # http://127.0.0.1:8090/, open on loopback\n"
+        "  uploads-consumer console user ana --role operator >> console-users   # then CONSOLE_USERS_FILE=console-users",
+    )
+    csub = p.add_subparsers(dest="console_command", metavar="ACTION")
+    cu = csub.add_parser(
+        "user",
+        help="print a CONSOLE_USERS_FILE line for a user (the password asked twice, or read from stdin)",
+        description="print a CONSOLE_USERS_FILE line for a user: name, bcrypt hash of the password (asked twice "
+        "on a terminal, else the first line of stdin), role",
+        epilog="example:\n  uploads-consumer console user ana --role operator >> /etc/uploads-consumer/console-users",
+        formatter_class=fmt,
+    )
+    cu.add_argument("name", metavar="NAME")
+    cu.add_argument(
+        "--role", choices=("viewer", "operator"), default="viewer", help="viewer reads, operator also replays (viewer)"
+    )
     p = add(
         "publish",
         cmd_publish,

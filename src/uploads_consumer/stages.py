@@ -16,6 +16,7 @@ reads it is not done with it (ARCHIVE_DELETE_SOURCE).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -167,6 +168,26 @@ async def read_pipeline(js: JetStreamContext, settings: Settings) -> Topology:
                 found.lingering.append(found.nodes[node.name])
             found.nodes[node.name] = node
     return found
+
+
+async def oldest_pending_age(js: JetStreamContext, stream: str, consumer: ConsumerInfo) -> float | None:
+    """Age in seconds of the first message after the consumer's ack floor that its filters take in; None
+    when nothing is pending or unacknowledged. (Another consumer's messages past the floor — a replay
+    aimed at it — are not this consumer's.)"""
+    if not (consumer.num_pending or consumer.num_ack_pending):
+        return None
+    start = (consumer.ack_floor.stream_seq or 0 if consumer.ack_floor else 0) + 1
+    oldest: float | None = None
+    filters: list[str | None] = [*consumer_filters(consumer.config)] or [None]
+    for subject in filters:
+        try:
+            msg = await js.get_msg(stream, seq=start, next=True, subject=subject)
+        except Exception:  # noqa: BLE001 - none left on that subject, deleted or expired
+            continue
+        if msg.time is not None:
+            published = msg.time.timestamp()
+            oldest = published if oldest is None else min(oldest, published)
+    return None if oldest is None else max(0.0, time.time() - oldest)
 
 
 def check(pipeline: Topology, settings: Settings, role: Role) -> list[str]:
