@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,8 +74,7 @@ async def scan(
         policy = {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": start_time.isoformat()}
     else:
         policy = {"deliver_policy": DeliverPolicy.ALL}
-    config = ConsumerConfig(
-        name=f"reader_{uuid.uuid4().hex[:16]}",
+    config = ConsumerConfig(  # no name: the server names it, and `$JS.API.CONSUMER.CREATE.{stream}` is all it takes
         ack_policy=AckPolicy.NONE,
         mem_storage=True,
         inactive_threshold=IDLE,
@@ -113,7 +111,7 @@ async def scan(
             done.set()
 
     sub = await nc.subscribe(inbox, cb=on_message, pending_msgs_limit=4 * BATCH, pending_bytes_limit=256 << 20)
-    next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{config.name}"
+    next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{info.name}"
     request = json.dumps({"batch": BATCH, "no_wait": True}).encode()
     try:
         more.set()

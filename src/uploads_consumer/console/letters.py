@@ -8,6 +8,7 @@ page reads it by its sequence.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ class DeadLetter:
     event_id: str | None
     file_uuid: str | None
     email: str | None
+    digest: str = ""
+    """Of the body: a letter holds the original body unchanged, so a message with the same digest is the one
+    it copies (or a replay of it), even when the body is not an upload event."""
 
     def about(self, key: str) -> bool:
         return key in (self.event_id, self.file_uuid)
@@ -45,6 +49,10 @@ def _int(value: str | None) -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
 
 
 def letter_of(seq: int, headers: dict[str, Any], body: bytes, settings: Settings) -> DeadLetter:
@@ -63,6 +71,7 @@ def letter_of(seq: int, headers: dict[str, Any], body: bytes, settings: Settings
         event_id=identity["event_id"],
         file_uuid=identity["file_uuid"],
         email=identity["email"],
+        digest=body_digest(body),
     )
 
 
@@ -126,6 +135,10 @@ class DeadLetterIndex:
             for _, letter in sorted(self.letters.items())
             if letter.stream == stream and letter.stream_seq == stream_seq
         ]
+
+    def copying(self, digest: str) -> list[DeadLetter]:
+        """The letters whose body is this one."""
+        return [letter for _, letter in sorted(self.letters.items()) if letter.digest == digest]
 
     def by_class(self) -> dict[str, dict[str, int]]:
         """Per consumer, per error class: how many letters."""

@@ -33,7 +33,7 @@ from nats.js.api import DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings, result_subject
-from uploads_consumer.console.letters import DeadLetter, DeadLetterIndex
+from uploads_consumer.console.letters import DeadLetter, DeadLetterIndex, body_digest
 from uploads_consumer.deadletter import header_text
 from uploads_consumer.dedupe import Where, find_records
 from uploads_consumer.errors import UploadsError
@@ -430,7 +430,7 @@ class TimelineBuilder:
         view = ConsumerView(node.name, node.after, node.stream, "pending")
         mine = [r for r in records if r["consumer"] == node.name]
         my_marks = marks.get(node.name, [])
-        letters = self._letters_of(node, upload)
+        letters = self._letters_of(node, upload, message)
         # The message this consumer reads for the upload, and where it stands for it.
         seq: int | None
         subject: str | None
@@ -473,7 +473,7 @@ class TimelineBuilder:
             view.replayable, view.replay_refused = await self._replayable(letter)
             self._steps_before(view, mine)
             return view
-        replay = await self._replay_message(node, upload)
+        replay = await self._replay_message(node, upload, message if not _is_stage(node) else None)
         if replay is not None:
             seq, subject, published = replay.seq, replay.subject, replay.time
             view.message_seq = seq
@@ -504,12 +504,14 @@ class TimelineBuilder:
             return "pending", f"waits for {node.after} ({upstream.state})"
         return "not_reached", f"{node.after} did not complete it ({upstream.state})"
 
-    def _letters_of(self, node: Node, upload: UploadView) -> list[DeadLetter]:
+    def _letters_of(self, node: Node, upload: UploadView, message: RawStreamMsg | None) -> list[DeadLetter]:
         found: list[DeadLetter] = []
         if upload.event_id is not None:
             found = [x for x in self.src.letters.about(upload.event_id) if x.consumer == node.name]
         if not found and upload.seq is not None and not _is_stage(node):
             found = [x for x in self.src.letters.at(upload.stream, upload.seq) if x.consumer == node.name]
+        if not found and message is not None and not _is_stage(node):  # not an upload: the same body, replayed
+            found = [x for x in self.src.letters.copying(body_digest(message.data or b"")) if x.consumer == node.name]
         return found
 
     def _deliveries(
@@ -620,11 +622,14 @@ class TimelineBuilder:
             return False, exc.reason
         return True, None
 
-    async def _replay_message(self, node: Node, upload: UploadView) -> RawStreamMsg | None:
+    async def _replay_message(
+        self, node: Node, upload: UploadView, message: RawStreamMsg | None
+    ) -> RawStreamMsg | None:
         """A replay of the upload given back to this consumer and not yet settled by it: on its replay
         subject, past its ack floor (replays are few: each is one read)."""
         s = self.src.settings
-        if upload.event_id is None:
+        body = message.data if message is not None else None
+        if upload.event_id is None and body is None:
             return None
         base = s.nats_result_subject if _is_stage(node) else s.nats_subject
         subject = f"{base}.replay.{node.name}"
@@ -635,7 +640,9 @@ class TimelineBuilder:
             except NotFoundError:
                 return None
             event = upload_of(msg.data or b"")
-            if event is not None and event.event_id == upload.event_id:
+            if (event is not None and event.event_id == upload.event_id) or (
+                upload.event_id is None and msg.data == body
+            ):
                 return msg  # type: ignore[no-any-return]
             seq = (msg.seq or seq) + 1
         return None
