@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
 
@@ -32,6 +31,16 @@ examples:
   uploads-consumer status --json
   uploads-consumer audit report --since 7d --by user
 """
+
+
+class _Version(argparse.Action):
+    """`--version`, the package's version read only when asked for (importlib.metadata is slow to load)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        import uploads_consumer
+
+        print(f"{parser.prog} {uploads_consumer.__version__}")
+        parser.exit()
 
 
 def _settings() -> Settings:
@@ -330,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uploads-consumer", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     parser.set_defaults(func=cmd_run)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 

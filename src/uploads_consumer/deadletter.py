@@ -13,7 +13,6 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from uploads_consumer import tracing
 from uploads_consumer.config import Settings
 from uploads_consumer.errors import ErrorClass, one_line
 from uploads_consumer.messages import DeadLetterHeaders
@@ -80,6 +79,8 @@ class DeadLetterPublisher:
         """Returns once the dead-letter stream has the copy: stored now, or (acknowledged as a duplicate:
         the same id within the stream's duplicate window) stored before, by an attempt whose
         acknowledgement was lost or by another replica hearing the same advisory."""
+        from uploads_consumer import tracing  # here: the commands that only read dead letters need none of it
+
         headers = tracing.inject(headers)  # whoever reads the dead letter finds its trace
         await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
 
