@@ -206,27 +206,33 @@ async def find_records(js: Any, bucket: str, event_id: str | None = None, file_u
     that id) or by file_uuid (the index): the server matches the keys, nothing is read but what matches.
     [] when it holds none, or the bucket does not exist."""
     stream = f"KV_{bucket}"
-    subjects: list[str] = []
-    if file_uuid is not None:
-        subjects.append(f"$KV.{bucket}.{file_key(file_uuid)}")
-    if event_id is not None:
+
+    async def read(subject: str, event: str | None) -> Where | None:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:
+            return None
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        where = Where.parse(msg.data)
+        if where is None:  # written before records said where: when, at least
+            return Where("", 0, at=int(msg.time.timestamp() * 1000) if msg.time else 0, event_id=event)
+        return (
+            where if where.event_id is not None else Where(where.stream, where.seq, where.result_seq, where.at, event)
+        )
+
+    async def by_event_id() -> list[Where | None]:
+        if event_id is None:
+            return []
         try:
             info = await js.stream_info(stream, subjects_filter=f"$KV.{bucket}.{event_id}.*")
         except NotFoundError:
             return []
-        subjects += sorted((info.state.subjects or {}) if info.state else {})
-    found = []
-    for subject in subjects:
-        try:
-            msg = await js.get_last_msg(stream, subject)
-        except NotFoundError:
-            continue
-        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            continue
-        where = Where.parse(msg.data)
-        if where is None:  # written before records said where: when, at least
-            where = Where("", 0, at=int(msg.time.timestamp() * 1000) if msg.time else 0, event_id=event_id)
-        elif where.event_id is None:
-            where = Where(where.stream, where.seq, where.result_seq, where.at, event_id)
-        found.append(where)
-    return found
+        subjects = sorted((info.state.subjects or {}) if info.state else {})
+        return list(await asyncio.gather(*(read(subject, event_id) for subject in subjects)))
+
+    async def by_file_uuid() -> list[Where | None]:
+        return [await read(f"$KV.{bucket}.{file_key(file_uuid)}", None)] if file_uuid is not None else []
+
+    indexed, recorded = await asyncio.gather(by_file_uuid(), by_event_id())
+    return [where for where in (*indexed, *recorded) if where is not None]

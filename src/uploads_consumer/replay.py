@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.js.api import ConsumerInfo, RawStreamMsg
+from nats.js.api import AckPolicy, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings, replay_subject
@@ -36,7 +36,12 @@ class ReplayRoutes:
         # for a stage on the result stream.
         self._base = settings.nats_subject if self._uploads else settings.nats_result_subject
         self._captured = stream_subjects
-        self._filters = {c.name: consumer_filters(c.config) for c in consumers}
+        # An ephemeral consumer that acknowledges nothing (trace's reader, `nats sub`) processes nothing again.
+        self._filters = {
+            c.name: consumer_filters(c.config)
+            for c in consumers
+            if c.config.durable_name or c.config.ack_policy != AckPolicy.NONE
+        }
 
     def _others_reading(self, consumer: str, subject: str) -> list[str]:
         """The other consumers of the stream a message on `subject` would reach."""

@@ -161,6 +161,8 @@ async def read_pipeline(js: JetStreamContext, settings: Settings) -> Topology:
             found.unread.append(stream)
             continue
         for info in infos:
+            if not info.config.durable_name:  # an ephemeral reader (trace's, `nats sub`'s): no job of the pipeline
+                continue
             node = _node(info, stream, base_for)
             if stream != settings.nats_stream_name and node.after is None:
                 continue

@@ -34,8 +34,7 @@ async def read_timeline(settings: Settings, key: str | None, seq: int | None) ->
         async with command_connection(settings, "trace", "operator") as nc:
             js = nc.jetstream(timeout=10)
             topology = await read_pipeline(js, settings)
-            letters = DeadLetterIndex(settings)
-            await letters.refresh(js)
+            letters = DeadLetterIndex(settings)  # read when first needed
             return await TimelineBuilder(Sources(js, settings, topology, letters, audit)).build(key, seq)
     finally:
         if audit is not None:

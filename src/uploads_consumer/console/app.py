@@ -109,6 +109,7 @@ class Console:
 
     @web.middleware
     async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        began = time.perf_counter()
         try:
             response = await handler(request)
         except web.HTTPException as exc:  # redirects and aiohttp's own errors carry them too
@@ -117,6 +118,8 @@ class Console:
             raise
         for name, value in HEADERS.items():
             response.headers.setdefault(name, value)
+        # How long the page took here, for a browser's developer tools and bench/console.py.
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - began) * 1000:.1f}"
         return response
 
     @web.middleware
@@ -190,7 +193,8 @@ class Console:
     # -- overview
 
     async def overview(self, request: web.Request) -> web.Response:
-        return self._page(request, "overview.html", rows=self.state.snapshot.rows, title="Overview")
+        snapshot = self.state.snapshot
+        return self._page(request, "overview.html", rows=snapshot.rows, took_ms=snapshot.took_ms, title="Overview")
 
     async def overview_rows(self, request: web.Request) -> web.Response:
         return self._page(request, "_consumers.html", rows=self.state.snapshot.rows)

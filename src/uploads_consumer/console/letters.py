@@ -85,10 +85,18 @@ class DeadLetterIndex:
     """The last sequence read."""
     missing: bool = False
     """The dead-letter stream does not exist (yet)."""
+    loaded: bool = False
+
+    async def ready(self, js: Any) -> DeadLetterIndex:
+        """Read once, when first needed (`trace` of an upload every consumer processed needs none)."""
+        if not self.loaded:
+            await self.refresh(js)
+        return self
 
     async def refresh(self, js: Any) -> None:
         """Read the letters stored since the last refresh and forget those deleted since."""
         name = self.settings.dlq_stream_name
+        self.loaded = True
         try:
             # The sequences deleted in the range too (replayed letters): nats-py's stream_info cannot ask.
             response = await js._api_request(

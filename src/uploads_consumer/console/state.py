@@ -57,6 +57,8 @@ class Snapshot:
     at: float = 0.0
     rows: list[ConsumerRow] = field(default_factory=list)
     topology: Topology = field(default_factory=Topology)
+    took_ms: float = 0.0
+    """How long that read took (NATS, in the background)."""
     problem: str | None = None
     """Why the last refresh failed (NATS away, a permission refused); the rows are then the last good ones."""
 
@@ -132,12 +134,13 @@ class ConsoleState:
         js = self.js
         if js is None:
             return
+        began = time.perf_counter()
         topology = await read_pipeline(js, self.settings)
         await self.letters.refresh(js)
         await self.rates.refresh(js)
         counts = self.letters.by_class()
         rows = await asyncio.gather(*(self._row(js, node, counts) for node in topology.order()))
-        self.snapshot = Snapshot(time.time(), list(rows), topology)
+        self.snapshot = Snapshot(time.time(), list(rows), topology, (time.perf_counter() - began) * 1000)
 
     async def _row(self, js: Any, node: Any, counts: dict[str, dict[str, int]]) -> ConsumerRow:
         info = node.info

@@ -48,7 +48,7 @@ SHOWN_HEADERS = ("Nats-Msg-Id", "traceparent", "tracestate")
 LONG_TEXT = 200  # an output string longer than this is shown by its length, unless it is a path or a key
 CONTENT_OUTPUTS = frozenset({"text", "segments", "transcript", "transcription"})
 """Outputs that are the file's content (transcribe's and extract's text): shown by their length only."""
-RESULT_WINDOW_S = 120  # how far before its record a consumer's result event is looked for, when no record says
+RESULT_WINDOW_S = 10  # how far before its record a consumer's result event is looked for, when no record says
 
 
 @dataclass
@@ -197,11 +197,12 @@ class _Finder:
         uploads = s.nats_stream_name
         seqs = sorted(w.seq for found in self.marks.values() for w in found if w.stream == uploads and w.seq)
         if seqs:
-            return seqs[0], None, f"the consumers' records ({len(self.src.topology.nodes)} consumers asked)"
+            return seqs[0], None, f"the consumers' records ({len(self.marks)} buckets asked)"
         seqs = sorted(r["stream_seq"] for r in self.records if r["stream"] == uploads and r["stream_seq"])
         if seqs:
             return seqs[0], None, "the audit trail"
-        letters = [x for x in self.src.letters.about(key) if x.stream == uploads and x.stream_seq]
+        index = await self.src.letters.ready(self.src.js)
+        letters = [x for x in index.about(key) if x.stream == uploads and x.stream_seq]
         if letters:
             return letters[0].stream_seq, None, "the dead letters"
         staged = await self._through_a_stage(key)
@@ -217,11 +218,11 @@ class _Finder:
         )
         found, read = await self._scan(key, floor + 1, None)
         if found is not None:
-            return found[0], found[1], f"a scan of the {read} messages after the consumers' ack floors"
+            return found[0], found[1], f"a read of the stream past the consumers' ack floors ({read} messages)"
         if floor > 0:
             found, more = await self._scan(key, 1, floor)
             if found is not None:
-                return found[0], found[1], f"a scan of the stream ({read + more} messages)"
+                return found[0], found[1], f"a read of the stream from its start ({read + more} messages)"
             read += more
         return None, None, f"not found: {read} messages read"
 
@@ -297,6 +298,7 @@ class TimelineBuilder:
         self._event_id: str | None = None
         self._results: list[dict[str, Any]] = []
         """The result events read, in pipeline order: where the file's name, size and type come from."""
+        self._read: dict[tuple[str, int], RawStreamMsg | None] = {}
 
     async def build(self, key: str | None = None, seq: int | None = None) -> Timeline | None:
         """The timeline of the upload `key` (event_id or file_uuid) or of the upload message `seq`; None
@@ -331,10 +333,11 @@ class TimelineBuilder:
             event = await self._event_from_letters(key)
         if event is not None and key != event.event_id:  # a file_uuid: the rest is keyed by event_id
             key = event.event_id
-            marks = await self._marks(key)
+            marks = await self._marks(key, known=marks)
             if self.src.audit is not None and not records:
                 records = [r for r in await self.src.audit.lookup(key) if r["event_id"] == key]
         self._event_id = event.event_id if event is not None else None
+        await self._prefetch_results(marks)
         upload = self._upload_view(event, message, seq, marks, records)
         views: dict[str, ConsumerView] = {}
         for node in self.src.topology.order():
@@ -345,22 +348,37 @@ class TimelineBuilder:
 
     # -- what the consumers recorded
 
-    async def _marks(self, event_id: str) -> dict[str, list[Where]]:
-        nodes = [n for n in self.src.topology.nodes.values() if n.bucket]
+    async def _marks(self, key: str, known: dict[str, list[Where]] | None = None) -> dict[str, list[Where]]:
+        """Each consumer's records of the upload `key` (an event_id or a file_uuid), all at once; with
+        `known`, only for the consumers that had none there, by event_id."""
+        known = known or {}
+        nodes = [n for n in self.src.topology.nodes.values() if n.bucket and not known.get(n.name)]
 
         async def one(node: Node) -> list[Where]:
             assert node.bucket is not None
             try:
-                return await find_records(self.src.js, node.bucket, event_id=event_id, file_uuid=event_id)
+                return await find_records(self.src.js, node.bucket, event_id=key, file_uuid=None if known else key)
             except (TimeoutError, UploadsError):
                 return []
 
         found = await asyncio.gather(*(one(n) for n in nodes))
-        return {n.name: _unique(f) for n, f in zip(nodes, found, strict=True)}
+        return {**known, **{n.name: _unique(f) for n, f in zip(nodes, found, strict=True)}}
+
+    async def _prefetch_results(self, marks: dict[str, list[Where]]) -> None:
+        """The result events the records name, read together (each stage's message is one of them)."""
+        seqs = sorted({w.result_seq for found in marks.values() for w in found if w.result_seq})
+        stream = self.src.settings.nats_result_stream_name
+        read = await asyncio.gather(*(_get(self.src.js, stream, seq) for seq in seqs))
+        self._read.update({(stream, seq): msg for seq, msg in zip(seqs, read, strict=True)})
+
+    async def _message(self, stream: str, seq: int) -> RawStreamMsg | None:
+        if (stream, seq) not in self._read:
+            self._read[(stream, seq)] = await _get(self.src.js, stream, seq)
+        return self._read[(stream, seq)]
 
     async def _event_from_letters(self, key: str) -> FileUploadEvent | None:
         """The upload as a dead letter's body holds it, when its message has left the stream."""
-        for letter in self.src.letters.about(key):
+        for letter in (await self.src.letters.ready(self.src.js)).about(key):
             msg = await _get(self.src.js, self.src.settings.dlq_stream_name, letter.seq)
             event = upload_of(msg.data or b"") if msg is not None else None
             if _matches(event, key):
@@ -380,7 +398,7 @@ class TimelineBuilder:
         shown = {k: v for k, v in headers.items() if k in SHOWN_HEADERS}
         others = {w.seq for found in marks.values() for w in found if w.stream == s.nats_stream_name and w.seq}
         others |= {r["stream_seq"] for r in records if r["stream"] == s.nats_stream_name and r["stream_seq"]}
-        if event is not None:
+        if event is not None and self.src.letters.loaded:
             others |= {
                 x.stream_seq
                 for x in self.src.letters.about(event.event_id)
@@ -430,7 +448,8 @@ class TimelineBuilder:
         view = ConsumerView(node.name, node.after, node.stream, "pending")
         mine = [r for r in records if r["consumer"] == node.name]
         my_marks = marks.get(node.name, [])
-        letters = self._letters_of(node, upload, message)
+        done = any(w.stream == node.stream for w in my_marks) or any(r["outcome"] == "processed" for r in mine)
+        letters = [] if done else await self._letters_of(node, upload, message)
         # The message this consumer reads for the upload, and where it stands for it.
         seq: int | None
         subject: str | None
@@ -447,7 +466,7 @@ class TimelineBuilder:
             if seq is None and not (my_marks or letters or mine):
                 view.state, view.note = self._waiting(node, upstream)
                 return view
-            if seq is not None and (msg := await _get(self.src.js, node.stream, seq)) is not None:
+            if seq is not None and (msg := await self._message(node.stream, seq)) is not None:
                 published, subject = msg.time, msg.subject
         else:
             seq = upload.seq
@@ -504,14 +523,15 @@ class TimelineBuilder:
             return "pending", f"waits for {node.after} ({upstream.state})"
         return "not_reached", f"{node.after} did not complete it ({upstream.state})"
 
-    def _letters_of(self, node: Node, upload: UploadView, message: RawStreamMsg | None) -> list[DeadLetter]:
+    async def _letters_of(self, node: Node, upload: UploadView, message: RawStreamMsg | None) -> list[DeadLetter]:
+        index = await self.src.letters.ready(self.src.js)
         found: list[DeadLetter] = []
         if upload.event_id is not None:
-            found = [x for x in self.src.letters.about(upload.event_id) if x.consumer == node.name]
+            found = [x for x in index.about(upload.event_id) if x.consumer == node.name]
         if not found and upload.seq is not None and not _is_stage(node):
-            found = [x for x in self.src.letters.at(upload.stream, upload.seq) if x.consumer == node.name]
+            found = [x for x in index.at(upload.stream, upload.seq) if x.consumer == node.name]
         if not found and message is not None and not _is_stage(node):  # not an upload: the same body, replayed
-            found = [x for x in self.src.letters.copying(body_digest(message.data or b"")) if x.consumer == node.name]
+            found = [x for x in index.copying(body_digest(message.data or b"")) if x.consumer == node.name]
         return found
 
     def _deliveries(
@@ -544,13 +564,15 @@ class TimelineBuilder:
         view.state = "processed"
         result_seq = next((w.result_seq for w in marks if w.result_seq), None)
         done = [r for r in records if r["outcome"] == "processed"]
-        if result_seq is None and node.results:
+        # A record that says where (stream set) and names no result: the consumer published none. Only a
+        # record from before records said where, or the audit trail's alone, leaves its result to look for.
+        if result_seq is None and node.results and not any(w.stream for w in marks):
             at = next((w.at for w in marks if w.at), None) or (done[-1]["recorded_at"] if done else None)
-            if at is not None and view.deliveries and view.deliveries[0].at is not None:
+            if at is not None:
                 result_seq = await self._find_result(node, at)
         view.result_seq = result_seq
         if result_seq is not None:
-            msg = await _get(self.src.js, self.src.settings.nats_result_stream_name, result_seq)
+            msg = await self._message(self.src.settings.nats_result_stream_name, result_seq)
             if msg is not None:
                 try:
                     body = json.loads(msg.data or b"{}")
@@ -573,7 +595,7 @@ class TimelineBuilder:
             return None
         wanted = f"{event_id}:{node.name}:processed"
         hit: list[int] = []
-        end_ns = (at_ms + 5000) * 1_000_000
+        end_ns = (at_ms + 2000) * 1_000_000
 
         def visit(seen: Seen) -> bool:
             if (seen.headers or {}).get("Nats-Msg-Id") == wanted:
