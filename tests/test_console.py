@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from console_world import HOSTILE_NAME, World, build_world
 from helpers import until
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, expect, sync_playwright
 from system import require_tool
 
 from uploads_consumer.console.auth import hash_password
@@ -40,6 +40,32 @@ CHROMIUM_ARGS = [
 def browser_type_launch_args(browser_type_launch_args):
     """pytest-playwright's browser, but Debian's (Playwright's own download is not reachable here)."""
     return {**browser_type_launch_args, "executable_path": require_tool("chromium"), "args": CHROMIUM_ARGS}
+
+
+# pytest-playwright's session-wide Playwright, narrowed to this module: its sync API keeps an event loop
+# running on the main thread for as long as it lives, and every asyncio test after this module needs
+# that thread free. Its `page`, `context` and artifacts work on these as on its own.
+@pytest.fixture(scope="module")
+def playwright():
+    with sync_playwright() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright, browser_name):
+    return getattr(playwright, browser_name)
+
+
+@pytest.fixture(scope="module")
+def browser(browser_type, browser_type_launch_args):
+    launched = browser_type.launch(**browser_type_launch_args)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser_context_args():
+    return {"viewport": {"width": 1280, "height": 720}}
 
 
 def run_async(coroutine):
