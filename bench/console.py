@@ -95,11 +95,23 @@ async def publish_all(js, items, batch: int = 4000) -> list[int]:
 def result_body(e: dict, consumer: str, after: str | None) -> bytes:
     return json.dumps(
         {
-            "event_id": e["event_id"], "file_uuid": e["file_uuid"], "email": e["email"], "status": "processed",
-            "consumer": consumer, "fetched": "plaintext", "original_filename": e["s3_data_key"].rsplit("/", 1)[1][:-4],
-            "size": 1_800_000, "sha256": "0" * 64, "content_type": "image/jpeg", "processors": ["save"], "skipped": [],
+            "event_id": e["event_id"],
+            "file_uuid": e["file_uuid"],
+            "email": e["email"],
+            "status": "processed",
+            "consumer": consumer,
+            "fetched": "plaintext",
+            "original_filename": e["s3_data_key"].rsplit("/", 1)[1][:-4],
+            "size": 1_800_000,
+            "sha256": "0" * 64,
+            "content_type": "image/jpeg",
+            "processors": ["save"],
+            "skipped": [],
             "outputs": {"save": {"path": f"/data/downloads/{e['email']}/{e['file_uuid']}/x.jpg"}},
-            "processed_at": int(time.time() * 1000), "after": after, "upload": e, "upstream": {},
+            "processed_at": int(time.time() * 1000),
+            "after": after,
+            "upload": e,
+            "upstream": {},
         }
     ).encode()
 
@@ -131,7 +143,11 @@ async def build(url: str, messages: int, rng: random.Random) -> dict:
     for name in [*UPLOAD_STREAM, *STAGES]:
         after = STAGES.get(name)
         items = [
-            (f"file.processed.{name}", result_body(old[i], name, after), {"Nats-Msg-Id": f"{old[i]['event_id']}:{name}:processed"})
+            (
+                f"file.processed.{name}",
+                result_body(old[i], name, after),
+                {"Nats-Msg-Id": f"{old[i]['event_id']}:{name}:processed"},
+            )
             for i in range(len(old) - hour, len(old))
         ]
         results[name] = dict(zip(range(len(old) - hour, len(old)), await publish_all(js, items), strict=True))
@@ -157,10 +173,15 @@ async def build(url: str, messages: int, rng: random.Random) -> dict:
         i = rng.choice([j for j in (rng.randrange(len(old)), rng.randrange(len(old))) if j != blind])
         consumer = UPLOAD_STREAM[n % len(UPLOAD_STREAM)]
         headers = {
-            "Nats-Msg-Id": f"FILE_UPLOADS:{seqs[i]}:{consumer}:{n}", "Uploads-Consumer": consumer,
-            "Uploads-Error-Class": CLASSES[n % len(CLASSES)], "Uploads-Error": f"bench letter {n}",
-            "Uploads-Stream": "FILE_UPLOADS", "Uploads-Stream-Seq": str(seqs[i]), "Uploads-Subject": "file.uploads",
-            "Uploads-Deliveries": "1", "Uploads-Failed-At": "2026-01-26T10:30:00.123Z",
+            "Nats-Msg-Id": f"FILE_UPLOADS:{seqs[i]}:{consumer}:{n}",
+            "Uploads-Consumer": consumer,
+            "Uploads-Error-Class": CLASSES[n % len(CLASSES)],
+            "Uploads-Error": f"bench letter {n}",
+            "Uploads-Stream": "FILE_UPLOADS",
+            "Uploads-Stream-Seq": str(seqs[i]),
+            "Uploads-Subject": "file.uploads",
+            "Uploads-Deliveries": "1",
+            "Uploads-Failed-At": "2026-01-26T10:30:00.123Z",
         }
         letters.append(("file.uploads.dlq", json.dumps(old[i]).encode(), headers))
     await publish_all(js, letters)
