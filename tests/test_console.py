@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def test_an_operator_finds_an_upload_opens_its_dead_letter_and_replays_it_to_pro
     expect(process_state).to_have_text("processed")
     expect(page.locator("li[data-consumer=notify] .state")).to_have_text("processed")
     assert dialogs == []
+
+    # Usage, from the audit trail: process's three uploads today (ok, held, and missing once replayed).
+    page.get_by_role("link", name="Usage").click()
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    day = page.locator("table").first.locator("tbody tr").filter(has_text=today).locator("td")
+    expect(day).to_have_text([today, "3", "12.0 KiB", "1", "0", "1"])  # uploads, bytes, failures, retries, duplicates
+    expect(page.locator("section.pair").last).to_contain_text("ana@example.com")
+    assert page.locator("svg.chart rect").count() >= 3
 
     # Recorded: who, what, when, in the console's log and in the audit trail.
     said = [line for line in console.log_text().splitlines() if "dead letter replayed from the console" in line]

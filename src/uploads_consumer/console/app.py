@@ -404,36 +404,7 @@ class Console:
         consumers = sorted(self.state.snapshot.topology.nodes) or [self.settings.nats_consumer_name]
         consumer = request.query.get("consumer") or self.settings.nats_consumer_name
         span = request.query.get("since", "7d")
-        days = USAGE_SPANS.get(span, 7)
-        if self.audit is None:
-            return self._page(
-                request,
-                "usage.html",
-                report=None,
-                consumers=consumers,
-                consumer=consumer,
-                since=span,
-                spans=USAGE_SPANS,
-                title="Usage",
-            )
-        since_ms = int((time.time() - days * 86400) * 1000)
-        by_day, by_type, by_user = await asyncio.gather(
-            self.audit.report(since_ms, "day", consumer),
-            self.audit.report(since_ms, "type", consumer),
-            self.audit.report(since_ms, "user", consumer),
-        )
-        top_users = sorted(by_user, key=lambda g: (-g["uploads"], str(g["group"])))[:10]
-        report = {
-            "days": by_day,
-            "types": sorted(by_type, key=lambda g: -g["uploads"]),
-            "users": top_users,
-            "uploads_chart": columns([(str(g["group"]), int(g["uploads"])) for g in by_day]),
-            "bytes_chart": columns([(str(g["group"]), int(g["bytes"])) for g in by_day]),
-            "types_chart": rows(
-                [(str(g["group"]), int(g["uploads"])) for g in sorted(by_type, key=lambda g: -g["uploads"])[:10]]
-            ),
-            "users_chart": rows([(str(g["group"]), int(g["uploads"])) for g in top_users]),
-        }
+        report = await self._report(consumer, USAGE_SPANS.get(span, 7)) if self.audit is not None else None
         return self._page(
             request,
             "usage.html",
@@ -444,6 +415,26 @@ class Console:
             spans=USAGE_SPANS,
             title="Usage",
         )
+
+    async def _report(self, consumer: str, days: int) -> dict[str, Any]:
+        """The audit report by day, type and user, with the charts drawn from it."""
+        since_ms = int((time.time() - days * 86400) * 1000)
+        by_day, by_type, by_user = await asyncio.gather(
+            self.audit.report(since_ms, "day", consumer),
+            self.audit.report(since_ms, "type", consumer),
+            self.audit.report(since_ms, "user", consumer),
+        )
+        types = sorted(by_type, key=lambda g: -g["uploads"])
+        top_users = sorted(by_user, key=lambda g: (-g["uploads"], str(g["group"])))[:10]
+        return {
+            "days": by_day,
+            "types": types,
+            "users": top_users,
+            "uploads_chart": columns([(str(g["group"]), int(g["uploads"])) for g in by_day]),
+            "bytes_chart": columns([(str(g["group"]), int(g["bytes"])) for g in by_day]),
+            "types_chart": rows([(str(g["group"]), int(g["uploads"])) for g in types[:10]]),
+            "users_chart": rows([(str(g["group"]), int(g["uploads"])) for g in top_users]),
+        }
 
     # -- signing in
 
