@@ -22,6 +22,7 @@ from uploads_consumer.embedded import DaemonProcess, free_port
 from uploads_consumer.events import FileUploadEvent
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @dataclass
@@ -112,9 +113,10 @@ async def build_world(
     try:
         js = nc.jetstream(timeout=10)
         for key, event in uploads.items():
-            seqs[key] = (
-                await js.publish("file.uploads", event_json(event), headers={"Nats-Msg-Id": event.event_id})
-            ).seq
+            headers = {"Nats-Msg-Id": event.event_id}
+            if key == "ok":  # as a backend with tracing on sends it
+                headers["traceparent"] = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+            seqs[key] = (await js.publish("file.uploads", event_json(event), headers=headers)).seq
         await wait_settled(settings.nats_url, seqs["missing"], daemon=process, consumer="process")
         # The same event again, as a backend that retried its publish would (no Nats-Msg-Id: stored twice).
         seqs["duplicate"] = (await js.publish("file.uploads", event_json(uploads["ok"]))).seq

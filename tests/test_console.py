@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from console_world import HOSTILE_NAME, World, build_world
+from console_world import HOSTILE_NAME, TRACE_ID, World, build_world
 from helpers import until
 from playwright.sync_api import Page, expect, sync_playwright
 from system import require_tool
@@ -100,6 +100,7 @@ def console(world, tmp_path, start_daemon):
             "HTTP_PORT": port,
             "CONSOLE_USERS_FILE": str(users),
             "CONSOLE_REFRESH": "1s",
+            "CONSOLE_TRACE_URL": "https://jaeger.example.com/trace/{trace_id}",
         },
     )
     process.wait_http(30)
@@ -141,6 +142,14 @@ def test_an_operator_finds_an_upload_opens_its_dead_letter_and_replays_it_to_pro
     # The file's name is markup: shown as the text it is, never run.
     expect(page.locator(".filename")).to_contain_text(HOSTILE_NAME)
     assert page.locator("main img").count() == 0
+    expect(page.get_by_role("link", name=TRACE_ID)).to_have_attribute(
+        "href", f"https://jaeger.example.com/trace/{TRACE_ID}"
+    )
+    # The uploader's other uploads, by email: this one among them.
+    page.get_by_role("link", name="ana@example.com").click()
+    expect(page.locator("h1")).to_have_text("Uploads of ana@example.com")
+    expect(page.get_by_role("link", name=ok.file_uuid)).to_be_visible()
+    page.go_back()
     screenshot(page, "console-upload.png")
 
     page.get_by_role("link", name="Dead letters").click()
