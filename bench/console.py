@@ -212,6 +212,18 @@ def rss(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
+async def in_process(url: str, key: str, rounds: int) -> list[float]:
+    from uploads_consumer.trace import read_timeline
+
+    settings = Settings(nats_url=url)  # type: ignore[call-arg]
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        assert await read_timeline(settings, key, None) is not None
+        times.append((time.perf_counter() - began) * 1000)
+    return times
+
+
 def wall(command: list[str], env: dict[str, str], rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
@@ -294,6 +306,13 @@ def main() -> int:
             print(f"  {kind:<44} {figures(wall([*trace, key], trace_env, args.trace_rounds))}  [{found_by}]")
         imports = [sys.executable, "-c", "import uploads_consumer.cli, uploads_consumer.trace"]
         print(f"  {'Python start and the imports alone':<44} {figures(wall(imports, trace_env, args.trace_rounds))}")
+        print("  the lookup alone, in one process (connect, find, read the timeline):")
+        for kind, key in (
+            ("found by the consumers' records", world["processed"][1]["file_uuid"]),
+            ("pending", world["pending"][1]["file_uuid"]),
+            ("no record names it", world["blind"]["file_uuid"]),
+        ):
+            print(f"    {kind:<42} {figures(asyncio.run(in_process(server.url, key, args.trace_rounds)))}")
     return 0
 
 

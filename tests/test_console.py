@@ -233,6 +233,13 @@ def test_the_console_refuses_a_forged_post_a_viewers_replay_and_a_guessed_passwo
     assert f'name="seq" value="{seq}"' in page.request.get(url + "/dead-letters").text(), "still there"
     viewer.close()
 
+    # The operator replays all of a class, after a confirmation (the letter fails again: nothing was mended).
+    page.goto(url + "/dead-letters?consumer=process&class=not_found")
+    page.get_by_role("button", name="Replay all 1 not_found of process…").click()
+    expect(page.locator("h1")).to_have_text("Replay 1 dead letter?")
+    page.get_by_role("button", name="Replay 1").click()
+    expect(page.locator("h1")).to_have_text("Replayed 1")
+
     # Five wrong passwords, then even the right one waits.
     guesser = browser.new_context()
     eve = guesser.new_page()

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 
 from uploads_consumer.config import Settings
 from uploads_consumer.connection import connect_options, describe_connect_error
-from uploads_consumer.console.auth import Gate, Session, User, is_loopback_bind
+from uploads_consumer.console.auth import Gate, Session, User
 from uploads_consumer.console.charts import columns, rows, size_text
 from uploads_consumer.console.letters import DeadLetter, letter_of
 from uploads_consumer.console.state import ConsoleState
@@ -519,12 +519,6 @@ def check_settings(settings: Settings) -> None:
     url = settings.console_trace_url
     if url is not None and (not url.startswith(("http://", "https://")) or "{trace_id}" not in url):
         raise ConfigError("CONSOLE_TRACE_URL", "must be an http(s) URL with {trace_id} in it")
-    if (
-        settings.console_users_file is None
-        and settings.console_trusted_proxy
-        and not is_loopback_bind(settings.console_bind)
-    ):
-        log.info("console: users come through the trusted proxy only")
 
 
 async def _connect(settings: Settings, console: Console, stopping: asyncio.Event) -> None:

@@ -29,6 +29,7 @@ from uploads_consumer.errors import ConfigError
 ROLES = ("viewer", "operator")
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 10_000
 FREE_FAILURES = 4
 FAILURE_WINDOW = 15 * 60.0
 FIRST_LOCK = 30.0
@@ -177,10 +178,14 @@ class Gate:
         self.sessions.pop(token or "", None)
 
     def _expire(self) -> None:
+        """Past MAX_SESSIONS, the expired ones go, then the oldest: a flood of clients costs no more memory."""
+        if len(self.sessions) <= MAX_SESSIONS:
+            return
         now = time.time()
-        if len(self.sessions) > 10_000:
-            for token in [t for t, s in self.sessions.items() if s.expires < now or s.user is None]:
-                del self.sessions[token]
+        for token in [t for t, s in self.sessions.items() if s.expires < now]:
+            del self.sessions[token]
+        for token in sorted(self.sessions, key=lambda t: self.sessions[t].expires)[: len(self.sessions) - MAX_SESSIONS]:
+            del self.sessions[token]
 
     @staticmethod
     def csrf_ok(session: Session | None, token: str | None) -> bool:
