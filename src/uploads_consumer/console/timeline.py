@@ -448,7 +448,9 @@ class TimelineBuilder:
         view = ConsumerView(node.name, node.after, node.stream, "pending")
         mine = [r for r in records if r["consumer"] == node.name]
         my_marks = marks.get(node.name, [])
-        done = any(w.stream == node.stream for w in my_marks) or any(r["outcome"] == "processed" for r in mine)
+        # Its records of this upload: where they say it was (on the stream it reads), or nothing (an older record).
+        processed = [w for w in my_marks if w.stream in (node.stream, "")]
+        done = bool(processed) or any(r["outcome"] == "processed" for r in mine)
         letters = [] if done else await self._letters_of(node, upload, message)
         # The message this consumer reads for the upload, and where it stands for it.
         seq: int | None
@@ -474,7 +476,6 @@ class TimelineBuilder:
             published = message.time if message is not None else None
         view.message_seq = seq
         self._deliveries(view, mine, my_marks, letters)
-        processed = [w for w in my_marks if w.stream == node.stream]
         if processed or any(r["outcome"] == "processed" for r in mine):
             await self._processed(view, node, processed, mine, seq)
             if seq is not None and _is_duplicate(seq, processed, mine, node):
