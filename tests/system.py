@@ -21,6 +21,7 @@ PACKAGES = {
     "initdb": "postgresql",
     "pg_ctl": "postgresql",
     "tesseract": "tesseract-ocr tesseract-ocr-eng",
+    "chromium": "chromium",
 }
 # Debian keeps PostgreSQL's server tools off PATH, in a folder per major version.
 POSTGRES_BINS = sorted(Path("/usr/lib/postgresql").glob("[0-9]*/bin"), key=lambda p: -int(p.parent.name))

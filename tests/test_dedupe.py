@@ -7,7 +7,7 @@ import asyncio
 import nats
 import pytest
 
-from uploads_consumer.dedupe import Deduplicator, key_for
+from uploads_consumer.dedupe import Deduplicator, Where, find_records, key_for
 from uploads_consumer.errors import RetryableError
 from uploads_consumer.events import FileUploadEvent
 
@@ -49,6 +49,27 @@ async def test_seen_after_mark_and_steps_are_kept_per_upload(js):
     assert await ledger.step(key, "webhook") == {"status": 200}
     other = key_for(EVENT.model_copy(update={"bucket_name": "other"}))
     assert not await ledger.seen(other) and await ledger.step(other, "webhook") is None
+
+
+async def test_a_record_says_where_the_upload_was_and_is_found_by_event_id_or_file_uuid_alone(js):
+    """`trace` finds a processed upload with one lookup per consumer: the server matches the key."""
+    ledger = Deduplicator(await js.create_key_value(bucket="ledger", history=1))
+    key = key_for(EVENT)
+    await ledger.record_step(key, "webhook", {"status": 200})  # a step's record is not the upload's
+    where = Where("FILE_UPLOADS", 42, 7, 1769395017042, EVENT.event_id)
+    await ledger.mark(key, where, EVENT.file_uuid)
+    assert await ledger.seen(key)
+    assert await find_records(js, "ledger", event_id=EVENT.event_id) == [where]
+    assert await find_records(js, "ledger", file_uuid=EVENT.file_uuid) == [where]
+    assert await find_records(js, "ledger", event_id="0ab35a7e-7a72-4e37-b34d-1045459d355f") == []
+    assert await find_records(js, "no_such_bucket", event_id=EVENT.event_id) == []
+
+
+async def test_a_record_written_before_records_said_where_is_still_found_with_its_time(js):
+    ledger = Deduplicator(await js.create_key_value(bucket="ledger", history=1))
+    await ledger.mark(key_for(EVENT))  # as a daemon before this wrote it: `1`
+    (found,) = await find_records(js, "ledger", event_id=EVENT.event_id)
+    assert (found.stream, found.seq, found.event_id) == ("", 0, EVENT.event_id) and found.at > 0
 
 
 async def test_a_failed_record_is_retried_in_place_rather_than_repeating_the_whole_upload(js):

@@ -763,11 +763,15 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
 K8S = ROOT / "deploy" / "kubernetes"
 
 
-def manifests() -> dict[str, dict]:
+def manifests(app: str = "uploads-consumer") -> dict[str, dict]:
+    """Per kind, the first document of the daemon's (or, with app="uploads-console", the console's)."""
     out = {}
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc and "kind" in doc, path
+            owner = doc.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name")
+            if owner in ("uploads-consumer", "uploads-console") and owner != app:
+                continue
             out.setdefault(doc["kind"], doc)
     return out
 
@@ -886,6 +890,59 @@ def test_kubernetes_runs_as_the_images_non_root_user_on_a_read_only_root():
     assert {"/tmp", container_values()["DECRYPT_DOWNLOAD_PATH"]} <= mounts, "the only places it writes"
 
 
+def test_kubernetes_runs_the_console_apart_signed_in_and_as_locked_down_as_the_daemon(tmp_path):
+    kinds = manifests("uploads-console")
+    deployment, service = kinds["Deployment"], kinds["Service"]
+    assert "console.yaml" in manifests()["Kustomization"]["resources"]
+    spec = deployment["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["args"] == ["console"] and deployment["spec"]["replicas"] == 1
+    env = {e["name"]: e for e in c["env"]}
+    assert not set(env) - VARIABLES, set(env) - VARIABLES
+    values = {name: e["value"] for name, e in env.items() if "value" in e}
+    port = int(values["CONSOLE_PORT"])
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/healthz" and named.get(get["port"], get["port"]) == port, probe
+    (to,) = service["spec"]["ports"]
+    assert named.get(to["targetPort"], to["targetPort"]) == port and service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    for e in env.values():
+        if "valueFrom" in e:
+            assert "secretKeyRef" in e["valueFrom"]
+    # It listens on the pod's address, so it must find its users: the file mounted from a Secret.
+    users = Path(values["CONSOLE_USERS_FILE"])
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(users.parent)]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True and volume["secret"]["secretName"]
+    from uploads_consumer.console.auth import Gate, hash_password
+
+    (tmp_path / "users").write_text(f"ana:{hash_password('a long password', 4)}:operator\n")
+    gate = Gate(
+        Settings(**{**{k.lower(): v for k, v in values.items()}, "console_users_file": str(tmp_path / "users")})
+    )
+    assert not gate.open and values["CONSOLE_BIND"] == "0.0.0.0"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["securityContext"]["capabilities"]["drop"] == [
+        "ALL"
+    ]
+    assert is_pinned(c["image"])
+
+
+def test_compose_runs_the_console_on_loopback_with_its_users_file():
+    console = compose()["services"]["uploads-console"]
+    assert console["profiles"] == ["console"] and console["command"] == ["console"]
+    assert "console" in console["build"]["args"]["EXTRAS"].split(",")
+    env = service_env(console)
+    settings = Settings(**{k.lower(): v for k, v in env.items()})
+    assert settings.console_users_file is not None and settings.console_bind == "0.0.0.0"
+    assert [m.split(":")[1] for m in console["volumes"]] == [str(settings.console_users_file)]
+    health = urlsplit(healthcheck_url(console))
+    assert (health.hostname, health.port, health.path) == ("127.0.0.1", settings.console_port, "/healthz")
+    assert ("127.0.0.1", str(settings.console_port), str(settings.console_port)) in published_ports(console)
+
+
 def test_kubernetes_image_is_pinned():
     assert is_pinned(container()["image"]), container()["image"]
 
@@ -932,6 +989,8 @@ def test_readme_commands_are_ones_the_cli_accepts():
         if not re.match(r"\s*(uploads-consumer|nats) ", line):
             continue
         words = shlex.split(line.split("|")[0], comments=True)
+        redirect = [i for i, w in enumerate(words) if w in (">", ">>", "<", "<<<", "2>", "2>&1")]
+        words = words[: redirect[0]] if redirect else words  # `… >> console-users`: the shell's, not ours
         if words[:1] == ["uploads-consumer"]:
             commands.append(words)
             build_parser().parse_args(words[1:])  # SystemExit on an unknown command or option

@@ -119,6 +119,15 @@ async def test_each_role_works_with_exactly_the_permissions_setup_prints(
         replayed = cli(operator, "dlq", "replay", "--all")
         assert replayed.returncode == 0 and "to file.uploads.replay.file_processor" in replayed.stdout, replayed.stderr
         await until(lambda: _one_letter_again(url_of(server, "operator")), 30, "dead-lettered again", daemons[0])
+        traced = cli(operator, "trace", events[0].file_uuid, "--json")
+        assert traced.returncode == 0, traced.stderr
+        assert {c["name"]: c["state"] for c in json.loads(traced.stdout)["consumers"]} == {
+            "file_processor": "processed",
+            "notify": "processed",
+        }
+        probe = cli(operator, "trace", "--seq", "4", "--json")
+        assert probe.returncode == 0 and '"state": "dead_lettered"' in probe.stdout, probe.stderr
+        await _the_console_reads_and_replays(operator, start_daemon, events[0].file_uuid, url_of(server, "operator"))
         for daemon in daemons:
             assert daemon.http_get("/readyz")[0] == 200
             assert daemon.terminate() == 0  # a clean stop anchors each chain's head
@@ -127,6 +136,34 @@ async def test_each_role_works_with_exactly_the_permissions_setup_prints(
         assert verified.returncode == 0, verified.stdout + verified.stderr
         assert re.search(r"; 2 of 2 chains anchored;", verified.stdout), verified.stdout
         assert violations(server) == []
+
+
+async def _the_console_reads_and_replays(operator: dict[str, str], start_daemon, file_uuid: str, url: str) -> None:
+    """The console with the operator's user: its overview, an upload's timeline, and a replay."""
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    port = str(free_port())
+    console = start_daemon(
+        "console.log",
+        args=["console"],
+        **{**operator, "CONSOLE_PORT": port, "HTTP_PORT": port, "CONSOLE_REFRESH": "1s"},
+    )
+    console.wait_http(30)
+    await until(lambda: console.http_get("/healthz")[0] == 200, 30, "the console read NATS", console)
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    base = f"http://127.0.0.1:{port}"
+    assert "file_processor" in browser.open(base + "/").read().decode()
+    assert "notify" in browser.open(f"{base}/upload/{file_uuid}").read().decode()
+    letters = browser.open(base + "/dead-letters").read().decode()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', letters).group(1)
+    seq = re.search(r'name="seq" value="(\d+)"', letters).group(1)
+    form = urllib.parse.urlencode({"csrf": csrf, "seq": seq, "confirmed": "yes"}).encode()
+    assert "Replayed 1" in browser.open(base + "/dead-letters/replay", data=form).read().decode()
+    await until(lambda: _one_letter_again(url, after=int(seq)), 30, "dead-lettered once more", console)
+    assert console.terminate() == 0
+    assert "NATS refused" not in console.log_text() and "cannot read NATS" not in console.log_text()
 
 
 def _status_ready(env: dict[str, str]) -> str | None:
@@ -158,9 +195,9 @@ def _union(*blocks: str) -> str:
     )
 
 
-async def _one_letter_again(url: str) -> bool:
+async def _one_letter_again(url: str, after: int = 1) -> bool:
     letters = await dead_letters(url)
-    return len(letters) == 1 and letters[0].seq > 1
+    return len(letters) == 1 and letters[0].seq > after
 
 
 def without(block: str, subject: str) -> str:

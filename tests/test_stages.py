@@ -288,6 +288,7 @@ async def test_setup_makes_a_stage_on_the_results_and_refuses_what_cannot_work(d
     info = await consumer_info(nats_server.url, RESULTS, "notify")
     assert info.config.metadata["uploads_consumer_after"] == "process"
     assert info.config.metadata["uploads_consumer_results"] == "file.processed.notify"
+    assert info.config.metadata["uploads_consumer_bucket"] == "notify_done", "where trace finds what it processed"
     assert setup(daemon_env, "archive", "notify").returncode == 0
     cycle = setup(daemon_env, "process", "archive")
     assert cycle.returncode == 1

@@ -118,3 +118,16 @@ async def mark_then_slow(ctx) -> None:
 
 
 mark_then_slow.needs = "event"
+
+
+async def gate(ctx) -> None:
+    """Holds an upload whose stored name has `held` in it until the test creates UC_TEST_STATE_DIR/gate-open:
+    an upload in flight for as long as a test needs; the others pass at once."""
+    if "held" in ctx.event.s3_data_key:
+        opened = Path(os.environ["UC_TEST_STATE_DIR"]) / "gate-open"
+        while not opened.exists():
+            await asyncio.sleep(0.05)
+    ctx.report("gate", "passed")
+
+
+gate.needs = "event"

@@ -1,8 +1,15 @@
 """uploads-consumer: processes encrypted file-upload events from NATS JetStream."""
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:
-    __version__ = version("uploads-consumer")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0"
+
+def __getattr__(name: str) -> Any:
+    # `__version__` read when asked for: importlib.metadata costs a short command (`trace`) a tenth of a second.
+    if name != "__version__":
+        raise AttributeError(name)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uploads-consumer")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0.0.0"

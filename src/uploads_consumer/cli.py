@@ -1,4 +1,4 @@
-"""Command line: `uploads-consumer [run|setup|status|publish|dlq|audit|decrypt|demo]`."""
+"""Command line: `uploads-consumer [run|setup|status|trace|console|publish|dlq|audit|decrypt|demo]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uploads_consumer import __version__
 from uploads_consumer.config import Settings, load_settings
 from uploads_consumer.errors import ConfigError, UploadsError, describe
 
@@ -32,6 +31,16 @@ examples:
   uploads-consumer status --json
   uploads-consumer audit report --since 7d --by user
 """
+
+
+class _Version(argparse.Action):
+    """`--version`, the package's version read only when asked for (importlib.metadata is slow to load)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        import uploads_consumer
+
+        print(f"{parser.prog} {uploads_consumer.__version__}")
+        parser.exit()
 
 
 def _settings() -> Settings:
@@ -144,6 +153,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     from uploads_consumer.status import print_status
 
     return asyncio.run(print_status(_settings(), as_json=args.json, consumer_name=args.consumer))
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from uploads_consumer.trace import print_trace
+
+    if (args.id is None) == (args.seq is None):
+        print("uploads-consumer: trace takes an ID (file_uuid or event_id) or --seq N, one of them", file=sys.stderr)
+        return EXIT_FATAL
+    return asyncio.run(print_trace(_settings(), args.id, args.seq, args.json))
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.console_command == "user":
+        return _console_user(args.name, args.role)
+    try:
+        from uploads_consumer.console.app import serve
+    except ImportError as exc:
+        raise ConfigError(
+            "CONSOLE_BIND", f"the console needs the console extra: pip install 'uploads-consumer[console]' ({exc.name})"
+        ) from None
+    return asyncio.run(serve(_settings()))
+
+
+def _console_user(name: str, role: str) -> int:
+    """A line for CONSOLE_USERS_FILE: the password asked twice on a terminal, else read from stdin."""
+    import getpass
+
+    from uploads_consumer.console.auth import hash_password
+
+    if ":" in name or not name.strip():
+        print("uploads-consumer: a user name cannot be empty or hold ':'", file=sys.stderr)
+        return EXIT_FATAL
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            print("uploads-consumer: the two passwords differ", file=sys.stderr)
+            return EXIT_FATAL
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("uploads-consumer: a password of at least 8 characters, please", file=sys.stderr)
+        return EXIT_FATAL
+    print(f"{name}:{hash_password(password)}:{role}")
+    return EXIT_OK
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -314,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uploads-consumer", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     parser.set_defaults(func=cmd_run)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -389,6 +442,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--consumer", metavar="NAME", help="the consumer to report on (default: NATS_CONSUMER_NAME)")
+    p = add(
+        "trace",
+        cmd_trace,
+        "one upload's timeline across every consumer and stage: its message, each one's state, deliveries, "
+        "steps, outputs and dead letters; exit 1 when no such upload is found",
+        "examples:\n  uploads-consumer trace 1cbfac96-1cb1-45b2-a682-39c0de4ea705   # a file_uuid or an event_id\n"
+        "  uploads-consumer trace --seq 42 --json",
+    )
+    p.add_argument("id", nargs="?", metavar="ID", help="the upload's file_uuid or event_id")
+    p.add_argument("--seq", type=int, metavar="N", help="instead of an ID: the upload's sequence in NATS_STREAM_NAME")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p = add(
+        "console",
+        cmd_console,
+        "serve the web console (overview, uploads, dead letters, usage) until SIGTERM; a process of its own",
+        "examples:\n  uploads-consumer console                 # http://127.0.0.1:8090/, open on loopback\n"
+        "  uploads-consumer console user ana --role operator >> console-users   # then CONSOLE_USERS_FILE=console-users",
+    )
+    csub = p.add_subparsers(dest="console_command", metavar="ACTION")
+    cu = csub.add_parser(
+        "user",
+        help="print a CONSOLE_USERS_FILE line for a user (the password asked twice, or read from stdin)",
+        description="print a CONSOLE_USERS_FILE line for a user: name, bcrypt hash of the password (asked twice "
+        "on a terminal, else the first line of stdin), role",
+        epilog="example:\n  uploads-consumer console user ana --role operator >> /etc/uploads-consumer/console-users",
+        formatter_class=fmt,
+    )
+    cu.add_argument("name", metavar="NAME")
+    cu.add_argument(
+        "--role", choices=("viewer", "operator"), default="viewer", help="viewer reads, operator also replays (viewer)"
+    )
     p = add(
         "publish",
         cmd_publish,

@@ -304,6 +304,26 @@ class Settings(BaseSettings):
     audit_retention: Duration | None = None
     """For `audit prune`: records older than this go, in whole chain prefixes; unset: keep every record."""
 
+    console_bind: str = "127.0.0.1"
+    """The address `uploads-consumer console` listens on; any but loopback needs CONSOLE_USERS_FILE or
+    CONSOLE_TRUSTED_PROXY (the console refuses to start without)."""
+    console_port: int = Field(default=8090, ge=1, le=65535)
+    """The console's port."""
+    console_users_file: Path | None = None
+    """The console's users, one `name:hash[:role]` a line: a bcrypt hash (`htpasswd -nB name`, or
+    `uploads-consumer console user NAME`) and the role, `viewer` (reads; the default) or `operator` (replays)."""
+    console_trusted_proxy: CsvList = ()
+    """Addresses or networks (`10.0.0.5`, `10.0.0.0/24`) of a reverse proxy that signs users in: a request
+    from one of them names its user in CONSOLE_PROXY_USER_HEADER (its role: CONSOLE_USERS_FILE's, else viewer)."""
+    console_proxy_user_header: str = "X-Forwarded-User"
+    """The header a trusted proxy names the user in (oauth2-proxy's default)."""
+    console_trace_url: str | None = None
+    """A link from an upload to its trace in Jaeger or Tempo: an http(s) URL with `{trace_id}`
+    (`https://jaeger.example.com/trace/{trace_id}`); unset: no link."""
+    console_refresh: PositiveDuration = 5.0
+    """How often the console reads the consumers' figures and the new dead letters (its pages show what it
+    read last, so a slow NATS never slows a page)."""
+
     @model_validator(mode="before")
     @classmethod
     def _derived_defaults(cls, data: Any) -> Any:

@@ -116,7 +116,8 @@ def denial(exc: BaseException, known: Sequence[str] = ()) -> tuple[str, str] | N
         return None
     kind = "publish" if match.group(1).lower() == "publish" else "subscribe"
     subject = match.group(2)
-    for pattern in known:
+    # A subject itself before a pattern that takes it in (`$JS.API.STREAM.INFO.FILE_UPLOADS`, not `…INFO.*`).
+    for pattern in sorted(known, key=lambda k: "*" in k or ">" in k):
         if subject_matches(pattern.lower(), subject.lower()):
             return kind, pattern
     return kind, subject
@@ -127,7 +128,15 @@ def known_subjects(settings: Settings, streams: Sequence[tuple[str, str]] = ()) 
     from uploads_consumer import permissions
 
     sets = [permissions.daemon(settings, streams), permissions.operator(settings), permissions.admin(settings, streams)]
-    return [subject for p in sets for subject in (*p.publish, *p.subscribe)]
+    s = settings
+    named = [
+        s.nats_stream_name,
+        s.nats_result_stream_name,
+        s.dlq_stream_name,
+        *(f"KV_{b}" for b in [s.dedupe_bucket] if b),
+    ]
+    reads = [f"$JS.API.STREAM.{verb}.{name}" for name in named for verb in ("INFO", "MSG.GET")]
+    return [*reads, *(subject for p in sets for subject in (*p.publish, *p.subscribe))]
 
 
 def grant_hint(kind: str, subject: str, settings: Settings) -> str:

@@ -368,7 +368,7 @@ class UploadConsumer:
         self.metrics.message_age_seconds.observe(max(0.0, time.time() - event.timestamp / 1000))
         assert self._pipeline is not None
         meta = held.msg.metadata
-        delivery = Delivery(f"{meta.stream}:{meta.sequence.stream}", meta.num_delivered)
+        delivery = Delivery(meta.stream, meta.sequence.stream, meta.num_delivered)
         work: asyncio.Task[Processed | Duplicate] = asyncio.ensure_future(
             self._pipeline.run(event, log, incoming.upstream, delivery)
         )
@@ -381,8 +381,9 @@ class UploadConsumer:
             return work.result()
         return error if isinstance(error, Exception) else ShuttingDown()
 
-    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
-        """JetStream publish that waits for the stream's acknowledgement (for the pipeline and processors)."""
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """JetStream publish that waits for the stream's acknowledgement (for the pipeline and processors);
+        the message's sequence in the stream that stored it."""
         js, nc = self.session.js, self.session.nc
         if js is None or nc is None:
             raise RetryableError(f"publishing to {subject}: not connected to NATS")
@@ -398,9 +399,10 @@ class UploadConsumer:
                     f"{nc.max_payload}: raise max_payload in the server's configuration, then replay it",
                 )
             try:
-                await js.publish(subject, body, headers=headers, timeout=10)
+                ack = await js.publish(subject, body, headers=headers, timeout=10)
             except Exception as exc:
                 raise RetryableError(f"publishing to {subject} failed: {describe(exc)}") from exc
+            return int(ack.seq)
 
     async def _copy_abandoned(self, stream_seq: int, deliveries: int) -> None:
         """The server stopped delivering a message (its max_deliver) that nobody settled: copy it."""

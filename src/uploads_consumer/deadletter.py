@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.header import Header, decode_header
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from uploads_consumer import tracing
+from uploads_consumer.config import Settings
 from uploads_consumer.errors import ErrorClass, one_line
 from uploads_consumer.messages import DeadLetterHeaders
 
@@ -76,6 +79,8 @@ class DeadLetterPublisher:
         """Returns once the dead-letter stream has the copy: stored now, or (acknowledged as a duplicate:
         the same id within the stream's duplicate window) stored before, by an attempt whose
         acknowledgement was lost or by another replica hearing the same advisory."""
+        from uploads_consumer import tracing  # here: the commands that only read dead letters need none of it
+
         headers = tracing.inject(headers)  # whoever reads the dead letter finds its trace
         await self._js.publish(self._subject, body, headers=headers, stream=self._stream, timeout=10)
 
@@ -91,6 +96,45 @@ def header_text(value: object) -> str:
     return "".join(
         part.decode("utf-8", "replace") if isinstance(part, bytes) else part for part, _ in decode_header(value)
     )
+
+
+def dead_lettered_by(headers: Mapping[str, str], settings: Settings) -> str:
+    """The consumer that dead-lettered a message; one from before the header existed: NATS_CONSUMER_NAME's."""
+    return headers.get("Uploads-Consumer") or settings.nats_consumer_name
+
+
+def body_identity(body: bytes) -> dict[str, str | None]:
+    """`event_id`, `file_uuid` and `email` of a dead letter's body, as far as it has them: an upload event
+    (plain or double-encoded), or for a stage its upstream's result event; `None` for what is missing."""
+    found: dict[str, str | None] = {"event_id": None, "file_uuid": None, "email": None}
+    try:
+        data = json.loads(body)
+        if isinstance(data, str):
+            data = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return found
+    if isinstance(data, dict):
+        for name in found:
+            value = data.get(name)
+            found[name] = value if isinstance(value, str) and value else None
+    return found
+
+
+def dead_letter_entry(msg: RawStreamMsg, settings: Settings) -> dict[str, Any]:
+    """One dead letter as `dlq list --json` prints it (and the console lists it)."""
+    h = msg.headers or {}
+    body = msg.data or b""
+    return {
+        "seq": msg.seq,
+        "consumer": dead_lettered_by(h, settings),
+        "error_class": h.get("Uploads-Error-Class"),
+        "reason": h.get("Uploads-Error"),
+        "failed_at": h.get("Uploads-Failed-At"),
+        "original_seq": h.get("Uploads-Stream-Seq"),
+        "deliveries": h.get("Uploads-Deliveries"),
+        "event_id": body_identity(body)["event_id"],
+        "body": body.decode("utf-8", "replace"),
+    }
 
 
 async def stored_messages(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:

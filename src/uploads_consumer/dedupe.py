@@ -17,14 +17,17 @@ import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from uploads_consumer.errors import RetryableError, describe
 from uploads_consumer.events import FileUploadEvent
 
+FILE_PREFIX = "file"
+"""`file.{file_uuid}`: the index of a processed upload by its file_uuid (an event_id is never `file`)."""
 WRITE_ATTEMPTS = 4
 WRITE_PAUSES = (0.2, 0.5, 1.0)
 
@@ -33,6 +36,36 @@ def key_for(event: FileUploadEvent) -> str:
     """`{event_id}.{digest of bucket, keys, email and file_uuid}`: one key per distinct upload."""
     identity = "\0".join((event.bucket_name, event.s3_data_key, event.s3_metadata_key, event.email, event.file_uuid))
     return f"{event.event_id}.{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:20]}"
+
+
+def file_key(file_uuid: str) -> str:
+    return f"{FILE_PREFIX}.{file_uuid}"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a processed upload was, as its record in the bucket says."""
+
+    stream: str
+    """The stream of the message this consumer processed: the upload stream, or for a stage the results."""
+    seq: int
+    result_seq: int | None = None
+    """Its result event's sequence in the result stream; None when it publishes none."""
+    at: int = 0
+    """When it was recorded, epoch milliseconds."""
+    event_id: str | None = None
+
+    def value(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def parse(cls, value: bytes | None) -> Where | None:
+        """The record's value; None for one written before records said where (`1`) or unreadable."""
+        try:
+            data = json.loads(value or b"")
+            return cls(**{k: data[k] for k in ("stream", "seq", "result_seq", "at", "event_id") if k in data})
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
 
 def _step_key(key: str, step: str, record: str = "step") -> str:
@@ -78,9 +111,20 @@ class Deduplicator:
         except Exception as exc:
             raise RetryableError(f"idempotency lookup failed: {describe(exc)}") from exc
 
-    async def mark(self, key: str) -> None:
-        """Record the upload as processed. Retried in place: failing here would repeat every step."""
-        await self._put(key, b"1", "recording the upload as processed")
+    async def mark(self, key: str, where: Where | None = None, file_uuid: str | None = None) -> None:
+        """Record the upload as processed, and where it was. Retried in place: failing here would repeat
+        every step. The index by file_uuid is written alongside, once: without it `trace` reads the stream."""
+        value = where.value() if where is not None else b"1"
+        if file_uuid is None:
+            await self._put(key, value, "recording the upload as processed")
+            return
+        await asyncio.gather(self._put(key, value, "recording the upload as processed"), self._index(file_uuid, value))
+
+    async def _index(self, file_uuid: str, value: bytes) -> None:
+        if self._kv is None:
+            return
+        with contextlib.suppress(Exception):  # a lookup aid: never in the way of the work
+            await self._kv.put(file_key(file_uuid), value)
 
     async def step(self, key: str, step: str) -> dict[str, Any] | None:
         """The outputs a completed step reported, or None if it has not completed."""
@@ -155,3 +199,40 @@ class Deduplicator:
                 if attempt == WRITE_ATTEMPTS:
                     raise RetryableError(f"{what} failed: {describe(exc)}") from exc
                 await asyncio.sleep(WRITE_PAUSES[min(attempt, len(WRITE_PAUSES)) - 1])
+
+
+async def find_records(js: Any, bucket: str, event_id: str | None = None, file_uuid: str | None = None) -> list[Where]:
+    """What one consumer's bucket says of an upload, by event_id (its records, one per distinct upload with
+    that id) or by file_uuid (the index): the server matches the keys, nothing is read but what matches.
+    [] when it holds none, or the bucket does not exist."""
+    stream = f"KV_{bucket}"
+
+    async def read(subject: str, event: str | None) -> Where | None:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:
+            return None
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        where = Where.parse(msg.data)
+        if where is None:  # written before records said where: when, at least
+            return Where("", 0, at=int(msg.time.timestamp() * 1000) if msg.time else 0, event_id=event)
+        return (
+            where if where.event_id is not None else Where(where.stream, where.seq, where.result_seq, where.at, event)
+        )
+
+    async def by_event_id() -> list[Where | None]:
+        if event_id is None:
+            return []
+        try:
+            info = await js.stream_info(stream, subjects_filter=f"$KV.{bucket}.{event_id}.*")
+        except NotFoundError:
+            return []
+        subjects = sorted((info.state.subjects or {}) if info.state else {})
+        return list(await asyncio.gather(*(read(subject, event_id) for subject in subjects)))
+
+    async def by_file_uuid() -> list[Where | None]:
+        return [await read(f"$KV.{bucket}.{file_key(file_uuid)}", None)] if file_uuid is not None else []
+
+    indexed, recorded = await asyncio.gather(by_file_uuid(), by_event_id())
+    return [where for where in (*indexed, *recorded) if where is not None]

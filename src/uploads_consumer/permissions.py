@@ -4,8 +4,8 @@ Three roles (`uploads-consumer setup --print-permissions --role ROLE`):
 
 - `daemon`: the daemon with `AUTO_SETUP=false` (an admin ran `setup`): read its consumer, pull, settle,
   its idempotency bucket, publish its results, dead letters and what its processors publish;
-- `operator`: `status`, `dlq list`, `dlq replay`, `keys check` (the commands an operator runs), and
-  with `AUDIT_URL` the anchors `audit verify` reads;
+- `operator`: `status`, `trace`, `dlq list`, `dlq replay`, `keys check` and the console (what an operator
+  runs), and with `AUDIT_URL` the anchors `audit verify` reads;
 - `admin`: `setup` (and a daemon with `AUTO_SETUP=true`, which needs `daemon` and `admin` together).
 
 Each set was measured: the daemon and every command run against a nats-server that allows exactly it
@@ -118,22 +118,22 @@ def daemon(
 
 
 def operator(settings: Settings) -> Permissions:
-    """`status`, `dlq list`, `dlq replay` and `keys check`: reads, and giving dead letters back."""
+    """`status`, `trace`, `dlq list`, `dlq replay`, `keys check` and the console: reads, and giving dead
+    letters back."""
     s = settings
     p = Permissions("operator")
     streams = [s.nats_stream_name, *([s.nats_result_stream_name] if s.nats_result_subject else [])]
-    for stream in streams:  # status: every consumer and stage, its figures, its oldest pending message
-        p.allow(
-            f"$JS.API.STREAM.INFO.{stream}",
-            f"$JS.API.CONSUMER.LIST.{stream}",
-            f"$JS.API.CONSUMER.INFO.{stream}.*",
-            f"$JS.API.STREAM.MSG.GET.{stream}",
-        )
-    if s.dedupe_bucket:  # status: what the consumer's replicas say of themselves (presence)
-        p.allow(f"$JS.API.STREAM.INFO.KV_{s.dedupe_bucket}", f"$JS.API.STREAM.MSG.GET.KV_{s.dedupe_bucket}")
-    p.allow(  # dlq list, dlq replay
-        f"$JS.API.STREAM.INFO.{s.dlq_stream_name}",
-        f"$JS.API.STREAM.MSG.GET.{s.dlq_stream_name}",
+    # Any stream's figures and messages: the upload, result and dead-letter streams, and every consumer's
+    # bucket (what it processed and where, for trace; what its replicas say of themselves, for status). A
+    # bucket's stream is KV_{its name}, and a subject wildcard cannot match part of a token.
+    p.allow("$JS.API.STREAM.INFO.*", "$JS.API.STREAM.MSG.GET.*")
+    for stream in streams:  # status, trace, the console: every consumer and stage, where each stands
+        p.allow(f"$JS.API.CONSUMER.LIST.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.*")
+    for stream in [*streams, s.dlq_stream_name]:
+        # trace and the console read a stretch of a stream through an ephemeral consumer of their own
+        # (stream_reader.py): one the server names, acknowledgements off, gone 10 s after its last use.
+        p.allow(f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*")
+    p.allow(  # dlq replay, and the console's
         f"$JS.API.STREAM.MSG.DELETE.{s.dlq_stream_name}",
         f"{s.nats_subject}.replay.>",
     )

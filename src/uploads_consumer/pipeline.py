@@ -25,7 +25,7 @@ from typing import Any
 from uploads_consumer import tracing
 from uploads_consumer.config import Settings
 from uploads_consumer.content_type import HEAD_BYTES, content_type
-from uploads_consumer.dedupe import Deduplicator, key_for
+from uploads_consumer.dedupe import Deduplicator, Where, key_for
 from uploads_consumer.envelope import (
     MAX_METADATA_BYTES,
     OVERHEAD,
@@ -74,8 +74,13 @@ class Delivery:
     """Which message brought an upload: `origin`, its stream and sequence (`FILE_UPLOADS:42`; a message
     `dlq replay` republishes has a new one), and how often the server has delivered it."""
 
-    origin: str = ""
+    stream: str = ""
+    seq: int = 0
     num_delivered: int = 1
+
+    @property
+    def origin(self) -> str:
+        return f"{self.stream}:{self.seq}"
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,7 @@ class Pipeline:
         delivery: Delivery | None = None,
     ) -> Processed | Duplicate:
         """Process one event; `upstream`: what the stages before this consumer reported of it (AFTER);
-        `delivery`: which message brought it, for counting a step's timeouts.
+        `delivery`: which message brought it, for counting a step's timeouts and for its record (`trace`).
         Raises the project's errors only (anything else is a bug: transient)."""
         check_event(event, self._allowed)  # before any lookup: a hostile event touches nothing
         key = key_for(event)
@@ -351,9 +356,11 @@ class Pipeline:
             upload=event,
             upstream=dict(upstream),
         ).published()
-        await self._publish_result(result)
+        result_seq = await self._publish_result(result)
+        # Where it was, for `trace` and the console: the message it came in, and its result event.
+        where = Where(delivery.stream, delivery.seq, result_seq, int(time.time() * 1000), event.event_id)
         with tracing.span("idempotency record"):
-            await self._ledger.mark(key)
+            await self._ledger.mark(key, where if delivery.stream else None, event.file_uuid)
         return Processed(result)
 
     def _job_dir(self) -> Path:
@@ -458,11 +465,12 @@ class Pipeline:
             self._metrics.processor_duration.labels(processor.name).observe(time.monotonic() - began)
             self._metrics.processor_outcomes.labels(processor.name, outcome).inc()
 
-    async def _publish_result(self, result: dict[str, Any]) -> None:
+    async def _publish_result(self, result: dict[str, Any]) -> int | None:
+        """Its sequence in the result stream; None when results are off."""
         subject = self._settings.result_subject
         if not subject or self._publish is None:
-            return
+            return None
         body = json.dumps(result, ensure_ascii=False).encode("utf-8")
         # One result per upload per consumer: the consumer's name keeps another's from passing for a duplicate.
         headers = ResultHeaders(msg_id=f"{result['event_id']}:{result['consumer']}:processed")
-        await self._publish(subject, body, headers.headers())
+        return await self._publish(subject, body, headers.headers())

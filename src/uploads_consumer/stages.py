@@ -16,6 +16,7 @@ reads it is not done with it (ARCHIVE_DELETE_SOURCE).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from uploads_consumer.config import Settings, result_subject
+from uploads_consumer.config import Settings, default_dedupe_bucket, result_subject
 from uploads_consumer.events import Incoming, parse_event, parse_result
 from uploads_consumer.provision import ProvisionError, ProvisionReport, consumer_filters, provision
 
@@ -36,6 +37,8 @@ META_FETCHES = "uploads_consumer_fetches"
 """What its chain reads of an upload: event, object or plaintext."""
 META_REMOVES = "uploads_consumer_removes_upload"
 """`true` when a step of its chain deletes the stored upload (ARCHIVE_DELETE_SOURCE)."""
+META_BUCKET = "uploads_consumer_bucket"
+"""Its idempotency bucket (DEDUPE_BUCKET), where `trace` finds what it processed; empty: none."""
 
 
 class UpstreamMissing(ProvisionError):
@@ -51,9 +54,10 @@ class Role:
     after: str | None
     fetches: str | None = None
     removes_upload: bool | None = None
+    bucket: str | None = None
 
     def metadata(self) -> dict[str, str]:
-        out = {META_RESULTS: self.results or "", META_AFTER: self.after or ""}
+        out = {META_RESULTS: self.results or "", META_AFTER: self.after or "", META_BUCKET: self.bucket or ""}
         if self.fetches is not None:
             out[META_FETCHES] = self.fetches
         if self.removes_upload is not None:
@@ -62,7 +66,7 @@ class Role:
 
 
 def role_of(settings: Settings, fetches: str | None = None, removes_upload: bool | None = None) -> Role:
-    return Role(settings.result_subject, settings.after, fetches, removes_upload)
+    return Role(settings.result_subject, settings.after, fetches, removes_upload, settings.dedupe_bucket or None)
 
 
 # -- what a stage reads
@@ -92,6 +96,8 @@ class Node:
     results_known: bool = False
     fetches: str | None = None
     removes_upload: bool = False
+    bucket: str | None = None
+    """Its idempotency bucket: as its metadata says, else `{name}_done` (the default); None: it has none."""
 
     @property
     def pending(self) -> int:
@@ -124,7 +130,9 @@ class Topology:
 
 def _node(info: ConsumerInfo, stream: str, results_base: str | None) -> Node:
     meta = info.config.metadata or {}
-    node = Node(info.name, stream, info)
+    node = Node(info.name, stream, info, bucket=default_dedupe_bucket(info.name))
+    if META_BUCKET in meta:
+        node.bucket = meta[META_BUCKET] or None
     if META_RESULTS in meta:
         node.results_known = True
         node.results = meta[META_RESULTS] or None
@@ -153,6 +161,8 @@ async def read_pipeline(js: JetStreamContext, settings: Settings) -> Topology:
             found.unread.append(stream)
             continue
         for info in infos:
+            if not info.config.durable_name:  # an ephemeral reader (trace's, `nats sub`'s): no job of the pipeline
+                continue
             node = _node(info, stream, base_for)
             if stream != settings.nats_stream_name and node.after is None:
                 continue
@@ -160,6 +170,26 @@ async def read_pipeline(js: JetStreamContext, settings: Settings) -> Topology:
                 found.lingering.append(found.nodes[node.name])
             found.nodes[node.name] = node
     return found
+
+
+async def oldest_pending_age(js: JetStreamContext, stream: str, consumer: ConsumerInfo) -> float | None:
+    """Age in seconds of the first message after the consumer's ack floor that its filters take in; None
+    when nothing is pending or unacknowledged. (Another consumer's messages past the floor — a replay
+    aimed at it — are not this consumer's.)"""
+    if not (consumer.num_pending or consumer.num_ack_pending):
+        return None
+    start = (consumer.ack_floor.stream_seq or 0 if consumer.ack_floor else 0) + 1
+    oldest: float | None = None
+    filters: list[str | None] = [*consumer_filters(consumer.config)] or [None]
+    for subject in filters:
+        try:
+            msg = await js.get_msg(stream, seq=start, next=True, subject=subject)
+        except Exception:  # noqa: BLE001 - none left on that subject, deleted or expired
+            continue
+        if msg.time is not None:
+            published = msg.time.timestamp()
+            oldest = published if oldest is None else min(oldest, published)
+    return None if oldest is None else max(0.0, time.time() - oldest)
 
 
 def check(pipeline: Topology, settings: Settings, role: Role) -> list[str]:

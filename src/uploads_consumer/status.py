@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from typing import Any
 
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
 from uploads_consumer.config import Settings, default_dedupe_bucket
 from uploads_consumer.connection import NatsUnavailable, command_connection, redact_url
 from uploads_consumer.presence import read_reports
-from uploads_consumer.provision import consumer_filters
-from uploads_consumer.stages import Topology, read_pipeline
-
-
-async def _oldest_pending_age(js: JetStreamContext, stream: str, consumer: ConsumerInfo) -> float | None:
-    """Age in seconds of the first message after the consumer's ack floor that its filters take in; None
-    when nothing is pending or unacknowledged. (Another consumer's messages past the floor — a replay
-    aimed at it — are not this consumer's.)"""
-    if not (consumer.num_pending or consumer.num_ack_pending):
-        return None
-    start = (consumer.ack_floor.stream_seq or 0 if consumer.ack_floor else 0) + 1
-    oldest: float | None = None
-    filters: list[str | None] = [*consumer_filters(consumer.config)] or [None]
-    for subject in filters:
-        try:
-            msg = await js.get_msg(stream, seq=start, next=True, subject=subject)
-        except Exception:  # noqa: BLE001 - none left on that subject, deleted or expired
-            continue
-        if msg.time is not None:
-            published = msg.time.timestamp()
-            oldest = published if oldest is None else min(oldest, published)
-    return None if oldest is None else max(0.0, time.time() - oldest)
+from uploads_consumer.stages import Topology, oldest_pending_age, read_pipeline
 
 
 def _pipeline_rows(topology: Topology) -> list[dict[str, Any]]:
@@ -76,7 +52,7 @@ async def collect_status(settings: Settings, consumer_name: str | None = None) -
             dead = {"stream": settings.dlq_stream_name, "messages": dlq.state.messages, "bytes": dlq.state.bytes}
         except NotFoundError:
             dead = {"stream": settings.dlq_stream_name, "messages": None, "bytes": None, "missing": True}
-        age = await _oldest_pending_age(js, stream_name, consumer)
+        age = await oldest_pending_age(js, stream_name, consumer)
         bucket = settings.dedupe_bucket if name == settings.nats_consumer_name else default_dedupe_bucket(name)
         replicas = await read_reports(js, bucket) if bucket else "DEDUPE_BUCKET is empty: replicas say nothing"
         return {

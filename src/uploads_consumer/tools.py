@@ -8,19 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 
-from uploads_consumer.config import Settings, replay_subject
+from uploads_consumer.config import Settings
 from uploads_consumer.connection import command_connection, connect_once, redacted_servers, require_jetstream
-from uploads_consumer.deadletter import header_text, stored_messages
+from uploads_consumer.deadletter import dead_letter_entry, stored_messages
 from uploads_consumer.envelope import MAX_METADATA_BYTES, MasterKeyRing, parse_metadata
 from uploads_consumer.errors import ConfigError, ErrorClass, PermanentError, UploadsError
 from uploads_consumer.events import FileUploadEvent, parse_event, utc_text
 from uploads_consumer.observability import Metrics
 from uploads_consumer.pipeline import PlaintextFile
 from uploads_consumer.producer import publish_event, upload_file
-from uploads_consumer.provision import consumer_filters, subject_matches
+from uploads_consumer.replay import replay_dead_letters
 from uploads_consumer.storage import ObjectStore
 
 
@@ -95,41 +94,8 @@ async def read_dead_letters(settings: Settings, consumer: str | None = None) -> 
     """Every dead letter (or those `consumer` dead-lettered), oldest first."""
     async with command_connection(settings, "dlq list", "operator") as nc:
         messages = await stored_messages(nc.jetstream(timeout=10), settings.dlq_stream_name)
-    out = []
-    for msg in messages:
-        h = msg.headers or {}
-        owner = dead_lettered_by(h, settings)
-        if consumer is not None and owner != consumer:
-            continue
-        out.append(
-            {
-                "seq": msg.seq,
-                "consumer": owner,
-                "error_class": h.get("Uploads-Error-Class"),
-                "reason": h.get("Uploads-Error"),
-                "failed_at": h.get("Uploads-Failed-At"),
-                "original_seq": h.get("Uploads-Stream-Seq"),
-                "deliveries": h.get("Uploads-Deliveries"),
-                "event_id": _event_id(msg.data or b""),
-                "body": (msg.data or b"").decode("utf-8", "replace"),
-            }
-        )
-    return out
-
-
-def dead_lettered_by(headers: dict[str, str], settings: Settings) -> str:
-    """The consumer that dead-lettered a message; one from before the header existed: NATS_CONSUMER_NAME's."""
-    return headers.get("Uploads-Consumer") or settings.nats_consumer_name
-
-
-def _event_id(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-        if isinstance(data, str):
-            data = json.loads(data)
-        return str(data.get("event_id")) if isinstance(data, dict) and data.get("event_id") else None
-    except Exception:  # noqa: BLE001
-        return None
+    entries = [dead_letter_entry(msg, settings) for msg in messages]
+    return [e for e in entries if consumer is None or e["consumer"] == consumer]
 
 
 async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = None) -> int:
@@ -153,107 +119,20 @@ async def dlq_list(settings: Settings, as_json: bool, consumer: str | None = Non
     return 0
 
 
-class ReplayRoutes:
-    """Where a dead letter goes back to, per consumer of one stream: its own replay subject when its filter
-    has it (no other consumer of the stream sees it), else the subject it processes (the uploads, or a
-    stage's upstream's results) when no other consumer reads that; otherwise nowhere, with the reason."""
-
-    def __init__(
-        self, settings: Settings, stream: str, stream_subjects: list[str], consumers: list[ConsumerInfo]
-    ) -> None:
-        self._settings = settings
-        self._stream = stream
-        self._uploads = stream == settings.nats_stream_name
-        # Replay subjects: `{NATS_SUBJECT}.replay.X` on the upload stream, `{NATS_RESULT_SUBJECT}.replay.X`
-        # for a stage on the result stream.
-        self._base = settings.nats_subject if self._uploads else settings.nats_result_subject
-        self._captured = stream_subjects
-        self._filters = {c.name: consumer_filters(c.config) for c in consumers}
-
-    def _others_reading(self, consumer: str, subject: str) -> list[str]:
-        """The other consumers of the stream a message on `subject` would reach."""
-        return sorted(
-            n
-            for n, f in self._filters.items()
-            if n != consumer and (not f or any(subject_matches(p, subject) for p in f))
-        )
-
-    def subject_for(self, consumer: str) -> str:
-        """The subject to republish on; raises UploadsError saying why there is none."""
-        if consumer not in self._filters:
-            raise UploadsError(f"consumer {consumer} does not exist on {self._stream} (any more)")
-        own = replay_subject(self._base, consumer)
-        if own in self._filters[consumer] and any(subject_matches(p, own) for p in self._captured):
-            also = self._others_reading(consumer, own)  # no filter at all, or a wildcard: they would see it
-            if not also:
-                return own
-            raise UploadsError(
-                f"{own} would reach {', '.join(also)} too (their filters take it in); narrow their filters, then replay"
-            )
-        # What it processes: the uploads, or what a stage follows (its filter other than its replay subject).
-        main = [f for f in self._filters[consumer] if f != own]
-        processes = self._settings.nats_subject if self._uploads or len(main) != 1 else main[0]
-        others = self._others_reading(consumer, processes)
-        if not others:
-            return processes
-        raise UploadsError(
-            f"consumer {consumer} does not read {own}, and {processes} would reach {', '.join(others)} too "
-            f"(they would process the upload again); run `uploads-consumer setup --enable-replay` with "
-            f"NATS_CONSUMER_NAME={consumer}, then replay"
-        )
-
-
-async def _routes(js: Any, settings: Settings, stream: str) -> ReplayRoutes:
-    info = await js.stream_info(stream)
-    return ReplayRoutes(settings, stream, info.config.subjects or [], await js.consumers_info(stream))
-
-
 async def dlq_replay(settings: Settings, replay_all: bool, seqs: list[int], consumer: str | None = None) -> int:
-    """Put dead letters back, each to the consumer that dead-lettered it only (see ReplayRoutes), on the
-    stream it came from (the upload stream, or for a stage the result stream); the dead letter is deleted
-    once that stream has acknowledged its copy. Exit 1 if any was refused."""
-    replayed: dict[str, int] = {}
-    refused = 0
+    """Put dead letters back, each to the consumer that dead-lettered it only (replay.py); exit 1 if any was
+    refused."""
     async with command_connection(settings, "dlq replay", "operator") as nc:
-        js = nc.jetstream(timeout=10)
-        routes: dict[str, ReplayRoutes] = {}
-        if replay_all:
-            info = await js.stream_info(settings.dlq_stream_name)
-            seqs = list(range(info.state.first_seq, info.state.last_seq + 1)) if info.state.messages else []
-        for seq in seqs:
-            try:
-                msg = await js.get_msg(settings.dlq_stream_name, seq=seq)
-            except NotFoundError:
-                if not replay_all:  # asked for by its number: a mistake to say, not to pass over
-                    print(f"seq {seq}: not in {settings.dlq_stream_name}", file=sys.stderr)
-                    refused += 1
-                continue
-            owner = dead_lettered_by(msg.headers or {}, settings)
-            if consumer is not None and owner != consumer:
-                if not replay_all:
-                    print(f"seq {seq}: dead-lettered by {owner}, not {consumer}; left as it is", file=sys.stderr)
-                continue
-            stream = header_text((msg.headers or {}).get("Uploads-Stream") or settings.nats_stream_name)
-            try:
-                if stream not in routes:
-                    routes[stream] = await _routes(js, settings, stream)
-                subject = routes[stream].subject_for(owner)
-            except NotFoundError:
-                print(f"seq {seq}: not replayed: stream {stream} does not exist (any more)", file=sys.stderr)
-                refused += 1
-                continue
-            except UploadsError as exc:
-                print(f"seq {seq}: not replayed: {exc.reason}", file=sys.stderr)
-                refused += 1
-                continue
-            # Republish first; only once the stream has acknowledged it, remove the dead letter.
-            await js.publish(subject, msg.data or b"", timeout=10)
-            await js.delete_msg(settings.dlq_stream_name, seq)
-            replayed[subject] = replayed.get(subject, 0) + 1
-    total = sum(replayed.values())
+        report = await replay_dead_letters(nc.jetstream(timeout=10), settings, seqs, consumer, every=replay_all)
+    for not_replayed in report.not_replayed:
+        print(f"seq {not_replayed.seq}: {not_replayed.reason}", file=sys.stderr)
+    replayed: dict[str, int] = {}
+    for r in report.replayed:
+        replayed[r.subject] = replayed.get(r.subject, 0) + 1
+    total = len(report.replayed)
     where = ", ".join(f"{n} to {subject}" for subject, n in replayed.items())
     print(f"replayed {total} message{'s' if total != 1 else ''}" + (f" ({where})" if where else ""))
-    return 1 if refused else 0
+    return 1 if report.refused else 0
 
 
 async def keys_check(settings: Settings, last: int) -> int:

@@ -104,7 +104,7 @@ def writer_identity() -> tuple[str, int, str]:
     return host, pid, f"{host}/{pid}/{secrets.token_hex(4)}"
 
 
-def _text(value: str | None) -> str | None:
+def storable_text(value: str | None) -> str | None:
     """Text any store keeps as given: no NUL (PostgreSQL refuses it), no lone surrogate (not UTF-8)."""
     if value is None:
         return None
@@ -195,18 +195,18 @@ class AuditTrail:
                 "deliveries": delivered.deliveries,
                 "event_id": event.event_id if event else None,
                 "file_uuid": event.file_uuid if event else None,
-                "email": _text(event.email) if event else None,
-                "filename": _text(result.get("original_filename") or (event.stored_name if event else None)),
-                "bucket": _text(event.bucket_name) if event else None,
+                "email": storable_text(event.email) if event else None,
+                "filename": storable_text(result.get("original_filename") or (event.stored_name if event else None)),
+                "bucket": storable_text(event.bucket_name) if event else None,
                 "size": result.get("size"),
                 "content_type": result.get("content_type"),
                 "sha256": result.get("sha256"),
                 "outcome": str(settlement.outcome),
                 "error_class": settlement.error_class,
-                "reason": _text(settlement.reason),
+                "reason": storable_text(settlement.reason),
                 "duration_ms": round(1000 * (time.monotonic() - received)) if received is not None else None,
-                "processors": [_text(name) for name in result.get("processors", ())],
-                "skipped": [_text(name) for name in result.get("skipped", ())],
+                "processors": [storable_text(name) for name in result.get("processors", ())],
+                "skipped": [storable_text(name) for name in result.get("skipped", ())],
             }
         )
 

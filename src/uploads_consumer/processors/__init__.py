@@ -244,7 +244,8 @@ class ProcessingContext:
         self.outputs.setdefault(self.current, {})[key] = value
 
 
-Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[int | None]]
+"""(subject, body, headers) → the message's sequence in the stream that stored it."""
 
 
 @dataclass(frozen=True)
