@@ -40,6 +40,7 @@ from uploads_consumer.observability import Metrics, get_logger
 log = get_logger("uploads_consumer.audit")
 
 FLUSH_BATCH = 500
+FLUSH_DELAY = 0.2  # after the first record, how long others may join it before the batch goes to the store
 RETRY_LIMIT = 5.0  # longest pause between attempts to reach the store
 RESCAN = 30.0  # how often the folder is searched for spools whose process died
 CLOSE_TIMEOUT = 1.0  # at a stop, the last chance to move the spool (what is left waits for the next start)
@@ -171,6 +172,7 @@ class Spool:
         self._left_alone: set[Path] = set()
         self.depth = 0
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()  # a stop: every record to the store now, no batch waits to fill
         self._moved = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flushed_in_vain = False
@@ -211,6 +213,7 @@ class Spool:
 
     async def flush(self, timeout: float) -> None:
         if self._task is not None and self.depth and not self._flushed_in_vain:
+            self._hurry.set()
             self._wake.set()
             try:
                 await asyncio.wait_for(self._emptied(), timeout)
@@ -276,6 +279,12 @@ class Spool:
                 said, delay = "", 0.5
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RESCAN)
+            # A settlement's record is on disk already (the spool); what waits here is only its move to the
+            # store. Letting the next ones join it makes one transaction of many instead of one per upload:
+            # at 100 uploads/s, per record, a tenth of the round trips and of the spool's own writes.
+            if self.depth < FLUSH_BATCH and not self._hurry.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), FLUSH_DELAY)
 
     async def _move(self, spool: SpoolFile) -> None:
         """Spool → store, oldest first; a batch is deleted from the spool only once the store has it."""
