@@ -202,12 +202,18 @@ def _bounds(info: Any) -> str:
     return ", ".join(found)
 
 
-def _variable_rows(fields: dict[str, Any], prefix: str, overrides: dict[str, str] | None = None) -> list[str]:
+def _variable_rows(
+    fields: dict[str, Any],
+    prefix: str,
+    overrides: dict[str, str] | None = None,
+    descriptions: dict[str, str] | None = None,
+) -> list[str]:
     rows = ["| variable | type | default | bounds | meaning |", "|---|---|---|---|---|"]
     for field_name, info in fields.items():
         kind = _kind(info)
         default = (overrides or {}).get(field_name) or _default(info, kind)
-        text = " ".join((info.description or "").split()).replace("|", "\\|")
+        meaning = (descriptions or {}).get(field_name) or info.description or ""
+        text = " ".join(meaning.split()).replace("|", "\\|")
         rows.append(f"| `{prefix}{field_name.upper()}` | {kind} | {default} | {_bounds(info)} | {text} |")
     return rows
 
@@ -224,6 +230,7 @@ def installed_processors() -> Iterable[tuple[str, str, Any]]:
 
 
 def configuration_reference() -> str:
+    from uploads_consumer import config
     from uploads_consumer.config import Settings
     from uploads_consumer.processors import Need, Processor, ProcessorSettings, variable_prefix
 
@@ -242,7 +249,7 @@ def configuration_reference() -> str:
         "",
         "## The daemon",
         "",
-        *_variable_rows(dict(Settings.model_fields), ""),
+        *_variable_rows(dict(Settings.model_fields), "", descriptions=config.variable_descriptions()),
         "",
         "Read outside these settings: `OTEL_*`, OpenTelemetry's own variables, for [tracing]"
         "(../observability/tracing.md) (off until `OTEL_EXPORTER_OTLP_ENDPOINT` is set), and "

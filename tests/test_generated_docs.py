@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from uploads_consumer.cli import build_parser
-from uploads_consumer.config import Settings
+from uploads_consumer.config import Settings, variable_descriptions
 from uploads_consumer.observability import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,9 @@ def test_the_cli_reference_has_every_command_flag_and_example():
 
 @pytest.mark.parametrize("name", sorted(Settings.model_fields))
 def test_every_daemon_variable_is_described_in_the_configuration_reference(name):
-    field = Settings.model_fields[name]
-    assert field.description, f"{name.upper()}: give the field a docstring (it becomes the variable's description)"
+    assert variable_descriptions().get(name), (
+        f"{name.upper()}: give the field a docstring (it becomes the variable's description)"
+    )
     page = (ROOT / "docs" / "reference" / "configuration.md").read_text()
     assert re.search(rf"^\| `{name.upper()}` \|", page, re.M)
 

@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from uploads_consumer.deferred import defer
+
 
 def __getattr__(name: str) -> Any:
     # `__version__` read when asked for: importlib.metadata costs a short command (`trace`) a tenth of a second.
@@ -13,3 +15,6 @@ def __getattr__(name: str) -> Any:
         return version("uploads-consumer")
     except PackageNotFoundError:  # running from a source tree without installing
         return "0.0.0"
+
+
+defer("aiohttp")  # nats-py's WebSocket transport alone needs it (uploads_consumer/deferred.py)

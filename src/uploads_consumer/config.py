@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import contextlib
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,9 +173,9 @@ CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
 class Settings(BaseSettings):
     """Every variable of docs/contract.md, with its default. Field `x` is read from variable `X`."""
 
-    model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", frozen=True, use_attribute_docstrings=True
-    )  # each field's docstring is its variable's description (`uploads-consumer` docs, the reference pages)
+    # Each field's docstring is its variable's description: read by `variable_descriptions` for the reference
+    # pages, not at import (pydantic's use_attribute_docstrings parses this file at every command's start).
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     nats_url: str = "nats://localhost:4222"
     """Server URLs, comma-separated (list every node of a cluster); may embed `user:pass@`."""
@@ -543,6 +545,24 @@ class Settings(BaseSettings):
 
 
 VARIABLES = frozenset(name.upper() for name in Settings.model_fields)
+
+
+def variable_descriptions() -> dict[str, str]:
+    """Each Settings field's docstring (the string under its declaration), by field name."""
+    (tree,) = ast.parse(inspect.getsource(Settings)).body
+    assert isinstance(tree, ast.ClassDef)
+    found = {}
+    for node, following in zip(tree.body, tree.body[1:], strict=False):
+        doc = (
+            following.value.value
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            else None
+        )
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, str):
+            found[node.target.id] = inspect.cleandoc(doc)
+    return found
+
+
 """Every environment variable the settings read."""
 
 
