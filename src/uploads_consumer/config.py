@@ -509,6 +509,12 @@ class Settings(BaseSettings):
         return result_subject(self.nats_result_subject, self.nats_consumer_name) if self.nats_result_subject else None
 
     @property
+    def own_anchor_subject(self) -> str:
+        """Where this consumer's daemons publish their audit chains' heads, `{AUDIT_ANCHOR_SUBJECT}.{NATS_CONSUMER_NAME}`:
+        a daemon needs permission to publish here, and nothing more (permissions.py, audit/anchors.py)."""
+        return f"{self.audit_anchor_subject}.{self.nats_consumer_name}"
+
+    @property
     def audit_spool_path(self) -> Path:
         """Where a writer to a PostgreSQL audit store keeps the records the store has not taken yet."""
         return self.audit_spool_dir or self.decrypt_download_path / ".audit-spool" / self.nats_consumer_name

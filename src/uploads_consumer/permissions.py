@@ -107,7 +107,7 @@ def daemon(
     p.allow(s.dlq_subject)
     p.allow(*(subject for _, subject in streams))
     if _anchors(s):
-        p.allow(f"{s.audit_anchor_subject}.{s.nats_consumer_name}")  # its audit chains' heads; nothing else there
+        p.allow(s.own_anchor_subject)  # its audit chains' heads; nothing else there
     p.subscribe = [f"{s.nats_inbox_prefix}.>", f"{ADVISORY}.{consumer}"]
     if fetches in ("object", "plaintext"):
         p.aws += _reads_uploads(s, ("s3:GetObject",), "the upload's object and metadata.json")

@@ -152,11 +152,6 @@ def keygen() -> tuple[str, str]:
 # -- the stream
 
 
-def anchor_subject(settings: Settings) -> str:
-    """Where this consumer's writers publish: a daemon needs permission to publish here, and nothing more."""
-    return f"{settings.audit_anchor_subject}.{settings.nats_consumer_name}"
-
-
 def anchor_stream_config(settings: Settings) -> StreamConfig:
     retention = settings.audit_retention
     return StreamConfig(
@@ -175,7 +170,7 @@ def anchor_stream_config(settings: Settings) -> StreamConfig:
 
 def permissions(settings: Settings) -> str:
     return (
-        f"a daemon of consumer {settings.nats_consumer_name} needs to publish to {anchor_subject(settings)} "
+        f"a daemon of consumer {settings.nats_consumer_name} needs to publish to {settings.own_anchor_subject} "
         "(with its replies, _INBOX.>), and nothing more on this stream"
     )
 
@@ -203,10 +198,10 @@ async def ensure_anchor_stream(js: JetStreamContext, settings: Settings) -> tupl
             "recreate it with both set (`uploads-consumer setup` does)"
         )
     subjects = info.config.subjects or []
-    if anchor_subject(settings) not in subjects and not any(
-        s.endswith(">") and anchor_subject(settings).startswith(s[:-1]) for s in subjects
+    if settings.own_anchor_subject not in subjects and not any(
+        s.endswith(">") and settings.own_anchor_subject.startswith(s[:-1]) for s in subjects
     ):
-        warnings.append(f"stream {name} does not capture {anchor_subject(settings)}: anchors would not be kept")
+        warnings.append(f"stream {name} does not capture {settings.own_anchor_subject}: anchors would not be kept")
     return [f"found   stream {name} ({info.state.messages} anchors): " + permissions(settings)], warnings
 
 
@@ -249,7 +244,7 @@ class AnchorPublisher:
         clock: Callable[[], float],
     ) -> None:
         self.interval = settings.audit_anchor_interval
-        self.subject = anchor_subject(settings)
+        self.subject = settings.own_anchor_subject
         self._consumer = settings.nats_consumer_name
         key = settings.audit_signing_key
         self._signer = Signer(key.get_secret_value()) if key is not None else None
