@@ -236,7 +236,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=4096, help="bytes per upload (default 4096)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every S3 request (default 0)")
+    parser.add_argument(
+        "--loads", default="0.5,0.9", help="shares of the first stage's capacity to publish at (default 0.5,0.9)"
+    )
     args = parser.parse_args()
+    loads = [float(share) for share in args.loads.split(",")]
 
     key = base64.b64encode(os.urandom(32)).decode()
     with tempfile.TemporaryDirectory(prefix="uc-bench-stages-") as tmp:
@@ -257,7 +261,7 @@ def main() -> int:
                     add("capacity", capacity)
                     _, _, piped = one_topology("pipeline", work, s3, proxy, receiver, key, files, None, f"pipe{r}")
                     add("pipeline share", alone / piped)
-                    for load in (0.5, 0.9):
+                    for load in loads:
                         for kind in ("side", "stages"):
                             lat, arrived, _ = one_topology(
                                 kind, work, s3, proxy, receiver, key, files, capacity * load, f"{kind}{load}-{r}"
@@ -294,7 +298,7 @@ def main() -> int:
         "| load | side by side: publish → last result, p50 / p99 (ms) | stages: publish → last stage's result | each added stage: its result after the previous stage's, p50 / p99 |"
     )
     print("|---|---|---|---|")
-    for load in ("50%", "90%"):
+    for load in (f"{share:.0%}" for share in loads):
         print(
             f"| {load} | {med[f'side {load} p50']:.1f} / {med[f'side {load} p99']:.1f} | "
             f"{med[f'stages {load} p50']:.1f} / {med[f'stages {load} p99']:.1f} | "

@@ -40,6 +40,8 @@ class Ended:
     """Seconds of CPU time, its Tesseract runs included."""
     max_rss: int
     """Bytes: the largest resident set of the reader or of one of its Tesseract runs."""
+    faults: int = 0
+    """Minor page faults of the reader: the memory it touched for the first time."""
 
 
 class JobTimedOut(Exception):
@@ -128,7 +130,9 @@ class ReaderServer:
             try:
                 said = json.loads(line)
                 ended = self._waiting.get(str(said["id"]))
-                result = Ended(said["exit"], said["signal"], float(said["cpu"]), int(said["max_rss"]))
+                result = Ended(
+                    said["exit"], said["signal"], float(said["cpu"]), int(said["max_rss"]), int(said.get("faults", 0))
+                )
             except (ValueError, KeyError, TypeError):
                 log.warning(
                     "extract: the document reader said something unreadable",
