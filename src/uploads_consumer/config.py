@@ -551,6 +551,7 @@ class Settings(BaseSettings):
 
 
 VARIABLES = frozenset(name.upper() for name in Settings.model_fields)
+"""Every environment variable the settings read."""
 
 
 def variable_descriptions() -> dict[str, str]:
@@ -567,9 +568,6 @@ def variable_descriptions() -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, str):
             found[node.target.id] = inspect.cleandoc(doc)
     return found
-
-
-"""Every environment variable the settings read."""
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -3,8 +3,9 @@
 Run as `python -E -s reader.py` (never imported by the daemon), with an environment of PATH and LC_ALL
 only. At start it cuts itself off the network (a user and network namespace of its own, where the
 kernel allows it), makes sure it dies with the daemon, loads PDFium and CLD2 (pycld2) once, sets
-malloc to keep its heap (`keep_heap`), reads a page of its own to warm PDFium up, and says `{"ready": …}` on stdout. Then it reads one job a line on stdin and forks a reader per job,
-so a document is opened in a fresh process that inherits the loaded libraries (a fork costs about a
+malloc to keep its heap (`keep_heap`), reads a page of its own to warm PDFium up, and says
+`{"ready": …}` on stdout. Then it reads one job a line on stdin and forks a reader per job, so a
+document is opened in a fresh process that inherits the loaded libraries (a fork costs about a
 millisecond; starting Python and PDFium again would cost a hundred). The forked reader limits itself
 before it opens anything — RLIMIT_AS (memory), RLIMIT_CPU (its own and its Tesseract runs' CPU time
 together, as a budget), no core dump — then reads the document page by page into a UTF-8 text file,
