@@ -238,8 +238,14 @@ async def test_a_missing_permission_is_said_with_its_subject_and_readiness_follo
         await publish_uploads(settings_for(NATS_URL=url_of(server, "backend")), make_files(tmp_path / "in", 1))
         reason = await until(lambda: _not_ready(noack), 30, "readyz 503 once an ack is refused", noack)
         assert "NATS refuses publish on $JS.ACK.FILE_UPLOADS.file_processor." in reason
-        status = cli(as_user(process, server, "operator"), "status")
-        assert status.returncode == 0 and "NOT READY: NATS refuses publish on $JS.ACK" in status.stdout, status.stdout
+
+        def status_says() -> str | None:
+            shown = cli(as_user(process, server, "operator"), "status")
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            return shown.stdout if "NOT READY: NATS refuses publish on $JS.ACK" in shown.stdout else None
+
+        # The replica writes its report in its bucket when its readiness changes: a moment after /readyz.
+        await until(status_says, 10, "status showing the replica's refused acknowledgement", noack)
         assert sum("NATS refused a permission" in line for line in noack.log_text().splitlines()) == 1
         noack.kill()
 
