@@ -40,7 +40,7 @@ class Ended:
     """Seconds of CPU time, its Tesseract runs included."""
     max_rss: int
     """Bytes: the largest resident set of the reader or of one of its Tesseract runs."""
-    faults: int = 0
+    faults: int
     """Minor page faults of the reader: the memory it touched for the first time."""
 
 
@@ -131,7 +131,7 @@ class ReaderServer:
                 said = json.loads(line)
                 ended = self._waiting.get(str(said["id"]))
                 result = Ended(
-                    said["exit"], said["signal"], float(said["cpu"]), int(said["max_rss"]), int(said.get("faults", 0))
+                    said["exit"], said["signal"], float(said["cpu"]), int(said["max_rss"]), int(said["faults"])
                 )
             except (ValueError, KeyError, TypeError):
                 log.warning(
