@@ -1,3 +1,3 @@
-from uploads_consumer.cli import main
+from uploads_consumer.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -657,6 +658,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default="uploads-consumer-demo", help="folder for the decrypted files (default: %(default)s)"
     )
     return parser
+
+
+def entry() -> int:
+    """The process's entry point (`uploads-consumer`, `python -m uploads_consumer`): `main`, then a quick exit.
+
+    At exit the interpreter collects every object the imports made, about 50 ms of a 0.4 s `trace`
+    (measured: 9 ms frozen against 61 ms). Frozen, they are left to the operating system: the command has
+    closed what it opened, and the interpreter still flushes the standard streams. `main` itself, called
+    in a process that goes on (the tests), leaves the collector alone."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
