@@ -299,6 +299,8 @@ class TimelineBuilder:
         self._results: list[dict[str, Any]] = []
         """The result events read, in pipeline order: where the file's name, size and type come from."""
         self._read: dict[tuple[str, int], RawStreamMsg | None] = {}
+        self._replays: dict[str, RawStreamMsg | None] = {}
+        """Per consumer of the upload stream that settled nothing of it: its replay of the upload, if any."""
 
     async def build(self, key: str | None = None, seq: int | None = None) -> Timeline | None:
         """The timeline of the upload `key` (event_id or file_uuid) or of the upload message `seq`; None
@@ -339,6 +341,7 @@ class TimelineBuilder:
         self._event_id = event.event_id if event is not None else None
         await self._prefetch_results(marks)
         upload = self._upload_view(event, message, seq, marks, records)
+        await self._prefetch_replays(upload, message, marks, records)
         views: dict[str, ConsumerView] = {}
         for node in self.src.topology.order():
             views[node.name] = await self._consumer(node, upload, message, marks, records, views)
@@ -370,6 +373,25 @@ class TimelineBuilder:
         stream = self.src.settings.nats_result_stream_name
         read = await asyncio.gather(*(_get(self.src.js, stream, seq) for seq in seqs))
         self._read.update({(stream, seq): msg for seq, msg in zip(seqs, read, strict=True)})
+
+    async def _prefetch_replays(
+        self,
+        upload: UploadView,
+        message: RawStreamMsg | None,
+        marks: dict[str, list[Where]],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """The replay lookups of the consumers of the upload stream that recorded nothing of the upload, together
+        rather than one after another (one read each; one of a consumer that dead-lettered it goes unused)."""
+        nodes = [
+            node
+            for node in self.src.topology.order()
+            if not _is_stage(node)
+            and not any(w.stream in (node.stream, "") for w in marks.get(node.name, []))
+            and not any(r["consumer"] == node.name and r["outcome"] in ("processed", "duplicate") for r in records)
+        ]
+        found = await asyncio.gather(*(self._replay_message(node, upload, message) for node in nodes))
+        self._replays.update(zip((node.name for node in nodes), found, strict=True))
 
     async def _message(self, stream: str, seq: int) -> RawStreamMsg | None:
         if (stream, seq) not in self._read:
@@ -493,7 +515,10 @@ class TimelineBuilder:
             view.replayable, view.replay_refused = await self._replayable(letter)
             self._steps_before(view, mine)
             return view
-        replay = await self._replay_message(node, upload, message if not _is_stage(node) else None)
+        if node.name in self._replays:
+            replay = self._replays[node.name]
+        else:
+            replay = await self._replay_message(node, upload, message if not _is_stage(node) else None)
         if replay is not None:
             seq, subject, published = replay.seq, replay.subject, replay.time
             view.message_seq = seq
