@@ -18,7 +18,11 @@ What it reports, each the median of the rounds:
 - throughput of the pipeline with an event-only stage after `first`, on a backlog, against `first`
   alone: the share of the first stage's throughput the pipeline keeps;
 - no stage downloads what it does not need: the event-only stages get an S3 endpoint that refuses
-  every connection, so any request they made would fail their uploads.
+  every connection, so any request they made would fail their uploads;
+- the CPU of every process during each run (/proc/PID/stat: moto, nats-server, each daemon, and this
+  process, which publishes and receives the webhooks): how many of the machine's cores the run kept
+  busy, and the CPU each upload cost. All of them share the machine: a load that needs more cores than
+  it has queues, whatever the daemons do.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ from uploads_consumer.producer import event_json, upload_file
 from uploads_consumer.storage import ObjectStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import LatencyProxy, Receiver, make_files  # the bench folder is not a package
+from run import LatencyProxy, Receiver, cpu_seconds, make_files  # the bench folder is not a package
 
 SECRET = "whsec_" + base64.b64encode(b"b" * 32).decode()
 DEAD_S3 = "http://127.0.0.1:1"  # nothing listens: an event-only stage that made a request would fail
+PROCESSES = ("moto", "nats-server", "first", "second", "third", "bench")
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -203,11 +208,16 @@ async def run_load(
     return {e: finished[e] - published[e] for e in finished}, arrived
 
 
+def busy(processes: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process, and of this one (the publisher and the webhook receiver)."""
+    return {**{name: cpu_seconds(pid) for name, pid in processes.items()}, "bench": time.process_time()}
+
+
 def one_topology(
     kind: str, work: Path, s3: S3Server, proxy, receiver, key: str, files: list[Path], rate: float | None, tag: str
-) -> tuple[dict[str, float], dict[str, dict[str, float]], float]:
-    """Run one topology on the uploads; returns per-upload latency, when each result arrived, and the
-    seconds the whole batch took."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]], float, dict[str, float]]:
+    """Run one topology on the uploads; returns per-upload latency, when each result arrived, the seconds
+    the whole batch took, and the CPU seconds each process used meanwhile."""
     with Topology(work, s3, proxy, receiver, key, f"{kind}-{tag}") as top:
         events = asyncio.run(upload_all(top.settings(), files))
         asyncio.run(provision_stream(top.nats.url))
@@ -225,9 +235,14 @@ def one_topology(
             top.start_event_only("second", "first")
             consumers = {"second"}
         top.ready()
+        processes = {"nats-server": top.nats.proc.pid, "moto": s3.proc.pid}
+        processes |= {daemon.log_path.stem.rsplit("-", 1)[-1]: daemon.proc.pid for daemon in top.daemons}
+        before = busy(processes)
         began = time.monotonic()
         latencies, arrived = asyncio.run(run_load(top.nats.url, events, rate, consumers, timeout=300))
-        return latencies, arrived, time.monotonic() - began
+        took = time.monotonic() - began
+        after = busy(processes)
+        return latencies, arrived, took, {name: after[name] - before[name] for name in after}
 
 
 def main() -> int:
@@ -255,17 +270,27 @@ def main() -> int:
                 def add(name: str, value: float) -> None:
                     figures.setdefault(name, []).append(value)
 
+                def cores(name: str, cpu: dict[str, float], took: float) -> None:
+                    """How many of the machine's cores the run kept busy, and the CPU each upload cost."""
+                    add(f"{name} cores", sum(cpu.values()) / took)
+                    add(f"{name} cpu ms", 1000 * sum(cpu.values()) / args.uploads)
+                    for process, seconds in cpu.items():
+                        add(f"{name} cpu ms {process}", 1000 * seconds / args.uploads)
+
                 for r in range(1, args.rounds + 1):
-                    _, _, alone = one_topology("first", work, s3, proxy, receiver, key, files, None, f"cap{r}")
+                    _, _, alone, cpu = one_topology("first", work, s3, proxy, receiver, key, files, None, f"cap{r}")
                     capacity = args.uploads / alone
                     add("capacity", capacity)
-                    _, _, piped = one_topology("pipeline", work, s3, proxy, receiver, key, files, None, f"pipe{r}")
+                    cores("first alone", cpu, alone)
+                    _, _, piped, cpu = one_topology("pipeline", work, s3, proxy, receiver, key, files, None, f"pipe{r}")
                     add("pipeline share", alone / piped)
+                    cores("pipeline", cpu, piped)
                     for load in loads:
                         for kind in ("side", "stages"):
-                            lat, arrived, _ = one_topology(
+                            lat, arrived, took, cpu = one_topology(
                                 kind, work, s3, proxy, receiver, key, files, capacity * load, f"{kind}{load}-{r}"
                             )
+                            cores(f"{kind} {load:.0%}", cpu, took)
                             ms = [v * 1000 for v in lat.values()]
                             add(f"{kind} {load:.0%} p50", quantile(ms, 0.5))
                             add(f"{kind} {load:.0%} p99", quantile(ms, 0.99))
@@ -305,6 +330,14 @@ def main() -> int:
             f"{med[f'hop {load} p50']:.1f} / {med[f'hop {load} p99']:.1f} |"
         )
     print("the event-only stages ran with an S3 endpoint that refuses connections: they fetched nothing")
+    cpus = os.cpu_count() or 1
+    print(f"\nCPU, every process of the run (this machine has {cpus} cores): cores kept busy; CPU per upload (ms)")
+    print("| run | cores busy | CPU per upload | of which: " + ", ".join(PROCESSES) + " |")
+    print("|---|---|---|---|")
+    runs = ["first alone", "pipeline"] + [f"{kind} {share:.0%}" for share in loads for kind in ("side", "stages")]
+    for run in runs:
+        parts = " / ".join(f"{med.get(f'{run} cpu ms {p}', 0.0):.2f}" for p in PROCESSES)
+        print(f"| {run} | {med[f'{run} cores']:.2f} | {med[f'{run} cpu ms']:.2f} | {parts} |")
     return 0
 
 
