@@ -22,7 +22,8 @@ What is measured, each the median and the 95th percentile of --rounds:
 - `uploads-consumer trace FILE_UUID --json` without an audit store, the whole command's wall time: an
   upload the consumers' records name, one pending (found by reading what follows the ack floors), and
   one no record names (found by reading the stream from its start); and Python's start with the
-  command's imports alone, for scale. The package's bytecode is compiled first, as `pip install` does
+  command's imports alone, for scale: a round of each at a time, and each case's median as a multiple
+  of that one's. The package's bytecode is compiled first, as `pip install` does
   (the Dockerfile's image has it): a checkout run with PYTHONDONTWRITEBYTECODE=1 would compile its
   modules from source at every start, about 30 ms more.
 """
@@ -314,16 +315,28 @@ def main() -> int:
         package = Path(uploads_consumer.__file__).parent
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
         print(f"\ntrace, the whole command without an audit store ({args.trace_rounds} rounds, ms; bytecode compiled):")
-        for kind, key in (
-            ("found by the consumers' records", world["processed"][0]["file_uuid"]),
-            ("pending (a read of the unsettled)", world["pending"][0]["file_uuid"]),
-            ("no record names it (a read of the stream)", world["blind"]["file_uuid"]),
-        ):
-            done = subprocess.run([*trace, key], env=trace_env, capture_output=True, text=True, timeout=300)
-            found_by = json.loads(done.stdout)["found_by"]
-            print(f"  {kind:<44} {figures(wall([*trace, key], trace_env, args.trace_rounds))}  [{found_by}]")
+        keys = {
+            "found by the consumers' records": world["processed"][0]["file_uuid"],
+            "pending (a read of the unsettled)": world["pending"][0]["file_uuid"],
+            "no record names it (a read of the stream)": world["blind"]["file_uuid"],
+        }
+        found_by = {
+            kind: json.loads(subprocess.run([*trace, key], env=trace_env, capture_output=True, timeout=300).stdout)
+            for kind, key in keys.items()
+        }
+        commands = {kind: [*trace, key] for kind, key in keys.items()}
         imports = [sys.executable, "-c", "import uploads_consumer.cli, uploads_consumer.trace"]
-        print(f"  {'Python start and the imports alone':<44} {figures(wall(imports, trace_env, args.trace_rounds))}")
+        commands["Python start and the imports alone"] = imports
+        # Interleaved, a round of each at a time: the machine's slow moments fall on all of them alike.
+        took: dict[str, list[float]] = {kind: [] for kind in commands}
+        for _ in range(args.trace_rounds):
+            for kind, command in commands.items():
+                took[kind] += wall(command, trace_env, 1)
+        floor = statistics.median(took["Python start and the imports alone"])
+        for kind, values in took.items():
+            ratio = statistics.median(values) / floor
+            how = f"  [{found_by[kind]['found_by']}]" if kind in found_by else ""
+            print(f"  {kind:<44} {figures(values)}  ({ratio:.2f}× the imports){how}")
         print("  the lookup alone, in one process (connect, find, read the timeline):")
         for kind, key in (
             ("found by the consumers' records", world["processed"][1]["file_uuid"]),
