@@ -267,6 +267,12 @@ def _is_stage(node: Node) -> bool:
     return node.after is not None
 
 
+def _processed_marks(node: Node, marks: dict[str, list[Where]]) -> list[Where]:
+    """The consumer's records of the upload as processed: where they say it was (on the stream it reads), or
+    nothing (a record from before records said where)."""
+    return [w for w in marks.get(node.name, []) if w.stream in (node.stream, "")]
+
+
 def _position(node: Node, seq: int, subject: str | None, published: datetime | None) -> tuple[str, str | None] | None:
     """Where the consumer's durable stands for a message it has not settled as far as anything recorded
     shows: (state, note), or None when it is settled (before its ack floor)."""
@@ -387,7 +393,7 @@ class TimelineBuilder:
             node
             for node in self.src.topology.order()
             if not _is_stage(node)
-            and not any(w.stream in (node.stream, "") for w in marks.get(node.name, []))
+            and not _processed_marks(node, marks)
             and not any(r["consumer"] == node.name and r["outcome"] in ("processed", "duplicate") for r in records)
         ]
         found = await asyncio.gather(*(self._replay_message(node, upload, message) for node in nodes))
@@ -470,8 +476,7 @@ class TimelineBuilder:
         view = ConsumerView(node.name, node.after, node.stream, "pending")
         mine = [r for r in records if r["consumer"] == node.name]
         my_marks = marks.get(node.name, [])
-        # Its records of this upload: where they say it was (on the stream it reads), or nothing (an older record).
-        processed = [w for w in my_marks if w.stream in (node.stream, "")]
+        processed = _processed_marks(node, marks)
         done = bool(processed) or any(r["outcome"] == "processed" for r in mine)
         letters = [] if done else await self._letters_of(node, upload, message)
         # The message this consumer reads for the upload, and where it stands for it.
